@@ -1,0 +1,132 @@
+"""Backend selection: the registry of backends, looked up by name, loaded on first use.
+
+    get_backend("auto" | "numpy" | "numba" | "cupy")   an instance (one per name, cached)
+    available_backends()                                names usable here
+    use_backend(name)                                   a context manager: the backend "auto" means inside it
+    register_backend(name, "module:Class" or class)     add a backend
+
+"auto" resolves, in order, to the backend of the innermost ``use_backend`` block, the environment
+variable DELTAPROP_BACKEND, cupy when a CUDA device is usable, else numba. A name that is known but
+cannot run here raises BackendUnavailableError with the reason; it never falls back silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import logging
+import os
+
+from deltaprop.backend.base import Backend
+from deltaprop.errors import BackendUnavailableError
+
+__all__ = [
+    "Backend",
+    "available_backends",
+    "backend_status",
+    "get_backend",
+    "register_backend",
+    "to_numpy",
+    "use_backend",
+]
+
+log = logging.getLogger("deltaprop")
+
+# name -> "module:Class" (imported on first use, so that importing deltaprop loads neither Numba nor CuPy)
+_REGISTRY: dict[str, str | type] = {
+    "numpy": "deltaprop.backend.base:Backend",
+    "numba": "deltaprop.backend.numba_backend:NumbaBackend",
+    "cupy": "deltaprop.backend.cupy_backend:CupyBackend",
+}
+# the order "auto" tries, fastest first
+_AUTO_ORDER = ("cupy", "numba", "numpy")
+_instances: dict[str, Backend] = {}
+_current: contextvars.ContextVar[str | None] = contextvars.ContextVar("deltaprop_backend", default=None)
+_auto_logged = False
+
+
+def register_backend(name: str, backend: str | type) -> None:
+    """Register a Backend subclass (or "module:Class" to import lazily) under ``name``."""
+    if not isinstance(name, str) or not name or name == "auto":
+        raise ValueError(f"register_backend: name: expected a non-empty string other than 'auto', got {name!r}")
+    _REGISTRY[name] = backend
+    _instances.pop(name, None)
+
+
+def _backend_class(name: str) -> type:
+    entry = _REGISTRY[name]
+    if isinstance(entry, str):
+        module, _, cls = entry.partition(":")
+        try:
+            entry = getattr(importlib.import_module(module), cls)
+        except ImportError as e:
+            raise BackendUnavailableError(f"backend {name!r} cannot be imported here: {e}") from e
+    return entry
+
+
+def backend_status(name: str) -> tuple[bool, str]:
+    """(usable here, why not) for a registered backend name; imports no heavy package when it can avoid it."""
+    try:
+        return _backend_class(name).availability()
+    except BackendUnavailableError as e:
+        return False, str(e)
+
+
+def available_backends() -> list[str]:
+    """The registered backends usable on this machine."""
+    return [name for name in _REGISTRY if backend_status(name)[0]]
+
+
+def _resolve_auto() -> str:
+    global _auto_logged
+    chosen = _current.get() or os.environ.get("DELTAPROP_BACKEND") or None
+    if chosen and chosen != "auto":
+        return chosen
+    reasons = []
+    for name in _AUTO_ORDER:
+        ok, why = backend_status(name)
+        if ok:
+            if reasons and not _auto_logged:
+                log.info("deltaprop: backend 'auto' is %r (%s)", name, "; ".join(reasons))
+                _auto_logged = True
+            return name
+        reasons.append(f"{name} unavailable: {why}")
+    raise BackendUnavailableError("no backend is usable: " + "; ".join(reasons))  # numpy always is
+
+
+def get_backend(name: str | Backend | None = "auto") -> Backend:
+    """The backend called ``name`` ("auto" or None: see the module docstring); a Backend passes through."""
+    if isinstance(name, Backend):
+        return name
+    if name is None or name == "auto":
+        name = _resolve_auto()
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ValueError(f"backend: expected 'auto' or one of {sorted(_REGISTRY)}, got {name!r}")
+    if name not in _instances:
+        cls = _backend_class(name)
+        ok, why = cls.availability()
+        if not ok:
+            raise BackendUnavailableError(f"backend {name!r} is not usable here: {why}")
+        _instances[name] = cls()
+    return _instances[name]
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Within the block, "auto" (and MLP's default) means ``name``; scoped to this context (thread/task)."""
+    backend = get_backend(name)  # fail at the door, not at first use
+    token = _current.set(backend.name)
+    try:
+        yield backend
+    finally:
+        _current.reset(token)
+
+
+def to_numpy(x):
+    """Any array of any backend (NumPy, CuPy, or a DLPack producer) as a NumPy array on the host."""
+    if hasattr(x, "get") and type(x).__module__.startswith("cupy"):
+        return x.get()
+    import numpy as np
+
+    return np.asarray(x)

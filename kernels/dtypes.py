@@ -1,0 +1,48 @@
+"""The dtype table: which element types each kind of device computes in, and how each spells them.
+
+``ctype`` is the CUDA C++ storage type, ``accum_ctype`` the type a CUDA kernel computes and accumulates
+in (float for the 16-bit types), ``devices`` the kinds of backend device that support the dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class DType:
+    name: str
+    numpy: np.dtype | None  # None where NumPy has no native type (bfloat16 is stored as uint16)
+    ctype: str
+    accum_ctype: str
+    devices: tuple[str, ...]
+
+
+DTYPES: dict[str, DType] = {
+    d.name: d
+    for d in (
+        DType("float32", np.dtype(np.float32), "float", "float", ("cpu", "cuda")),
+        DType("float64", np.dtype(np.float64), "double", "double", ("cpu", "cuda")),
+        DType("float16", np.dtype(np.float16), "__half", "float", ("cuda",)),
+        DType("bfloat16", None, "__nv_bfloat16", "float", ("cuda",)),
+    )
+}
+
+
+def dtypes_for(device: str) -> tuple[str, ...]:
+    """Names of the dtypes a device of kind ``device`` ("cpu" or "cuda") computes in."""
+    return tuple(name for name, d in DTYPES.items() if device in d.devices)
+
+
+def resolve_dtype(dtype, device: str = "cpu", argument: str = "dtype") -> np.dtype:
+    """``dtype`` (a name, NumPy dtype or type) as a NumPy dtype that ``device`` supports, else TypeError."""
+    allowed = dtypes_for(device)
+    try:
+        name = np.dtype(dtype).name if not (isinstance(dtype, str) and dtype in DTYPES) else dtype
+    except TypeError:
+        name = repr(dtype)
+    if name not in allowed or DTYPES[name].numpy is None:
+        raise TypeError(f"{argument}: expected one of {list(allowed)} on {device}, got {name}")
+    return DTYPES[name].numpy
