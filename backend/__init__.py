@@ -27,6 +27,7 @@ __all__ = [
     "backend_status",
     "get_backend",
     "register_backend",
+    "registered_backends",
     "to_numpy",
     "use_backend",
 ]
@@ -73,9 +74,14 @@ def backend_status(name: str) -> tuple[bool, str]:
         return False, str(e)
 
 
+def registered_backends() -> list[str]:
+    """Every registered backend name, usable here or not."""
+    return list(_REGISTRY)
+
+
 def available_backends() -> list[str]:
     """The registered backends usable on this machine."""
-    return [name for name in _REGISTRY if backend_status(name)[0]]
+    return [name for name in registered_backends() if backend_status(name)[0]]
 
 
 def _resolve_auto() -> str:
