@@ -61,7 +61,9 @@ def _backend_class(name: str) -> type:
         module, _, cls = entry.partition(":")
         try:
             entry = getattr(importlib.import_module(module), cls)
-        except ImportError as e:
+        except ModuleNotFoundError as e:
+            if (e.name or "").partition(".")[0] == "deltaprop":
+                raise  # our own module missing is a bug, not an unusable backend
             raise BackendUnavailableError(f"backend {name!r} cannot be imported here: {e}") from e
     return entry
 
