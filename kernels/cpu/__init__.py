@@ -35,9 +35,9 @@ BUILDERS = {
     "act_backward": elementwise.build_act_backward,  # variant: (activation name,)
     "bias_grad": elementwise.build_bias_grad,
     "softmax": losses.build_softmax,
-    "softmax_xent": losses.build_softmax_xent,
-    "sigmoid_xent": partial(losses.build_elementwise_loss, element=losses.sigmoid_xent_element),
-    "squared_error": partial(losses.build_elementwise_loss, element=losses.squared_error_element),
+    "softmax_xent": partial(losses.build_loss, form=losses.softmax_xent_form),
+    "sigmoid_xent": partial(losses.build_loss, form=losses.sigmoid_xent_form),
+    "squared_error": partial(losses.build_loss, form=losses.squared_error_form),
     "sgd_update": optimizers.build_sgd,
     "momentum_update": optimizers.build_momentum,
     "adam_update": optimizers.build_adam,

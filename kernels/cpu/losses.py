@@ -43,67 +43,73 @@ def build_softmax(T):
     return softmax
 
 
-def build_softmax_xent(T):
-    zero, one = T(0), T(1)
-
-    def softmax_xent(z, targets, delta, scale):
-        """Summed cross-entropy of softmax(z) against targets; delta = (softmax(z) - t) * scale. z, delta: (B, C)."""
-        bad_row = first_bad_label(targets, z.shape[1])
-        if bad_row >= 0:
-            return zero, bad_row
-        total, compensation = zero, zero
-        for i in range(z.shape[0]):
-            m, row_sum = exp_shifted_row(z, i, delta, zero)
-            log_row_sum = math.log(row_sum)  # row_sum >= 1 (the max term is exp(0)): never log(0)
-            for j in range(z.shape[1]):
-                t = target(targets, i, j, zero, one)
-                # -t * log softmax(z)_j, where log softmax(z)_j = (z_j - m) - log(row_sum)
-                total, compensation = kahan_add(total, compensation, t * (log_row_sum - (z[i, j] - m)))
-                delta[i, j] = (delta[i, j] / row_sum - t) * scale
-        return total, bad_row
-
-    return softmax_xent
+# ---- the losses: one kernel skeleton, and each loss's form -------------------------------------------
+# A form is (row_state(z, i, e), element(z_ij, e_ij, state, t) -> (element loss, prediction)): row_state
+# runs once per row before its elements and may write scratch values e[i, :] (the delta buffer) that
+# element then reads back at (i, j) before delta[i, j] is written.
 
 
-def sigmoid_xent_element(T):
-    """(element loss, prediction) of the multi-label sigmoid cross-entropy, as a function of (z, t)."""
+@register_jitable
+def no_row_state(z, i, e):
+    return 0
+
+
+def softmax_xent_form(T):
+    """Softmax cross-entropy: the row's shifted exponentials go to e, the row state is (m, sum, log sum)."""
+    zero = T(0)
+
+    def row_state(z, i, e):
+        m, row_sum = exp_shifted_row(z, i, e, zero)
+        return m, row_sum, math.log(row_sum)  # row_sum >= 1 (the max term is exp(0)): never log(0)
+
+    def element(z, e, state, t):
+        m, row_sum, log_row_sum = state
+        # -t * log softmax(z)_j, where log softmax(z)_j = (z_j - m) - log(row_sum)
+        return t * (log_row_sum - (z - m)), e / row_sum
+
+    return register_jitable(row_state), register_jitable(element)
+
+
+def sigmoid_xent_form(T):
+    """Multi-label sigmoid cross-entropy of sigmoid(z) against t, element by element."""
     zero = T(0)
     sigmoid = register_jitable(get_activation("sigmoid").scalar(T)[0])
 
-    def element(z, t):
+    def element(z, e, state, t):
         # -[t log s + (1 - t) log(1 - s)] = max(z, 0) - t z + log(1 + exp(-|z|)), stable for any finite z
         return (z if z > zero else zero) - t * z + math.log1p(math.exp(-abs(z))), sigmoid(z)
 
-    return register_jitable(element)
+    return no_row_state, register_jitable(element)
 
 
-def squared_error_element(T):
-    """(1/2 (y_hat - t)^2, y_hat) as a function of (y_hat, t)."""
+def squared_error_form(T):
+    """1/2 (y_hat - t)^2, element by element (identity output map)."""
     half = T(0.5)
 
-    def element(y_hat, t):
+    def element(y_hat, e, state, t):
         diff = y_hat - t
         return half * (diff * diff), y_hat
 
-    return register_jitable(element)
+    return no_row_state, register_jitable(element)
 
 
-def build_elementwise_loss(T, element):
+def build_loss(T, form):
     zero, one = T(0), T(1)
-    loss_and_prediction = element(T)
+    row_state, element = form(T)
 
-    def elementwise_loss(z, targets, delta, scale):
-        """Summed element losses; delta = (prediction - t) * scale. z, delta: (B, C)."""
+    def loss(z, targets, delta, scale):
+        """Summed per-sample losses; delta = (prediction - t) * scale. z, delta: (B, C); targets: (B,) int or (B, C)."""
         bad_row = first_bad_label(targets, z.shape[1])
         if bad_row >= 0:
             return zero, bad_row
         total, compensation = zero, zero
         for i in range(z.shape[0]):
+            state = row_state(z, i, delta)
             for j in range(z.shape[1]):
                 t = target(targets, i, j, zero, one)
-                loss, prediction = loss_and_prediction(z[i, j], t)
-                total, compensation = kahan_add(total, compensation, loss)
+                element_loss, prediction = element(z[i, j], delta[i, j], state, t)
+                total, compensation = kahan_add(total, compensation, element_loss)
                 delta[i, j] = (prediction - t) * scale
         return total, bad_row
 
-    return elementwise_loss
+    return loss
