@@ -48,15 +48,14 @@ _compiled: dict[tuple, numba.core.dispatcher.Dispatcher] = {}
 
 def get_kernel(name: str, dtype, *variant):
     """The dispatcher of kernel ``name`` for arrays of ``dtype`` (and the variant), built on first use."""
-    dtype = np.dtype(dtype)
-    key = (name, dtype.name, *variant)
+    key = (name, np.dtype(dtype), *variant)  # a dtype compares equal to its name; `.name` costs microseconds
     dispatcher = _compiled.get(key)
     if dispatcher is None:
-        dispatcher = numba.njit(**JIT_OPTIONS)(BUILDERS[name](dtype.type, *variant))
+        dispatcher = numba.njit(**JIT_OPTIONS)(BUILDERS[name](key[1].type, *variant))
         _compiled[key] = dispatcher
     return dispatcher
 
 
 def built_kernels() -> dict[tuple, numba.core.dispatcher.Dispatcher]:
-    """Every dispatcher built so far, by (name, dtype name, *variant)."""
+    """Every dispatcher built so far, by (name, dtype, *variant)."""
     return dict(_compiled)
