@@ -407,8 +407,8 @@ class CupyBackend(Backend):
         grads = self._input("adam_update", "grads", grads)
         bias1, bias2 = 1 - float(beta1) ** int(step), 1 - float(beta2) ** int(step)
         self._launch("adam_update", dtype, (), self._flat_grid(params.size), (THREADS,),
-                     (params, grads, m, v, np.int64(params.size), t(lr), t(beta1), t(beta2), t(eps),
-                      t(weight_decay), t(bias1), t(bias2), np.int32(bool(decoupled))))
+                     (params, grads, m, v, np.int64(params.size), t(lr), t(beta1), t(beta2), t(1 - float(beta1)),
+                      t(1 - float(beta2)), t(eps), t(weight_decay), t(bias1), t(bias2), np.int32(bool(decoupled))))
 
     # ---- the loss kernels ----
 
