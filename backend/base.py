@@ -320,9 +320,9 @@ class Backend:
         elif wd:
             g = grads + wd * params
         m *= b1
-        m += (1 - b1) * g
+        m += t(1 - float(beta1)) * g  # 1 - beta in float64 first: 1 - float32(0.999) is 1.3e-5 off
         v *= b2
-        v += (1 - b2) * g * g
+        v += t(1 - float(beta2)) * g * g
         bias1, bias2 = t(1 - float(beta1) ** int(step)), t(1 - float(beta2) ** int(step))
         params -= (lr / bias1) * m / (np.sqrt(v / bias2) + eps)
 

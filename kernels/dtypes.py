@@ -2,10 +2,13 @@
 
 ``ctype`` is the CUDA C++ storage type, ``accum_ctype`` the type a CUDA kernel computes and accumulates
 in (float for the 16-bit types), ``devices`` the kinds of backend device that support the dtype.
+bfloat16 has no NumPy type of its own: ``ml_dtypes`` registers one (CuPy 14 stores bfloat16 arrays with it),
+imported only when bfloat16 is asked for.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,10 +17,21 @@ import numpy as np
 @dataclass(frozen=True)
 class DType:
     name: str
-    numpy: np.dtype | None  # None where NumPy has no native type (bfloat16 is stored as uint16)
+    numpy: np.dtype | None  # None where NumPy has no native type: ``extension`` registers it
     ctype: str
     accum_ctype: str
     devices: tuple[str, ...]
+    extension: str | None = None  # the module that registers the NumPy type where NumPy has none
+
+    def numpy_dtype(self) -> np.dtype | None:
+        """The NumPy dtype, registering it through ``extension`` if needed; None where that is not installed."""
+        if self.numpy is not None:
+            return self.numpy
+        try:
+            importlib.import_module(self.extension)
+        except ImportError:
+            return None
+        return np.dtype(self.name)
 
 
 DTYPES: dict[str, DType] = {
@@ -26,7 +40,7 @@ DTYPES: dict[str, DType] = {
         DType("float32", np.dtype(np.float32), "float", "float", ("cpu", "cuda")),
         DType("float64", np.dtype(np.float64), "double", "double", ("cpu", "cuda")),
         DType("float16", np.dtype(np.float16), "__half", "float", ("cuda",)),
-        DType("bfloat16", None, "__nv_bfloat16", "float", ("cuda",)),
+        DType("bfloat16", None, "__nv_bfloat16", "float", ("cuda",), extension="ml_dtypes"),
     )
 }
 
@@ -43,6 +57,9 @@ def resolve_dtype(dtype, device: str = "cpu", argument: str = "dtype") -> np.dty
         name = np.dtype(dtype).name if not (isinstance(dtype, str) and dtype in DTYPES) else dtype
     except TypeError:
         name = repr(dtype)
-    if name not in allowed or DTYPES[name].numpy is None:
+    if name not in allowed:
         raise TypeError(f"{argument}: expected one of {list(allowed)} on {device}, got {name}")
-    return DTYPES[name].numpy
+    resolved = DTYPES[name].numpy_dtype()
+    if resolved is None:
+        raise TypeError(f"{argument}: {name} needs the {DTYPES[name].extension} package: pip install {DTYPES[name].extension}")
+    return resolved

@@ -1,0 +1,122 @@
+// What every deltaprop CUDA module shares: the compute type per storage type, conversions, special
+// values, the teams that own a row of a row-wise kernel, and the targets of the loss kernels.
+//
+// The loader (loader.py) prepends this file and the generated activation functors to each *.cu file,
+// so that a module's source text is complete: CuPy's kernel cache is keyed by that text.
+// NVRTC defines neither INFINITY nor NAN: special values are built from their bit patterns.
+
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+// ---- the compute type: float for float and the 16-bit types, double for double --------------------
+
+template <typename T> struct Accum { using type = float; };
+template <> struct Accum<double> { using type = double; };
+template <typename T> using acc_t = typename Accum<T>::type;
+
+template <typename T> __device__ __forceinline__ acc_t<T> load(const T* p, long long i) {
+    return static_cast<acc_t<T>>(p[i]);
+}
+template <typename T> __device__ __forceinline__ T store(acc_t<T> v) { return static_cast<T>(v); }
+
+template <typename A> __device__ __forceinline__ A infinity();
+template <> __device__ __forceinline__ float infinity<float>() { return __int_as_float(0x7f800000); }
+template <> __device__ __forceinline__ double infinity<double>() {
+    return __longlong_as_double(0x7ff0000000000000LL);
+}
+template <typename A> __device__ __forceinline__ A quiet_nan();
+template <> __device__ __forceinline__ float quiet_nan<float>() { return __int_as_float(0x7fc00000); }
+template <> __device__ __forceinline__ double quiet_nan<double>() {
+    return __longlong_as_double(0x7ff8000000000000LL);
+}
+
+// ---- grid-stride loops over 64-bit index ranges ----------------------------------------------------
+
+__device__ __forceinline__ long long global_thread() {
+    return static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+}
+__device__ __forceinline__ long long grid_threads() {
+    return static_cast<long long>(gridDim.x) * blockDim.x;
+}
+
+struct Sum {
+    template <typename A> __device__ __forceinline__ A operator()(A x, A y) const { return x + y; }
+};
+struct Max {
+    template <typename A> __device__ __forceinline__ A operator()(A x, A y) const { return x > y ? x : y; }
+};
+
+// ---- teams: who works on one row of a row-wise kernel ----------------------------------------------
+//
+// A team walks rows [begin, rows) in steps of `step`; its row is `base + offset`. Every lane of a warp
+// runs the same number of iterations (the shuffles below need the whole warp), so a lane whose row is
+// past the end works on the last row again and writes nothing (`valid` is false). Reductions are fixed
+// trees of shuffles (and, for a block, a fixed-order pass over the warps' results): deterministic.
+
+// W lanes per row (W a power of two up to 32): 32 / W rows per warp for short rows, a warp per row at W = 32.
+template <int W> struct GroupTeam {
+    static constexpr int rows_per_warp = 32 / W;
+    __device__ static int lane() { return threadIdx.x & (W - 1); }
+    __device__ static int size() { return W; }
+    __device__ static long long begin() { return (global_thread() / 32) * rows_per_warp; }
+    __device__ static long long step() { return (grid_threads() / 32) * rows_per_warp; }
+    __device__ static long long offset() { return (threadIdx.x & 31) / W; }
+    template <typename A> __device__ static A* row_cache(int) { return nullptr; }
+    template <typename A, typename Op> __device__ static A reduce(A v, Op op) {
+        for (int delta = W / 2; delta > 0; delta /= 2) {
+            v = op(v, __shfl_xor_sync(0xffffffffu, v, delta, W));
+        }
+        return v;
+    }
+};
+
+// A block per row (blockDim.x a multiple of 32). With `cache` set, each lane keeps the row elements it
+// reads in dynamic shared memory (cols values of the compute type), so later passes skip global memory.
+struct BlockTeam {
+    __device__ static int lane() { return threadIdx.x; }
+    __device__ static int size() { return blockDim.x; }
+    __device__ static long long begin() { return blockIdx.x; }
+    __device__ static long long step() { return gridDim.x; }
+    __device__ static long long offset() { return 0; }
+    template <typename A> __device__ static A* row_cache(int cache) {
+        extern __shared__ unsigned char dynamic_shared[];
+        return cache ? reinterpret_cast<A*>(dynamic_shared) : nullptr;
+    }
+    template <typename A, typename Op> __device__ static A reduce(A v, Op op) {
+        __shared__ A per_warp[32];
+        v = GroupTeam<32>::reduce(v, op);
+        __syncthreads();  // per_warp may still be read by the previous reduction
+        if ((threadIdx.x & 31) == 0) per_warp[threadIdx.x / 32] = v;
+        __syncthreads();
+        A total = per_warp[0];
+        for (int w = 1; w < static_cast<int>(blockDim.x / 32); ++w) total = op(total, per_warp[w]);
+        return total;
+    }
+};
+
+// ---- targets of the loss kernels: one row's target t_c, built for a row index ------------------------
+
+// int64 class labels (B,): t_c = (c == label). A label outside [0, C) makes the row's loss NaN.
+template <typename T> struct LabelTargets {
+    long long label;
+    __device__ LabelTargets(const void* targets, long long row, long long) :
+        label(static_cast<const long long*>(targets)[row]) {}
+    __device__ bool valid(long long cols) const { return 0 <= label && label < cols; }
+    __device__ acc_t<T> at(long long c) const { return c == label ? acc_t<T>(1) : acc_t<T>(0); }
+};
+
+// a (B, C) target matrix in the storage type
+template <typename T> struct MatrixTargets {
+    const T* row_targets;
+    __device__ MatrixTargets(const void* targets, long long row, long long cols) :
+        row_targets(static_cast<const T*>(targets) + row * cols) {}
+    __device__ bool valid(long long) const { return true; }
+    __device__ acc_t<T> at(long long c) const { return load(row_targets, c); }
+};
+
+// no targets: the row softmax itself (t = 0, scale 1)
+template <typename T> struct NoTargets {
+    __device__ NoTargets(const void*, long long, long long) {}
+    __device__ bool valid(long long) const { return true; }
+    __device__ acc_t<T> at(long long) const { return acc_t<T>(0); }
+};

@@ -1,0 +1,240 @@
+"""The CUDA kernels' table, their sources, and how they are compiled: lazily on a device, or all at once
+for a named architecture without one.
+
+``KERNELS`` is the one table: for each kernel of the Backend contract that a CUDA kernel implements
+(gemm is cuBLAS), the source file and C++ function template, and its instantiations beyond the dtype.
+Every kernel is instantiated for every CUDA dtype of the dtype table. Name expressions, modules, the
+compile check and the backend's lookups all derive from this table.
+
+A module is one source file for one dtype. Its source text is complete (common.cuh, the activation
+functors generated from the activation table, then the file), because CuPy's kernel cache is keyed by
+the text, not by what an ``#include`` would pull in. ``Modules`` compiles a module through
+``cupy.RawModule`` the first time one of its kernels is asked for; ``compile_report(arch)`` compiles
+every module through NVRTC with CuPy's own options and returns ptxas's register and spill report.
+
+Importing this module imports neither CuPy nor NVRTC.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import cache
+from itertools import product
+from pathlib import Path
+
+from deltaprop.kernels.activations import ACTIVATIONS
+from deltaprop.kernels.dtypes import DTYPES, dtypes_for
+
+HERE = Path(__file__).parent
+# Passed to RawModule; CuPy adds -ftz=true, -arch, --device-as-default-execution-space and its include paths.
+NVRTC_OPTIONS = ("--std=c++17",)
+
+# Row-wise kernels: who owns a row (common.cuh). GroupTeam<W> for rows of up to W elements (several rows
+# per warp), a warp per row up to WARP_ROW_LIMIT elements, a block per row beyond.
+GROUP_WIDTHS = (1, 2, 4, 8, 16, 32)
+WARP_ROW_LIMIT = 1024
+TEAMS = tuple(f"GroupTeam<{w}>" for w in GROUP_WIDTHS) + ("BlockTeam",)
+TARGETS = ("LabelTargets<{T}>", "MatrixTargets<{T}>")
+ACTIVATION_FUNCTORS = tuple(f"act_{name}" for name in ACTIVATIONS)
+
+
+@dataclass(frozen=True)
+class CudaKernel:
+    """One C++ kernel template in ``source``; ``variants`` are its template arguments after the storage
+    type T, one tuple per instantiation ("{T}" in an argument stands for T)."""
+
+    source: str
+    template: str
+    variants: tuple[tuple[str, ...], ...] = ((),)
+
+    def name_expression(self, ctype: str, variant: tuple[str, ...]) -> str:
+        args = [ctype] + [arg.format(T=ctype) for arg in variant]
+        return f"{self.template}<{', '.join(args)}>"
+
+
+def _product(*axes):
+    return tuple(product(*axes))
+
+
+KERNELS: dict[str, CudaKernel] = {
+    "bias_act": CudaKernel("elementwise.cu", "bias_act", _product(ACTIVATION_FUNCTORS)),
+    "act_backward": CudaKernel("elementwise.cu", "act_backward", _product(ACTIVATION_FUNCTORS)),
+    "softmax": CudaKernel("rows.cu", "softmax_rows", _product(("NoTargets<{T}>",), TEAMS)),
+    "softmax_xent": CudaKernel("rows.cu", "softmax_rows", _product(TARGETS, TEAMS)),
+    "sigmoid_xent": CudaKernel("rows.cu", "elementwise_loss_rows", _product(("SigmoidXent",), TARGETS, TEAMS)),
+    "squared_error": CudaKernel("rows.cu", "elementwise_loss_rows", _product(("SquaredError",), TARGETS, TEAMS)),
+    "mean_of_rows": CudaKernel("rows.cu", "mean_of_rows"),  # the loss kernels' second, deterministic step
+    "bias_grad": CudaKernel("columns.cu", "column_sums"),
+    "sgd_update": CudaKernel("optim.cu", "sgd_update"),
+    "momentum_update": CudaKernel("optim.cu", "momentum_update"),
+    "adam_update": CudaKernel("optim.cu", "adam_update"),
+}
+# Contract kernels served by a library rather than by a kernel of this table.
+LIBRARY_KERNELS = {"gemm": "cuBLAS (gemmStridedBatchedEx)"}
+CUDA_DTYPES = dtypes_for("cuda")
+
+
+def row_team(cols: int) -> tuple[str, int]:
+    """The team for rows of ``cols`` elements and its lanes per row (0 for a block per row)."""
+    for width in GROUP_WIDTHS:
+        if cols <= width:
+            return f"GroupTeam<{width}>", width
+    if cols <= WARP_ROW_LIMIT:
+        return "GroupTeam<32>", 32
+    return "BlockTeam", 0
+
+
+# ---- sources ----------------------------------------------------------------------------------------
+
+
+def activation_functors() -> str:
+    """C++ functors act_<name> with forward(z) and derivative(z), from the activation table's strings."""
+    functors = ["#define C(x) static_cast<T>(x)"]
+    for name, activation in ACTIVATIONS.items():
+        functors.append(
+            f"struct act_{name} {{\n"
+            f"    template <typename T> __device__ static T forward(T z) {{ return {activation.cuda_forward}; }}\n"
+            f"    template <typename T> __device__ static T derivative(T z) {{ return {activation.cuda_derivative}; }}\n"
+            "};"
+        )
+    functors.append("#undef C")
+    return "\n".join(functors) + "\n"
+
+
+@cache
+def module_source(source: str) -> str:
+    """The complete text of the module built from ``source`` (the same for every dtype)."""
+    parts = [(HERE / "common.cuh").read_text(), activation_functors(), (HERE / source).read_text()]
+    return "\n".join(parts)
+
+
+def sources() -> tuple[str, ...]:
+    return tuple(dict.fromkeys(k.source for k in KERNELS.values()))
+
+
+def name_expressions(source: str, dtype: str) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """Every instantiation in ``source`` for ``dtype``: name expression -> (kernel name, variant)."""
+    ctype = DTYPES[dtype].ctype
+    return {
+        kernel.name_expression(ctype, variant): (name, variant)
+        for name, kernel in KERNELS.items()
+        if kernel.source == source
+        for variant in kernel.variants
+    }
+
+
+# ---- on a device: compile on first use ------------------------------------------------------------
+
+
+class Modules:
+    """The compiled modules of this process's current device, each built on first use."""
+
+    def __init__(self):
+        self._modules = {}
+        self._functions = {}
+
+    def function(self, kernel: str, dtype: str, *variant: str):
+        """The cupy.RawKernel of ``kernel`` for ``dtype`` and template arguments ``variant``."""
+        key = (kernel, dtype, variant)
+        if key not in self._functions:
+            entry = KERNELS[kernel]
+            if variant not in entry.variants:
+                raise KeyError(f"CUDA kernel {kernel!r} has no instantiation {variant}; it has {entry.variants}")
+            module = self.module(entry.source, dtype)
+            self._functions[key] = module.get_function(entry.name_expression(DTYPES[dtype].ctype, variant))
+        return self._functions[key]
+
+    def module(self, source: str, dtype: str):
+        key = (source, dtype)
+        if key not in self._modules:
+            import cupy
+
+            self._modules[key] = cupy.RawModule(
+                code=module_source(source),
+                options=NVRTC_OPTIONS,
+                name_expressions=list(name_expressions(source, dtype)),
+            )
+        return self._modules[key]
+
+    def compile_all(self, dtypes) -> None:
+        """Build every module of ``dtypes`` now (RawModule compiles when a function is first fetched)."""
+        for dtype in dtypes:
+            for source in sources():
+                module = self.module(source, dtype)
+                for expression in name_expressions(source, dtype):
+                    module.get_function(expression)
+
+
+# ---- without a device: the compile check ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelResources:
+    """What ptxas reports for one compiled kernel."""
+
+    registers: int
+    stack_bytes: int
+    spill_store_bytes: int
+    spill_load_bytes: int
+
+
+_PTXAS_ENTRY = re.compile(r"Compiling entry function '(\w+)' for 'sm_\d+a?'")
+_PTXAS_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_REGISTERS = re.compile(r"Used (\d+) registers")
+
+
+def nvrtc_options(arch: str) -> tuple[str, ...]:
+    """The options CuPy's RawModule compiles with for ``arch`` ("80", "90"), plus ptxas's report."""
+    from cupy._core.core import assemble_cupy_compiler_options  # CuPy's own include paths and -std
+
+    return assemble_cupy_compiler_options(NVRTC_OPTIONS) + (
+        "-ftz=true",
+        f"-arch=sm_{arch}",
+        "--device-as-default-execution-space",
+        "-Xptxas=-v",
+    )
+
+
+def parse_ptxas_report(log: str) -> dict[str, KernelResources]:
+    """Mangled kernel name -> resources, from ptxas's -v output."""
+    report, current, frame = {}, None, None
+    for line in log.splitlines():
+        if entry := _PTXAS_ENTRY.search(line):
+            current, frame = entry.group(1), None
+        elif (found := _PTXAS_FRAME.search(line)) and current:
+            frame = tuple(int(g) for g in found.groups())
+        elif (registers := _PTXAS_REGISTERS.search(line)) and current and frame:
+            report[current] = KernelResources(int(registers.group(1)), *frame)
+            current = None
+    return report
+
+
+def compile_module(source: str, dtype: str, arch: str) -> dict[str, KernelResources]:
+    """Compile one module for ``arch`` through NVRTC (no device needed); name expression -> resources.
+
+    Raises RuntimeError with NVRTC's log when the source does not compile.
+    """
+    from cupy_backends.cuda.libs import nvrtc
+
+    expressions = list(name_expressions(source, dtype))
+    program = nvrtc.createProgram(module_source(source), f"{source}[{dtype}]", (), ())
+    try:
+        for expression in expressions:
+            nvrtc.addNameExpression(program, expression)
+        try:
+            nvrtc.compileProgram(program, nvrtc_options(arch))
+        except nvrtc.NVRTCError as error:
+            raise RuntimeError(
+                f"{source} for {dtype} on sm_{arch} does not compile:\n{nvrtc.getProgramLog(program)}"
+            ) from error
+        lowered = {nvrtc.getLoweredName(program, e): e for e in expressions}
+        report = parse_ptxas_report(nvrtc.getProgramLog(program))
+    finally:
+        nvrtc.destroyProgram(program)
+    return {lowered[mangled]: resources for mangled, resources in report.items()}
+
+
+def compile_report(arch: str, dtypes=CUDA_DTYPES) -> dict[tuple[str, str], dict[str, KernelResources]]:
+    """Compile every module for sm_``arch`` without a device: (source, dtype) -> name expression -> resources."""
+    return {(source, dtype): compile_module(source, dtype, arch) for dtype in dtypes for source in sources()}

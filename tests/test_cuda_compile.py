@@ -1,0 +1,97 @@
+"""The CUDA kernels without a device: the kernel table covers the contract, and every instantiation
+compiles through NVRTC, with CuPy's own options, for sm_80 and sm_90 with no register spills."""
+
+import inspect
+import os
+
+import pytest
+
+from deltaprop.backend.base import Backend
+from deltaprop.kernels.activations import ACTIVATIONS
+from deltaprop.kernels.cuda import loader
+from deltaprop.kernels.dtypes import DTYPES
+
+# Backend members that are not kernels: the lifecycle, the arrays, and the shared loss checks
+NOT_KERNELS = {"asarray", "to_numpy", "empty", "zeros", "synchronize", "warmup", "describe", "check_loss_args"}
+CONTRACT_KERNELS = {
+    name for name, member in vars(Backend).items()
+    if inspect.isfunction(member) and not name.startswith("_") and name not in NOT_KERNELS
+}
+HELPERS = {"mean_of_rows"}  # kernels of the table that serve others rather than a contract kernel
+ARCHS = ("80", "90")
+
+
+def nvrtc_missing():
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+
+        nvrtc.getVersion()
+    except Exception as error:  # ImportError, or the library not found when first called
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def report(request):
+    missing = nvrtc_missing()
+    if missing and not os.environ.get("CI"):
+        pytest.skip(f"NVRTC is not installed here ({missing}): pip install 'deltaprop[cuda]'")
+    assert missing is None, f"CI must install the cuda extra (cupy-cuda13x, nvidia-cuda-nvrtc): {missing}"
+    return request.param, loader.compile_report(request.param)
+
+
+def test_the_table_covers_every_contract_kernel_and_nothing_else():
+    served = set(loader.KERNELS) | set(loader.LIBRARY_KERNELS)
+    assert CONTRACT_KERNELS - served == set()
+    assert set(loader.KERNELS) - CONTRACT_KERNELS == HELPERS
+
+
+def test_every_instantiation_compiles_without_spills(report):
+    arch, modules = report
+    assert set(modules) == {(source, dtype) for source in loader.sources() for dtype in loader.CUDA_DTYPES}
+    for (source, dtype), kernels in modules.items():
+        assert set(kernels) == set(loader.name_expressions(source, dtype)), (arch, source, dtype)
+        spilling = {name: r for name, r in kernels.items() if r.spill_store_bytes or r.spill_load_bytes}
+        assert spilling == {}, f"sm_{arch}: {source} for {dtype} spills registers"
+
+
+def test_every_contract_kernel_has_every_cuda_dtype(report):
+    _, modules = report
+    compiled = {name for kernels in modules.values() for name in kernels}
+    for name, kernel in loader.KERNELS.items():
+        for dtype in loader.CUDA_DTYPES:
+            ctype = DTYPES[dtype].ctype
+            missing = {kernel.name_expression(ctype, v) for v in kernel.variants} - compiled
+            assert missing == set(), (name, dtype)
+
+
+def test_the_activation_functors_come_from_the_activation_table():
+    functors = loader.activation_functors()
+    for name, activation in ACTIVATIONS.items():
+        assert f"struct act_{name} " in functors
+        assert activation.cuda_forward in functors and activation.cuda_derivative in functors
+
+
+@pytest.mark.parametrize(
+    ("cols", "team"),
+    [(1, ("GroupTeam<1>", 1)), (10, ("GroupTeam<16>", 16)), (32, ("GroupTeam<32>", 32)),
+     (33, ("GroupTeam<32>", 32)), (1024, ("GroupTeam<32>", 32)), (1025, ("BlockTeam", 0))],
+)
+def test_row_team_by_row_length(cols, team):
+    assert loader.row_team(cols) == team
+
+
+def test_the_ptxas_report_is_parsed_per_entry():
+    log = """ptxas info    : Compiling entry function '_Z1kIfEvPT_x' for 'sm_90'
+ptxas info    : Function properties for _Z1kIfEvPT_x
+ptxas         .     8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads
+ptxas info    : Used 26 registers, used 0 barriers
+ptxas info    : Compiling entry function '_Z1kIdEvPT_x' for 'sm_90'
+ptxas info    : Function properties for _Z1kIdEvPT_x
+ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 30 registers, used 1 barriers
+"""
+    assert loader.parse_ptxas_report(log) == {
+        "_Z1kIfEvPT_x": loader.KernelResources(26, 8, 4, 12),
+        "_Z1kIdEvPT_x": loader.KernelResources(30, 0, 0, 0),
+    }
