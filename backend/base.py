@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from deltaprop.kernels.activations import get_activation
-from deltaprop.kernels.dtypes import dtypes_for, resolve_dtype
+from deltaprop.kernels.dtypes import SUPPORTED, dtypes_for, resolve_dtype
 
 # ---- the shared argument checks ----------------------------------------------------------------------
 
@@ -25,20 +25,19 @@ def _shape(x):
 
 def check_dtypes(kernel, device, **arrays):
     """All named arrays share one dtype that ``device`` computes in; returns it."""
-    named = [(name, a) for name, a in arrays.items() if a is not None]
-    first_name, first = named[0]
-    resolve_dtype(first.dtype, device, f"{kernel}: {first_name}")
-    for name, a in named[1:]:
-        if a.dtype != first.dtype:
-            raise TypeError(
-                f"{kernel}: {name}: expected dtype {first.dtype} (the dtype of {first_name}), got {a.dtype}"
-            )
-    return first.dtype
+    first_name = next(iter(arrays))
+    dtype = arrays[first_name].dtype
+    if dtype not in SUPPORTED[device]:
+        resolve_dtype(dtype, device, f"{kernel}: {first_name}")  # raises, naming what is supported
+    for name, a in arrays.items():
+        if a is not None and a.dtype is not dtype and a.dtype != dtype:  # `is` first: dtypes are singletons
+            raise TypeError(f"{kernel}: {name}: expected dtype {dtype} (the dtype of {first_name}), got {a.dtype}")
+    return dtype
 
 
 def check_shape(kernel, name, array, expected):
-    """``array.shape == expected``, else a ValueError naming both."""
-    if array is not None and _shape(array) != tuple(expected):
+    """``array.shape == expected`` (a tuple), else a ValueError naming both."""
+    if array is not None and array.shape != expected:
         raise ValueError(f"{kernel}: {name}: expected shape {tuple(expected)}, got {_shape(array)}")
 
 

@@ -102,7 +102,7 @@ def _relu_scalar(T):
     zero, one = T(0), T(1)
 
     def f(z):
-        return z if z > zero else zero
+        return zero if z < zero else z  # NaN passes through, as np.maximum and torch.relu let it
 
     def df(z):
         return one if z > zero else zero
@@ -238,7 +238,7 @@ ACTIVATIONS: dict[str, Activation] = {
             lambda z: np.maximum(z, 0),
             lambda z: (z > 0).astype(z.dtype),
             _relu_scalar,
-            "(z > C(0) ? z : C(0))",
+            "(z < C(0) ? C(0) : z)",
             "(z > C(0) ? C(1) : C(0))",
             "he",
         ),

@@ -50,16 +50,34 @@ def dtypes_for(device: str) -> tuple[str, ...]:
     return tuple(name for name, d in DTYPES.items() if device in d.devices)
 
 
+def _supported(device: str) -> dict:
+    """{numpy dtype: numpy dtype} of what ``device`` computes in (a dict for a hashable, fast lookup)."""
+    return {DTYPES[name].numpy: DTYPES[name].numpy for name in dtypes_for(device) if DTYPES[name].numpy is not None}
+
+
+# device kind -> the NumPy dtypes it computes in, for the argument checks every kernel call makes
+SUPPORTED = {device: _supported(device) for device in ("cpu", "cuda")}
+
+
 def resolve_dtype(dtype, device: str = "cpu", argument: str = "dtype") -> np.dtype:
     """``dtype`` (a name, NumPy dtype or type) as a NumPy dtype that ``device`` supports, else TypeError."""
-    allowed = dtypes_for(device)
+    supported = SUPPORTED[device]
+    found = supported.get(dtype) if isinstance(dtype, np.dtype) else None
+    if found is not None:  # the hot path: kernels check their arguments' dtypes on every call
+        return found
     try:
-        name = np.dtype(dtype).name if not (isinstance(dtype, str) and dtype in DTYPES) else dtype
+        found = supported.get(np.dtype(dtype)) if dtype is not None else None
     except TypeError:
-        name = repr(dtype)
-    if name not in allowed:
-        raise TypeError(f"{argument}: expected one of {list(allowed)} on {device}, got {name}")
-    resolved = DTYPES[name].numpy_dtype()
-    if resolved is None:
-        raise TypeError(f"{argument}: {name} needs the {DTYPES[name].extension} package: pip install {DTYPES[name].extension}")
-    return resolved
+        found = None
+    if found is None:
+        raise TypeError(f"{argument}: expected one of {list(dtypes_for(device))} on {device}, got {_name(dtype)}")
+    return found
+
+
+def _name(dtype) -> str:
+    if isinstance(dtype, str):
+        return dtype
+    try:
+        return np.dtype(dtype).name if dtype is not None else "None"
+    except TypeError:
+        return repr(dtype)

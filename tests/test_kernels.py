@@ -211,6 +211,16 @@ def test_softmax_xent_nan_logit_gives_nan(backend, dtype, rng):
     assert np.all(np.isnan(delta[1])) and np.all(np.isfinite(delta[[0, 2]]))
 
 
+@pytest.mark.parametrize("act", sorted(ACTIVATIONS))
+def test_nan_propagates_through_every_activation(backend, dtype, rng, act):
+    """A NaN pre-activation gives a NaN activation, as in the reference (and torch): never a silent 0."""
+    acc = randn(rng, (2, 3), dtype)
+    acc[1, 1] = np.nan
+    _, a = backend.bias_act(backend.asarray(acc), backend.asarray(randn(rng, (3,), dtype)), act)
+    a = np.asarray(backend.to_numpy(a))
+    assert np.isnan(a[1, 1]) and np.isfinite(np.delete(a.ravel(), 4)).all()
+
+
 # ---- optimizer updates ---------------------------------------------------------------------------
 
 FLAT_LAYOUTS = {"contiguous": np.ascontiguousarray, "strided": _strided}
