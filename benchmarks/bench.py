@@ -93,17 +93,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer batches and rounds: under 20 s")
 
 
-def _registered_backends() -> list[str]:
-    return list(backends._REGISTRY)  # the registry's names, in its order
-
-
 def choose_subjects(requested) -> tuple[list[str], dict[str, str]]:
     """(names to run, {name: why not} for the usable-by-default ones that cannot run here).
 
     ``requested`` None: every usable backend and peer. Otherwise exactly those, and a ValueError where one
     is unknown or cannot run here (it never falls back silently).
     """
-    ours = _registered_backends()
+    ours = backends.registered_backends()
     status = {name: backends.backend_status(name) for name in ours}
     if requested is None:
         status.update((name, peer_status(name)) for name in PEERS)
@@ -188,8 +184,8 @@ class Progress:
     """One unit per timed point: a tqdm bar on stderr when it is a terminal (and tqdm is installed),
     else one plain line per point."""
 
-    def __init__(self, total: int, stream=None):
-        self.stream = stream or sys.stderr
+    def __init__(self, total: int):
+        self.stream = sys.stderr
         self.total, self.done, self.started = total, 0, time.perf_counter()
         self.bar = None
         if self.stream.isatty() and importlib.util.find_spec("tqdm") is not None:
@@ -264,15 +260,15 @@ def _make_subject(name, plan, threads):
     return BackendSubject(name, plan.sizes, plan.dtype)
 
 
-def measure(plan: Plan, progress_stream=None) -> dict:
-    """Runs the plan; returns the report (the JSON of ``--json``). Progress goes to ``progress_stream`` (stderr)."""
+def measure(plan: Plan) -> dict:
+    """Runs the plan, showing progress on stderr; returns the report (the JSON of ``--json``)."""
     machine = describe_machine()
     subjects = [_make_subject(name, plan, machine["threads"]) for name in plan.subjects]
     compile_s = {s.name: s.compile() for s in subjects}
     devices = list(dict.fromkeys(s.device for s in subjects))
     peakers = {d: b for d in devices if (b := peak_backend(d, subjects)) is not None}
     effort = plan.effort
-    progress = Progress(len(peakers) + len(effort.batches) * (1 + plan.kernels), progress_stream)
+    progress = Progress(len(peakers) + len(effort.batches) * (1 + plan.kernels))
     rounds = dict(rounds=effort.rounds, min_rounds=effort.min_rounds, max_time_s=effort.max_time_s)
 
     def timed_point(label, timeds):
@@ -451,6 +447,8 @@ def plot(report: dict, path: str) -> None:
         ax.plot([r["batch"] for r in rows], [r["samples_per_s"] for r in rows], marker="o",
                 linestyle="-" if subject["kind"] == "backend" else "--", label=f"{subject['name']} ({subject['device']})")
     ax.set_xscale("log", base=2)
+    ax.set_xticks(report["workload"]["batches"], labels=[str(b) for b in report["workload"]["batches"]])
+    ax.minorticks_off()
     ax.set_yscale("log")
     ax.set_xlabel("batch size")
     ax.set_ylabel("samples / s (training step)")
