@@ -269,17 +269,19 @@ def measure(plan: Plan) -> dict:
     peakers = {d: b for d in devices if (b := peak_backend(d, subjects)) is not None}
     effort = plan.effort
     progress = Progress(len(peakers) + len(effort.batches) * (1 + plan.kernels))
-    rounds = dict(rounds=effort.rounds, min_rounds=effort.min_rounds, max_time_s=effort.max_time_s)
+    limits = dict(rounds=effort.rounds, min_rounds=effort.min_rounds, max_time_s=effort.max_time_s)
 
-    def timed_point(label, timeds):
-        timings = interleave(timeds, on_round=progress.point(label, effort.rounds), **rounds)
+    def timed_point(label, timeds, **overrides):
+        point_limits = {**limits, **overrides}
+        timings = interleave(timeds, on_round=progress.point(label, point_limits["rounds"]), **point_limits)
         progress.finish(len(next(iter(timings.values())).samples))
         return timings
 
     peaks = []
     for device, backend in peakers.items():
         n = effort.peak_sizes[device]
-        timing = timed_point(f"{device} GEMM peak", {device: peak_timed(backend, n, plan.dtype)})[device]
+        timing = timed_point(f"{device} GEMM peak", {device: peak_timed(backend, n, plan.dtype)},
+                             rounds=effort.min_rounds)[device]  # one big GEMM: steady, few rounds suffice
         peaks.append({"device": device, "backend": backend.name, "n": n, "dtype": plan.dtype,
                       "gflops": 2 * n**3 / timing.median / 1e9, "timing": timing.summary_ms()})
 
