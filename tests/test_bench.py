@@ -9,6 +9,7 @@ import io
 import json
 import math
 import struct
+import subprocess
 import sys
 
 import jsonschema
@@ -246,3 +247,10 @@ def test_plot_without_matplotlib_is_refused_before_running(monkeypatch, capsys):
 def test_an_unusable_backend_asked_for_is_refused_with_the_reason(capsys):
     assert main(["bench", "--backends", "cupy"]) == 2
     assert "cupy cannot run here" in capsys.readouterr().err
+
+
+def test_importing_the_bench_imports_no_heavy_package():
+    code = ("import sys, deltaprop.benchmarks.bench; "
+            "print(sorted(m for m in ('torch', 'jax', 'matplotlib', 'numba', 'cupy', 'tqdm') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
