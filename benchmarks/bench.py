@@ -360,7 +360,8 @@ def render(report: dict) -> str:
     gpus = "; ".join(f"{g['name']} (driver {g['driver']})" for g in m["gpus"]) or "no GPU"
     lines = [
         f"deltaprop bench: {net}{'-'.join(map(str, w['sizes']))} {w['activation']}, softmax cross-entropy, SGD, {w['dtype']}",
-        f"machine: {m['cpu']}, {m['cores']} cores, BLAS {blas}, {gpus}",
+        f"machine: {m['cpu']}, {m['cores']} cores, BLAS {blas}, {gpus}"
+        + (f", load average {m['load_average'][0]:.1f} at the start" if m["load_average"] else ""),
     ]
     lines += [f"GEMM peak, {p['device']}: {p['gflops']:,.1f} GFLOP/s ({p['backend']}, {p['dtype']} "
               f"{p['n']}x{p['n']}x{p['n']})" for p in report["peaks"]]

@@ -93,13 +93,15 @@ def versions() -> dict[str, str]:
 
 
 def describe_machine() -> dict:
-    """Every fact above, as the ``machine`` object of a benchmark report."""
+    """Every fact above, and the load average over 1, 5 and 15 minutes when the run began (other work on
+    the machine slows every timing), as the ``machine`` object of a benchmark report."""
     return {
         "cpu": cpu_model(),
         "cores": usable_cores(),
         "platform": platform.platform(),
         "blas": blas(),
         "threads": cpu_threads(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "environment": {name: os.environ[name] for name in ENVIRONMENT if name in os.environ},
         "gpus": gpus(),
         "versions": versions(),
