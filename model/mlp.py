@@ -182,15 +182,14 @@ class MLP:
 
     def _forward(self, x):
         be, ws = self.backend, self._workspace(x.shape[0])
-        a = x
+        inputs = [x]  # a[l-1] of each layer: a[l] is z[l] itself for the identity activation
         for l, (W, b, z) in enumerate(zip(self.weights, self.biases, ws.z)):
-            be.gemm(a, W, out=z, trans_b=True)  # z = a @ W.T
+            be.gemm(inputs[-1], W, out=z, trans_b=True)  # z = a @ W.T
             if l < self.depth - 1:
-                be.bias_act(z, b, self.activation, z_out=z, a_out=ws.a[l])  # z += b; a = act(z)
-                a = ws.a[l]
+                inputs.append(be.bias_act(z, b, self.activation, z_out=z, a_out=ws.a[l])[1])  # z += b; a = act(z)
             else:
-                be.bias_act(z, b, "identity", z_out=z, a_out=z)  # the logits; the loss applies the output map
-        return ForwardCache(a=[x, *ws.a], z=ws.z)
+                be.bias_act(z, b, "identity", z_out=z)  # the logits; the loss applies the output map
+        return ForwardCache(a=inputs, z=ws.z)
 
     def backward(self, cache: ForwardCache, y) -> float:
         """From a forward pass's cache and the targets, writes dJ/dW and dJ/db into ``self.grads``
