@@ -251,13 +251,15 @@ class CupyBackend(Backend):
     def _input(self, kernel, name, x):
         return self._cupy.ascontiguousarray(self._device_array(kernel, name, x))
 
+    def _in_place(self, kernel, name, buffer):
+        """``buffer``, checked as a device array that a kernel can write element by element."""
+        if not self._device_array(kernel, name, buffer).flags.c_contiguous:
+            raise ValueError(f"{kernel}: {name}: expected a C-contiguous array, got strides {buffer.strides}")
+        return buffer
+
     def _output(self, kernel, name, out, shape, dtype):
-        """``out`` checked as a writable C-contiguous device buffer, or a new one where it is None."""
-        if out is None:
-            return self._cupy.empty(shape, dtype=dtype)
-        if not self._device_array(kernel, name, out).flags.c_contiguous:
-            raise ValueError(f"{kernel}: {name}: expected a C-contiguous array, got strides {out.strides}")
-        return out
+        """``out`` checked by ``_in_place``, or a new array where it is None."""
+        return self._cupy.empty(shape, dtype=dtype) if out is None else self._in_place(kernel, name, out)
 
     def _launch(self, kernel, dtype, variant, grid, block, args, shared_mem=0):
         function = self._modules.function(kernel, dtype.name, *variant)
@@ -380,7 +382,7 @@ class CupyBackend(Backend):
     def sgd_update(self, params, grads, lr, weight_decay=0.0):
         dtype = check_flat("sgd_update", self.device, params=params, grads=grads)
         t = _accum_scalar(dtype)
-        params = self._output("sgd_update", "params", params, None, dtype)
+        params = self._in_place("sgd_update", "params", params)
         grads = self._input("sgd_update", "grads", grads)
         self._launch("sgd_update", dtype, (), self._flat_grid(params.size), (THREADS,),
                      (params, grads, np.int64(params.size), t(lr), t(weight_decay)))
@@ -388,8 +390,8 @@ class CupyBackend(Backend):
     def momentum_update(self, params, grads, velocity, lr, momentum=0.9, nesterov=False, weight_decay=0.0):
         dtype = check_flat("momentum_update", self.device, params=params, grads=grads, velocity=velocity)
         t = _accum_scalar(dtype)
-        params = self._output("momentum_update", "params", params, None, dtype)
-        velocity = self._output("momentum_update", "velocity", velocity, None, dtype)
+        params = self._in_place("momentum_update", "params", params)
+        velocity = self._in_place("momentum_update", "velocity", velocity)
         grads = self._input("momentum_update", "grads", grads)
         self._launch("momentum_update", dtype, (), self._flat_grid(params.size), (THREADS,),
                      (params, grads, velocity, np.int64(params.size), t(lr), t(momentum), t(weight_decay),
@@ -401,9 +403,9 @@ class CupyBackend(Backend):
         if int(step) < 1:
             raise ValueError(f"adam_update: step: expected the 1-based update count (>= 1), got {step}")
         t = _accum_scalar(dtype)
-        params = self._output("adam_update", "params", params, None, dtype)
-        m = self._output("adam_update", "m", m, None, dtype)
-        v = self._output("adam_update", "v", v, None, dtype)
+        params = self._in_place("adam_update", "params", params)
+        m = self._in_place("adam_update", "m", m)
+        v = self._in_place("adam_update", "v", v)
         grads = self._input("adam_update", "grads", grads)
         bias1, bias2 = 1 - float(beta1) ** int(step), 1 - float(beta2) ** int(step)
         self._launch("adam_update", dtype, (), self._flat_grid(params.size), (THREADS,),
@@ -432,7 +434,7 @@ class CupyBackend(Backend):
         if kind == "labels":
             targets = self._device_array(kernel, "labels", targets).astype(np.int64, copy=False)
         targets = self._input(kernel, "targets", targets)
-        delta = NULL if delta_out is None else self._output(kernel, "delta_out", delta_out, z.shape, dtype)
+        delta = NULL if delta_out is None else self._in_place(kernel, "delta_out", delta_out)
         rows, cols = z.shape
         row_loss = self._cupy.empty(rows, dtype=accum)
         args = (z, targets, delta, row_loss, np.int64(rows), np.int64(cols), scale)
