@@ -27,6 +27,7 @@ __all__ = [
     "backend_status",
     "get_backend",
     "register_backend",
+    "registered_backends",
     "to_numpy",
     "use_backend",
 ]
@@ -60,7 +61,9 @@ def _backend_class(name: str) -> type:
         module, _, cls = entry.partition(":")
         try:
             entry = getattr(importlib.import_module(module), cls)
-        except ImportError as e:
+        except ModuleNotFoundError as e:
+            if (e.name or "").partition(".")[0] == "deltaprop":
+                raise  # our own module missing is a bug, not an unusable backend
             raise BackendUnavailableError(f"backend {name!r} cannot be imported here: {e}") from e
     return entry
 
@@ -73,9 +76,14 @@ def backend_status(name: str) -> tuple[bool, str]:
         return False, str(e)
 
 
+def registered_backends() -> list[str]:
+    """Every registered backend name, usable here or not."""
+    return list(_REGISTRY)
+
+
 def available_backends() -> list[str]:
     """The registered backends usable on this machine."""
-    return [name for name in _REGISTRY if backend_status(name)[0]]
+    return [name for name in registered_backends() if backend_status(name)[0]]
 
 
 def _resolve_auto() -> str:

@@ -1,0 +1,1 @@
+"""The `deltaprop` command (bench, check, info, train) and the pytest-benchmark suites."""

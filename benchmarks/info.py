@@ -1,0 +1,77 @@
+"""`deltaprop info`: what deltaprop can use on this machine, and why it cannot use the rest."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+
+
+def add_arguments(parser):
+    parser.add_argument("--load", action="store_true",
+                        help="also instantiate each usable backend and print what it reports about itself")
+
+
+def blas_info() -> list[str]:
+    """One line per BLAS/OpenMP library loaded by NumPy (threadpoolctl when installed)."""
+    import numpy as np
+
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        config = np.show_config(mode="dicts").get("Build Dependencies", {}).get("blas", {})
+        return [f"{config.get('name', '?')} {config.get('version', '')} (threadpoolctl not installed: thread count unknown)"]
+    return [f"{pool['internal_api']} {pool.get('version') or ''} ({pool['num_threads']} threads) {pool['filepath']}"
+            for pool in threadpool_info()]
+
+
+def facts(load=False) -> dict:
+    """Everything `deltaprop info` prints, as a dict."""
+    import numpy as np
+
+    from deltaprop import __version__
+    from deltaprop.backend import backend_status, get_backend, registered_backends
+
+    backends = {}
+    for name in registered_backends():
+        ok, why = backend_status(name)
+        backends[name] = {"usable": ok, "why_not": why}
+        if ok and load:
+            backends[name]["describe"] = get_backend(name).describe()
+    try:
+        import numba
+
+        numba_facts = {"version": numba.__version__, "threads": numba.config.NUMBA_NUM_THREADS,
+                       "cache_dir": numba.config.CACHE_DIR or "(next to the sources)"}
+    except ImportError as e:
+        numba_facts = {"version": None, "error": str(e)}
+    return {
+        "deltaprop": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "numpy": np.__version__,
+        "numba": numba_facts,
+        "blas": blas_info(),
+        "backends": backends,
+        "DELTAPROP_BACKEND": os.environ.get("DELTAPROP_BACKEND"),
+    }
+
+
+def run(args) -> int:
+    f = facts(load=args.load)
+    print(f"deltaprop {f['deltaprop']}  python {f['python']}  numpy {f['numpy']}  on {f['platform']}")
+    print(f"cpus: {f['cpu_count']}")
+    numba = f["numba"]
+    print(f"numba: {numba['version'] or 'not importable: ' + numba['error']}"
+          + (f" ({numba['threads']} threads, cache {numba['cache_dir']})" if numba["version"] else ""))
+    for line in f["blas"]:
+        print(f"blas: {line}")
+    print("backends:")
+    for name, status in f["backends"].items():
+        print(f"  {name:<6} {'usable' if status['usable'] else 'unusable: ' + status['why_not']}")
+        for key, value in status.get("describe", {}).items():
+            print(f"         {key}: {value}")
+    if f["DELTAPROP_BACKEND"]:
+        print(f"DELTAPROP_BACKEND={f['DELTAPROP_BACKEND']} (what 'auto' means here)")
+    return 0

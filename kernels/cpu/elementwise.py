@@ -1,0 +1,53 @@
+"""Elementwise kernels: fused bias + activation forward, the act' product backward, and the bias gradient.
+
+Each activation's scalar formulas come from the activation table (``scalar(T)``), compiled into one
+kernel per activation and dtype.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba.extending import register_jitable
+
+from deltaprop.kernels.activations import get_activation
+from deltaprop.kernels.cpu.common import kahan_add
+
+
+def build_bias_act(T, act):
+    act_fn = register_jitable(get_activation(act).scalar(T)[0])
+
+    def bias_act(acc, b, z_out, a_out):
+        """z_out = acc + b; a_out = act(z_out). acc, z_out, a_out: (B, n), z_out may be acc; b: (n,)."""
+        for i in range(acc.shape[0]):
+            for j in range(acc.shape[1]):
+                z = acc[i, j] + b[j]
+                z_out[i, j] = z
+                a_out[i, j] = act_fn(z)
+
+    return bias_act
+
+
+def build_act_backward(T, act):
+    derivative = register_jitable(get_activation(act).scalar(T)[1])
+
+    def act_backward(g, z, out):
+        """out = g * act'(z). g, z, out: (B, n); out may be g."""
+        for i in range(g.shape[0]):
+            for j in range(g.shape[1]):
+                out[i, j] = g[i, j] * derivative(z[i, j])
+
+    return act_backward
+
+
+def build_bias_grad(T):
+    zero = T(0)
+
+    def bias_grad(delta, out):
+        """out[j] = sum_i delta[i, j] (compensated). delta: (B, n); out: (n,)."""
+        compensation = np.zeros_like(out)
+        out[:] = zero
+        for i in range(delta.shape[0]):
+            for j in range(delta.shape[1]):
+                out[j], compensation[j] = kahan_add(out[j], compensation[j], delta[i, j])
+
+    return bias_grad

@@ -1,0 +1,231 @@
+"""The L-layer perceptron: the forward/backward loop over the kernels of whichever backend it runs on.
+
+Samples are rows. Layer l (1..L) has W[l] of shape (n_l, n_{l-1}) and b[l] of shape (n_l,):
+
+    forward    z[l] = a[l-1] @ W[l].T + b[l]; a[l] = act(z[l])      gemm, then bias_act
+    loss       delta[L] = (y_hat - y) / B                            the loss's kernel (softmax_xent, ...)
+    backward   dW[l] = delta[l].T @ a[l-1]; db[l] = sum of delta[l]  gemm(trans_a), bias_grad
+               delta[l-1] = (delta[l] @ W[l]) * act'(z[l-1])         gemm, then act_backward
+    update     params -= lr * grads                                  sgd_update over the flat buffer
+
+The parameters live in one flat buffer (per layer: W[l] row-major, then b[l]); ``weights`` and
+``biases`` are views into it, and the gradients mirror that layout in a second flat buffer, so that an
+optimizer updates every layer in one kernel launch. The activations of the forward pass live in a
+workspace per batch size, so that ``train_step`` allocates nothing after its first call.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from deltaprop.backend import get_backend
+from deltaprop.errors import NonFiniteLossError
+from deltaprop.kernels.activations import get_activation
+from deltaprop.kernels.dtypes import resolve_dtype
+from deltaprop.model.losses import get_loss
+
+_WORKSPACES_KEPT = 4  # batch sizes whose buffers stay allocated (full and last partial batch of a fit, eval)
+
+
+@dataclass
+class ForwardCache:
+    """What the forward pass keeps for the backward pass.
+
+    a: [a[0] = x (B, n0), a[1], ..., a[L-1]], the inputs of each layer;
+    z: [z[1], ..., z[L]], the pre-activations, z[L] (B, n_L) being the logits.
+    The arrays are the network's workspace: valid until the next forward pass of this batch size.
+    """
+
+    a: list
+    z: list
+
+    @property
+    def logits(self):
+        return self.z[-1]
+
+
+class _Workspace:
+    """Buffers for one batch size: z[l] and delta[l] (B, n_l) for every layer, a[l] for the hidden ones."""
+
+    def __init__(self, backend, sizes, batch, dtype):
+        self.z = [backend.empty((batch, n), dtype) for n in sizes[1:]]
+        self.a = [backend.empty((batch, n), dtype) for n in sizes[1:-1]]
+        self.delta = [backend.empty((batch, n), dtype) for n in sizes[1:]]
+
+
+def _check_sizes(sizes):
+    try:
+        widths = [int(n) for n in sizes]
+        ok = len(widths) >= 2 and all(w >= 1 and w == n for w, n in zip(widths, sizes))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"sizes: expected at least two positive integer widths like [784, 512, 10], got {sizes!r}")
+    return widths
+
+
+class MLP:
+    """A multilayer perceptron trained by backpropagation on a deltaprop backend.
+
+    sizes: layer widths [n0, n1, ..., nL] (input first); activation: a name of the activation table for
+    the hidden layers; loss: "softmax_cross_entropy", "mse" or "sigmoid_cross_entropy"; backend: a name
+    ("auto", "numpy", "numba", "cupy") or a Backend; dtype: "float32" or "float64" (float16/bfloat16
+    on the GPU); seed: the initialisation (He for the ReLU family, Xavier otherwise) is drawn from
+    numpy's default_rng(seed) in float64 on the host, so the same seed gives the same network on every
+    backend.
+    """
+
+    def __init__(self, sizes, activation="relu", loss="softmax_cross_entropy", backend="auto",
+                 dtype="float32", seed=0):
+        self.sizes = _check_sizes(sizes)
+        self.activation = get_activation(activation).name
+        self.loss = get_loss(loss).name
+        self.backend = get_backend(backend)
+        self.dtype = resolve_dtype(dtype, self.backend.device)
+        self.seed = seed
+        self._layout = self._param_layout(self.sizes)
+        self.params = self.backend.asarray(self._initial_params(), self.dtype)
+        self.grads = self.backend.zeros(self.params.shape, self.dtype)
+        self.weights, self.biases = self._views(self.params)
+        self.grad_weights, self.grad_biases = self._views(self.grads)
+        self._workspaces: OrderedDict[int, _Workspace] = OrderedDict()
+
+    # ---- layout and initialisation ----
+
+    @staticmethod
+    def _param_layout(sizes):
+        """[(offset of W[l], offset of b[l], end)] per layer, in the flat buffer."""
+        layout, offset = [], 0
+        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+            bias_at = offset + fan_out * fan_in
+            layout.append((offset, bias_at, bias_at + fan_out))
+            offset = bias_at + fan_out
+        return layout
+
+    @property
+    def n_params(self) -> int:
+        return self._layout[-1][2]
+
+    @property
+    def depth(self) -> int:
+        """L, the number of layers with weights."""
+        return len(self.sizes) - 1
+
+    def _views(self, flat):
+        weights = [flat[w:b].reshape(n_out, n_in)
+                   for (w, b, _), n_in, n_out in zip(self._layout, self.sizes[:-1], self.sizes[1:])]
+        biases = [flat[b:end] for (_, b, end) in self._layout]
+        return weights, biases
+
+    def _initial_params(self):
+        rng = np.random.default_rng(self.seed)
+        flat = np.zeros(self.n_params)
+        scheme = get_activation(self.activation).init
+        for (w, b, _), fan_in, fan_out in zip(self._layout, self.sizes[:-1], self.sizes[1:]):
+            if scheme == "he":
+                flat[w:b] = rng.normal(0.0, math.sqrt(2.0 / fan_in), fan_out * fan_in)
+            else:
+                limit = math.sqrt(6.0 / (fan_in + fan_out))
+                flat[w:b] = rng.uniform(-limit, limit, fan_out * fan_in)
+        return flat
+
+    def __repr__(self):
+        return (f"MLP({self.sizes}, activation={self.activation!r}, loss={self.loss!r}, "
+                f"backend={self.backend.name!r}, dtype={self.dtype.name!r})")
+
+    # ---- inputs ----
+
+    def _workspace(self, batch):
+        ws = self._workspaces.get(batch)
+        if ws is None:
+            ws = self._workspaces[batch] = _Workspace(self.backend, self.sizes, batch, self.dtype)
+            if len(self._workspaces) > _WORKSPACES_KEPT:
+                self._workspaces.popitem(last=False)
+        else:
+            self._workspaces.move_to_end(batch)
+        return ws
+
+    def _inputs(self, x):
+        """x as a (B, n0) array of the network's dtype on its backend (converted once when it is not)."""
+        x = self.backend.asarray(x, self.dtype)
+        if x.ndim != 2 or x.shape[1] != self.sizes[0]:
+            raise ValueError(f"x: expected shape (batch, {self.sizes[0]}), got {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError(f"x: expected a non-empty batch, got shape {tuple(x.shape)}")
+        return x
+
+    def _targets(self, y, batch):
+        """y as int64 labels (B,) or a (B, n_L) target matrix of the network's dtype, on the backend."""
+        y = self.backend.asarray(y)
+        if y.ndim == 1 and y.dtype.kind in "iu":
+            y = self.backend.asarray(y, np.int64)
+        elif y.ndim == 2 and y.dtype.kind in "fiub":
+            y = self.backend.asarray(y, self.dtype)
+        else:
+            raise TypeError(
+                f"y: expected int labels of shape ({batch},) or a target matrix of shape ({batch}, "
+                f"{self.sizes[-1]}), got {y.dtype} of shape {tuple(y.shape)}"
+            )
+        if y.shape[0] != batch:
+            raise ValueError(f"y: expected {batch} rows (one per row of x), got {y.shape[0]}")
+        return y
+
+    # ---- the loop ----
+
+    def forward(self, x) -> ForwardCache:
+        """Runs the layers on x (B, n0); returns the ForwardCache of z[l] and a[l] (logits = z[L])."""
+        return self._forward(self._inputs(x))
+
+    def _forward(self, x):
+        be, ws = self.backend, self._workspace(x.shape[0])
+        a = x
+        for l, (W, b, z) in enumerate(zip(self.weights, self.biases, ws.z)):
+            be.gemm(a, W, out=z, trans_b=True)  # z = a @ W.T
+            if l < self.depth - 1:
+                be.bias_act(z, b, self.activation, z_out=z, a_out=ws.a[l])  # z += b; a = act(z)
+                a = ws.a[l]
+            else:
+                be.bias_act(z, b, "identity", z_out=z, a_out=z)  # the logits; the loss applies the output map
+        return ForwardCache(a=[x, *ws.a], z=ws.z)
+
+    def backward(self, cache: ForwardCache, y) -> float:
+        """From a forward pass's cache and the targets, writes dJ/dW and dJ/db into ``self.grads``
+        (views: ``grad_weights``, ``grad_biases``); returns the mean loss over the batch."""
+        x = cache.a[0]
+        return self._backward(cache, self._targets(y, x.shape[0]))
+
+    def _backward(self, cache, y):
+        be, ws = self.backend, self._workspace(cache.a[0].shape[0])
+        loss = float(getattr(be, get_loss(self.loss).kernel)(cache.logits, y, delta_out=ws.delta[-1]))
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(
+                f"loss: expected a finite value, got {loss} (NaN/inf in x, or a diverging learning rate)")
+        for l in reversed(range(self.depth)):
+            delta = ws.delta[l]
+            be.gemm(delta, cache.a[l], out=self.grad_weights[l], trans_a=True)  # dW = delta.T @ a[l-1]
+            be.bias_grad(delta, out=self.grad_biases[l])  # db = column sums of delta
+            if l > 0:
+                be.gemm(delta, self.weights[l], out=ws.delta[l - 1])  # delta @ W[l]
+                be.act_backward(ws.delta[l - 1], cache.z[l - 1], self.activation, out=ws.delta[l - 1])
+        return loss
+
+    def loss_and_grads(self, x, y):
+        """The mean loss and [(dW[l], db[l])] for l = 1..L, fresh arrays shaped like W[l] and b[l]."""
+        x = self._inputs(x)
+        loss = self._backward(self._forward(x), self._targets(y, x.shape[0]))
+        return loss, [(dW.copy(), db.copy()) for dW, db in zip(self.grad_weights, self.grad_biases)]
+
+    def train_step(self, x, y, lr=0.01) -> float:
+        """Forward, loss, backward and a plain SGD update (params -= lr * grads) in one call.
+
+        Returns the mean loss before the update. Raises NonFiniteLossError, leaving the parameters
+        untouched, if the loss is NaN or infinite. Allocation-free after the first call at a batch size.
+        """
+        x = self._inputs(x)
+        loss = self._backward(self._forward(x), self._targets(y, x.shape[0]))
+        self.backend.sgd_update(self.params, self.grads, lr)
+        return loss
