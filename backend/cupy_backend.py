@@ -468,8 +468,10 @@ class Outputs:
         cp = self._backend.xp
         if isinstance(array, cp.ndarray) and array.flags.c_contiguous:
             return array
-        copy = on_device(cp, self._kernel, name, array)
-        copy = cp.array(copy, order="C") if read else cp.empty(array.shape, dtype=array.dtype)
+        if read:
+            copy = cp.array(on_device(cp, self._kernel, name, array), order="C")
+        else:
+            copy = cp.empty(array.shape, dtype=array.dtype)
         self._copies.append((array, copy))
         return copy
 
