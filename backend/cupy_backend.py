@@ -1,16 +1,19 @@
 """The CuPy backend ("cupy"): the contract on an NVIDIA GPU, with cuBLAS GEMM and the CUDA kernels of
 ``deltaprop.kernels.cuda``, in float32, float64, float16 and bfloat16 (the 16-bit types compute in float32).
 
-Arrays are CuPy arrays on the current device (``asarray`` brings NumPy arrays and DLPack producers there).
-Differences from the NumPy reference, each for speed on a GPU:
+Arrays live on the current device (``asarray`` brings NumPy arrays and DLPack producers there). The
+kernels take what the reference takes: CuPy arrays run where they are; a NumPy argument is uploaded, and
+an output that is not a C-contiguous CuPy array (a NumPy array, a strided view) is written through a
+device copy. Those copies are for convenience and tests; the training step passes device arrays only.
+GEMM reads transposed and strided device views in place, through cuBLAS's flags and leading dimensions.
 
-- The loss kernels return the mean loss as a 0-d device array in the compute type (float32, or float64 for
-  float64), not a Python float: ``float(loss)`` waits for the GPU, and a training step need not.
-- The label-range and finiteness checks cost a device-to-host sync, so they run only with
-  ``check_inputs=True``. Without them, a label outside [0, C) makes its row's loss, and so the mean, NaN.
-- Output buffers (``out=``, ``z_out``, the optimizer's buffers) must be C-contiguous CuPy arrays; inputs
-  are made contiguous (copied only if they are not); GEMM reads transposed views in place.
-- Kernels are launched asynchronously on the current stream; ``synchronize`` waits for them.
+- Kernels run asynchronously on the current stream; ``synchronize`` waits for them. The loss kernels
+  return the mean loss as a Python float, as the contract says: one 4- or 8-byte copy that waits for
+  the GPU. The losses are accumulated in the compute type (float32, or float64 for float64).
+- A label outside [0, C) makes its row's loss NaN in the kernel; only a NaN loss has the labels checked
+  (a second sync), so a bad label raises the reference's ValueError at no cost to a good batch (after
+  delta_out was written). Non-finite logits give a NaN loss, as in the reference; ``check_inputs=True``
+  checks them before the launch instead (a sync) and raises a ValueError.
 
 Importing this module imports no CuPy: the constructor does, and ``availability`` asks the CUDA runtime
 directly, without importing CuPy.
@@ -19,6 +22,7 @@ directly, without importing CuPy.
 from __future__ import annotations
 
 import importlib.util
+import math
 import time
 from dataclasses import dataclass
 
@@ -76,6 +80,15 @@ def _numpy_dtype(dtype):
     if isinstance(dtype, str) and dtype in DTYPES:
         return DTYPES[dtype].numpy_dtype()
     return np.dtype(dtype)
+
+
+def on_device(cp, kernel, name, x):
+    """An array argument on the device in its own layout: CuPy arrays as they are, NumPy arrays uploaded."""
+    if isinstance(x, cp.ndarray):
+        return x
+    if isinstance(x, np.ndarray):
+        return cp.asarray(x)
+    raise TypeError(f"{kernel}: {name}: expected a CuPy or NumPy array, got {type(x).__module__}.{type(x).__name__}")
 
 
 def blas_layout(shape, strides, itemsize):
@@ -240,24 +253,12 @@ class CupyBackend(Backend):
 
     # ---- argument plumbing ----
 
-    def _device_array(self, kernel, name, x):
-        if not isinstance(x, self._cupy.ndarray):
-            raise TypeError(
-                f"{kernel}: {name}: expected a CuPy array on the device (backend.asarray moves it),"
-                f" got {type(x).__module__}.{type(x).__name__}"
-            )
-        return x
+    def _device(self, kernel, name, x):
+        return on_device(self._cupy, kernel, name, x)
 
     def _input(self, kernel, name, x):
-        return self._cupy.ascontiguousarray(self._device_array(kernel, name, x))
-
-    def _output(self, kernel, name, out, shape, dtype):
-        """``out`` checked as a writable C-contiguous device buffer, or a new one where it is None."""
-        if out is None:
-            return self._cupy.empty(shape, dtype=dtype)
-        if not self._device_array(kernel, name, out).flags.c_contiguous:
-            raise ValueError(f"{kernel}: {name}: expected a C-contiguous array, got strides {out.strides}")
-        return out
+        """An input as a C-contiguous device array (copied only if it is not one)."""
+        return self._cupy.ascontiguousarray(self._device(kernel, name, x))
 
     def _launch(self, kernel, dtype, variant, grid, block, args, shared_mem=0):
         function = self._modules.function(kernel, dtype.name, *variant)
@@ -283,18 +284,19 @@ class CupyBackend(Backend):
 
     def gemm(self, a, b, out=None, trans_a=False, trans_b=False, alpha=1.0, beta=0.0):
         """cuBLAS (gemmStridedBatchedEx; a 2-D product is a stack of one). Transposed and other strided
-        views are read in place through cuBLAS's transpose flags and leading dimensions."""
+        views on the device are read in place through cuBLAS's transpose flags and leading dimensions."""
         shape = check_gemm(a, b, out, trans_a, trans_b, self.device)
-        a, b = self._device_array("gemm", "a", a), self._device_array("gemm", "b", b)
+        a, b = self._device("gemm", "a", a), self._device("gemm", "b", b)
+        outputs = Outputs(self, "gemm")
         if out is None:
             out, beta = self._cupy.empty(shape, dtype=a.dtype), 0.0
-        target = self._device_array("gemm", "out", out)
-        if blas_layout(out.shape, out.strides, out.itemsize) is None:  # e.g. a strided slice: compute beside it
-            target = self._cupy.ascontiguousarray(out)
-        self._cublas_gemm(a, b, target, bool(trans_a), bool(trans_b), alpha, beta)
-        if target is not out:
-            out[...] = target
+        writable = out if self._gemm_writes_in_place(out) else outputs.buffer("out", out, read=beta != 0.0)
+        self._cublas_gemm(a, b, writable, bool(trans_a), bool(trans_b), alpha, beta)
+        outputs.write_back()
         return out
+
+    def _gemm_writes_in_place(self, out):
+        return isinstance(out, self._cupy.ndarray) and blas_layout(out.shape, out.strides, out.itemsize) is not None
 
     def _cublas_gemm(self, a, b, out, trans_a, trans_b, alpha, beta):
         from cupy_backends.cuda.api import runtime
@@ -323,8 +325,9 @@ class CupyBackend(Backend):
         dtype = check_rows("bias_act", self.device, acc, b, z_out=z_out, a_out=a_out)
         get_activation(act)
         acc, b = self._input("bias_act", "acc", acc), self._input("bias_act", "b", b)
-        z = self._output("bias_act", "z_out", z_out, acc.shape, dtype)
-        a = z if act == "identity" else self._output("bias_act", "a_out", a_out, acc.shape, dtype)
+        outputs = Outputs(self, "bias_act")
+        z_out, z = outputs.output("z_out", z_out, acc.shape, dtype)
+        a_out, a = outputs.output("a_out", a_out, acc.shape, dtype)
         rows, cols = acc.shape
         block_x = min(THREADS, 1 << (cols - 1).bit_length())
         block_y = THREADS // block_x
@@ -334,36 +337,38 @@ class CupyBackend(Backend):
             "bias_act", dtype, (f"act_{act}",), (grid_x, grid_y), (block_x, block_y),
             (acc, b, z, a, np.int64(rows), np.int64(cols)),
         )
-        return z, a
+        outputs.write_back()
+        return z_out, a_out
 
     def act_backward(self, g, z, act, out=None):
         dtype = check_rows("act_backward", self.device, g, z=z, out=out)
         get_activation(act)
         g, z = self._input("act_backward", "g", g), self._input("act_backward", "z", z)
-        out = self._output("act_backward", "out", out, g.shape, dtype)
+        outputs = Outputs(self, "act_backward")
+        out, result = outputs.output("out", out, g.shape, dtype)
         self._launch("act_backward", dtype, (f"act_{act}",), self._flat_grid(g.size), (THREADS,),
-                     (g, z, out, np.int64(g.size)))
+                     (g, z, result, np.int64(g.size)))
+        outputs.write_back()
         return out
 
     def softmax(self, z, out=None):
         dtype = check_rows("softmax", self.device, z, out=out)
         z = self._input("softmax", "z", z)
-        out = self._output("softmax", "out", out, z.shape, dtype)
+        outputs = Outputs(self, "softmax")
+        out, result = outputs.output("out", out, z.shape, dtype)
         rows, cols = z.shape
-        args = (z, NULL, out, NULL, np.int64(rows), np.int64(cols), _accum_scalar(dtype)(1))
+        args = (z, NULL, result, NULL, np.int64(rows), np.int64(cols), _accum_scalar(dtype)(1))
         self._launch_rows("softmax", ("NoTargets<{T}>",), dtype, rows, cols, args, caches_row=True)
+        outputs.write_back()
         return out
 
     def softmax_xent(self, z, labels, delta_out=None, scale=None):
-        """As the reference, but returns a 0-d device array (see the module docstring)."""
         return self._loss("softmax_xent", (), z, labels, delta_out, scale)
 
     def sigmoid_xent(self, z, targets, delta_out=None, scale=None):
-        """As the reference, but returns a 0-d device array (see the module docstring)."""
         return self._loss("sigmoid_xent", ("SigmoidXent",), z, targets, delta_out, scale)
 
     def squared_error(self, y_hat, targets, delta_out=None, scale=None):
-        """As the reference, but returns a 0-d device array (see the module docstring)."""
         return self._loss("squared_error", ("SquaredError",), y_hat, targets, delta_out, scale)
 
     def bias_grad(self, delta, out=None):
@@ -372,28 +377,32 @@ class CupyBackend(Backend):
         dtype = check_dtypes("bias_grad", self.device, delta=delta, out=out)
         delta = self._input("bias_grad", "delta", delta)
         rows, cols = delta.shape
-        out = self._output("bias_grad", "out", out, (cols,), dtype)
+        outputs = Outputs(self, "bias_grad")
+        out, result = outputs.output("out", out, (cols,), dtype)
         self._launch("bias_grad", dtype, (), (min(_blocks(cols, 32), self.max_blocks),), (32, 32),
-                     (delta, out, np.int64(rows), np.int64(cols)))
+                     (delta, result, np.int64(rows), np.int64(cols)))
+        outputs.write_back()
         return out
 
     def sgd_update(self, params, grads, lr, weight_decay=0.0):
         dtype = check_flat("sgd_update", self.device, params=params, grads=grads)
         t = _accum_scalar(dtype)
-        params = self._output("sgd_update", "params", params, None, dtype)
+        outputs = Outputs(self, "sgd_update")
+        p = outputs.buffer("params", params, read=True)
         grads = self._input("sgd_update", "grads", grads)
-        self._launch("sgd_update", dtype, (), self._flat_grid(params.size), (THREADS,),
-                     (params, grads, np.int64(params.size), t(lr), t(weight_decay)))
+        self._launch("sgd_update", dtype, (), self._flat_grid(p.size), (THREADS,),
+                     (p, grads, np.int64(p.size), t(lr), t(weight_decay)))
+        outputs.write_back()
 
     def momentum_update(self, params, grads, velocity, lr, momentum=0.9, nesterov=False, weight_decay=0.0):
         dtype = check_flat("momentum_update", self.device, params=params, grads=grads, velocity=velocity)
         t = _accum_scalar(dtype)
-        params = self._output("momentum_update", "params", params, None, dtype)
-        velocity = self._output("momentum_update", "velocity", velocity, None, dtype)
+        outputs = Outputs(self, "momentum_update")
+        p, v = outputs.buffer("params", params, read=True), outputs.buffer("velocity", velocity, read=True)
         grads = self._input("momentum_update", "grads", grads)
-        self._launch("momentum_update", dtype, (), self._flat_grid(params.size), (THREADS,),
-                     (params, grads, velocity, np.int64(params.size), t(lr), t(momentum), t(weight_decay),
-                      np.int32(bool(nesterov))))
+        self._launch("momentum_update", dtype, (), self._flat_grid(p.size), (THREADS,),
+                     (p, grads, v, np.int64(p.size), t(lr), t(momentum), t(weight_decay), np.int32(bool(nesterov))))
+        outputs.write_back()
 
     def adam_update(self, params, grads, m, v, step, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
                     weight_decay=0.0, decoupled=False):
@@ -401,38 +410,37 @@ class CupyBackend(Backend):
         if int(step) < 1:
             raise ValueError(f"adam_update: step: expected the 1-based update count (>= 1), got {step}")
         t = _accum_scalar(dtype)
-        params = self._output("adam_update", "params", params, None, dtype)
-        m = self._output("adam_update", "m", m, None, dtype)
-        v = self._output("adam_update", "v", v, None, dtype)
+        outputs = Outputs(self, "adam_update")
+        p = outputs.buffer("params", params, read=True)
+        m, v = outputs.buffer("m", m, read=True), outputs.buffer("v", v, read=True)
         grads = self._input("adam_update", "grads", grads)
         bias1, bias2 = 1 - float(beta1) ** int(step), 1 - float(beta2) ** int(step)
-        self._launch("adam_update", dtype, (), self._flat_grid(params.size), (THREADS,),
-                     (params, grads, m, v, np.int64(params.size), t(lr), t(beta1), t(beta2), t(1 - float(beta1)),
+        self._launch("adam_update", dtype, (), self._flat_grid(p.size), (THREADS,),
+                     (p, grads, m, v, np.int64(p.size), t(lr), t(beta1), t(beta2), t(1 - float(beta1)),
                       t(1 - float(beta2)), t(eps), t(weight_decay), t(bias1), t(bias2), np.int32(bool(decoupled))))
+        outputs.write_back()
 
     # ---- the loss kernels ----
 
     def check_loss_args(self, kernel, z, targets, delta_out, scale):
-        """The shared checks; the label range and finiteness (each a sync) only with ``check_inputs``.
-        Returns (kind of targets, scale in the compute type)."""
+        """The shared checks, but the label range only after a NaN loss (see the module docstring) and
+        finiteness only with ``check_inputs``. Returns (kind of targets, scale in the compute type)."""
         check_rows(kernel, self.device, z, delta_out=delta_out)
         kind = check_targets(kernel, z, targets)
-        if self.check_inputs:
-            if kind == "labels":
-                check_label_range(kernel, targets, z.shape[1], self._cupy)
-            if not bool(self._cupy.isfinite(z).all()):
-                raise ValueError(f"{kernel}: z: expected finite values, got NaN or infinity")
+        if self.check_inputs and not bool(self._cupy.get_array_module(z).isfinite(z).all()):
+            raise ValueError(f"{kernel}: z: expected finite values, got NaN or infinity")
         return kind, _accum_scalar(z.dtype)(1.0 / z.shape[0] if scale is None else scale)
 
     def _loss(self, kernel, variant_head, z, targets, delta_out, scale):
-        """Launch a loss kernel (one loss per row), then reduce the rows; returns the 0-d mean loss."""
+        """Launch a loss kernel (one loss per row), then reduce the rows; returns the mean loss."""
         kind, scale = self.check_loss_args(kernel, z, targets, delta_out, scale)
         dtype, accum = z.dtype, _accum_scalar(z.dtype)
         z = self._input(kernel, "z", z)
         if kind == "labels":
-            targets = self._device_array(kernel, "labels", targets).astype(np.int64, copy=False)
+            targets = self._device(kernel, "labels", targets).astype(np.int64, copy=False)
         targets = self._input(kernel, "targets", targets)
-        delta = NULL if delta_out is None else self._output(kernel, "delta_out", delta_out, z.shape, dtype)
+        outputs = Outputs(self, kernel)
+        delta = NULL if delta_out is None else outputs.buffer("delta_out", delta_out)
         rows, cols = z.shape
         row_loss = self._cupy.empty(rows, dtype=accum)
         args = (z, targets, delta, row_loss, np.int64(rows), np.int64(cols), scale)
@@ -440,4 +448,39 @@ class CupyBackend(Backend):
                           caches_row=kernel == "softmax_xent")
         loss = self._cupy.empty((), dtype=accum)
         self._launch("mean_of_rows", dtype, (), (1,), (MEAN_THREADS,), (row_loss, np.int64(rows), loss))
-        return loss
+        outputs.write_back()
+        value = float(loss)
+        if math.isnan(value) and kind == "labels":
+            check_label_range(kernel, targets, cols, self._cupy)
+        return value
+
+
+class Outputs:
+    """The arrays one kernel call writes. A C-contiguous device array is written in place; any other
+    (a NumPy array, a strided or transposed CuPy view) through a contiguous device copy that
+    ``write_back`` copies into it once the kernel has run."""
+
+    def __init__(self, backend: CupyBackend, kernel: str):
+        self._backend, self._kernel, self._copies = backend, kernel, []
+
+    def buffer(self, name, array, read=False):
+        """The device array the kernel writes for ``array``; ``read``: the kernel also reads its values."""
+        cp = self._backend.xp
+        if isinstance(array, cp.ndarray) and array.flags.c_contiguous:
+            return array
+        if read:
+            copy = cp.array(on_device(cp, self._kernel, name, array), order="C")
+        else:
+            copy = cp.empty(array.shape, dtype=array.dtype)
+        self._copies.append((array, copy))
+        return copy
+
+    def output(self, name, out, shape, dtype):
+        """(what the call returns, what the kernel writes) for an ``out=`` argument, allocated where None."""
+        if out is None:
+            out = self._backend.xp.empty(shape, dtype=dtype)
+        return out, self.buffer(name, out)
+
+    def write_back(self):
+        for array, copy in self._copies:
+            array[...] = copy if isinstance(array, self._backend.xp.ndarray) else copy.get()

@@ -2,7 +2,7 @@
 // from the activation table) with forward(z) and derivative(z) in the compute type.
 
 // z = acc + b (b broadcast over rows); a = act(z). acc, z, a: (rows, cols) C-contiguous; b: (cols,).
-// z may be acc (in place); a == z skips the activation (the identity). A 2-D grid-stride loop:
+// z may be acc, and a may be z (in place: a overwrites z). A 2-D grid-stride loop:
 // x walks columns, y walks rows, so the bias index needs no division.
 template <typename T, typename Act>
 __global__ void bias_act(const T* acc, const T* b, T* z, T* a, long long rows, long long cols) {
@@ -15,8 +15,7 @@ __global__ void bias_act(const T* acc, const T* b, T* z, T* a, long long rows, l
             const long long i = r * cols + c;
             const T zt = store<T>(load(acc, i) + load(b, c));
             z[i] = zt;
-            // act of the stored z, as the reference computes it
-            if (a != z) a[i] = store<T>(Act::forward(static_cast<acc_t<T>>(zt)));
+            a[i] = store<T>(Act::forward(static_cast<acc_t<T>>(zt)));  // act of the stored z, as the reference
         }
     }
 }
