@@ -211,13 +211,11 @@ class Backend:
         """z = acc + b (b broadcast over rows); a = act(z). Returns (z, a).
 
         acc: (B, n); b: (n,); z_out, a_out: (B, n) or None. z_out may be acc itself (in place).
-        For the identity, a is z (a_out is not written): use the returned arrays.
+        a_out may be z_out (an in-place activation); without a_out, a is a new array.
         """
         check_rows("bias_act", self.device, acc, b, z_out=z_out, a_out=a_out)
         activation = get_activation(act)
         z = np.add(acc, b, out=z_out)
-        if act == "identity":
-            return z, z
         a = activation.forward(z)
         if a_out is None:
             return z, a

@@ -118,8 +118,7 @@ class NumbaBackend(Backend):
         check_rows("bias_act", self.device, acc, b, z_out=z_out, a_out=a_out)
         get_activation(act)  # an unknown name raises with the list of known ones
         z = np.empty(acc.shape, acc.dtype) if z_out is None else z_out
-        # the contract: for the identity, a is z (the kernel then writes z twice, the same values)
-        a = z if act == "identity" else np.empty(acc.shape, acc.dtype) if a_out is None else a_out
+        a = np.empty(acc.shape, acc.dtype) if a_out is None else a_out  # may be z: an in-place activation
         self._kernel("bias_act", acc.dtype, act)(acc, b, z, a)
         return z, a
 

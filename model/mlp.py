@@ -188,7 +188,7 @@ class MLP:
             if l < self.depth - 1:
                 inputs.append(be.bias_act(z, b, self.activation, z_out=z, a_out=ws.a[l])[1])  # z += b; a = act(z)
             else:
-                be.bias_act(z, b, "identity", z_out=z)  # the logits; the loss applies the output map
+                be.bias_act(z, b, "identity", z_out=z, a_out=z)  # the logits; the loss applies the output map
         return ForwardCache(a=inputs, z=ws.z)
 
     def backward(self, cache: ForwardCache, y) -> float:
