@@ -111,17 +111,24 @@ def _load_npz(path):
         raise DataError(f"{path}: expected a readable .npz file, got an unreadable one ({e})") from None
 
 
+def _has_header(path):
+    """Whether the first line of the CSV file at ``path`` is not all numbers (a header line)."""
+    with open(path) as file:
+        first = file.readline()
+    try:
+        [float(field) for field in first.split(",")]
+    except ValueError:
+        return bool(first.strip())
+    return False
+
+
 def _load_csv(path):
-    for header_rows in (0, 1):  # an optional header line
-        try:
-            with warnings.catch_warnings():  # an empty file: reported below, not warned about
-                warnings.simplefilter("ignore", UserWarning)
-                table = np.loadtxt(path, delimiter=",", ndmin=2, skiprows=header_rows)
-            break
-        except ValueError as e:
-            error = e
-    else:
-        raise DataError(f"{path}: expected comma-separated numbers (an optional header line), got: {error}")
+    try:
+        with warnings.catch_warnings():  # an empty file: reported below, not warned about
+            warnings.simplefilter("ignore", UserWarning)
+            table = np.loadtxt(path, delimiter=",", ndmin=2, skiprows=int(_has_header(path)))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: expected comma-separated numbers (an optional header line), got: {e}") from None
     if table.shape[1] < 2 or table.shape[0] == 0:
         raise DataError(f"{path}: expected rows of at least one feature and a label, got shape {table.shape}")
     return table[:, :-1], table[:, -1]

@@ -74,11 +74,13 @@ class _Scorer:
     def _get(self, shape):
         buffers = self._buffers.get(shape)
         if buffers is None:
-            xp, (rows, cols) = self.xp, shape
-            buffers = self._buffers[shape] = {
-                "predicted": xp.empty(rows, np.int64), "target": xp.empty(rows, np.int64),
-                "hit": xp.empty(rows, bool), "above": xp.empty(shape, bool), "target_above": xp.empty(shape, bool),
-            }
+            xp, rows = self.xp, shape[0]
+            buffers = {"hit": xp.empty(rows, bool)}
+            if self.kind == "argmax":
+                buffers.update(predicted=xp.empty(rows, np.int64), target=xp.empty(rows, np.int64))
+            else:
+                buffers.update(above=xp.empty(shape, bool), target_above=xp.empty(shape, bool))
+            self._buffers[shape] = buffers
         return buffers
 
     def count(self, logits, targets) -> int:

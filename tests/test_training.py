@@ -99,10 +99,21 @@ def test_fit_continues_with_the_optimizer_state(backend_name, rng):
     assert np.array_equal(to_numpy(once.params), to_numpy(twice.params))
 
 
+@pytest.fixture
+def fixed_threads(backend_name):
+    """On numba, a fixed thread count (2, or fewer if fewer are available) for the test, restored after."""
+    if backend_name != "numba":
+        yield
+        return
+    numba = pytest.importorskip("numba")
+    previous = numba.get_num_threads()
+    numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+    yield
+    numba.set_num_threads(previous)
+
+
+@pytest.mark.usefixtures("fixed_threads")
 def test_same_seed_gives_bitwise_identical_weights(backend_name, rng):
-    if backend_name == "numba":
-        numba = pytest.importorskip("numba")
-        numba.set_num_threads(1)
     X, y = blobs(rng, 100)
 
     def trained(seed):
