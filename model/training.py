@@ -152,6 +152,8 @@ def predict_proba(net, X, chunk_size=DEFAULT_CHUNK):
     for start, stop, logits in _forward_chunks(net, X, chunk_size):
         if output == "softmax":
             be.softmax(logits, out=out[start:stop])
+        elif output == "identity":
+            out[start:stop] = logits
         else:
             be.bias_act(logits, zero_bias, output, z_out=logits, a_out=out[start:stop])
     return out
