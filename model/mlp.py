@@ -26,6 +26,7 @@ from deltaprop.backend import get_backend
 from deltaprop.errors import NonFiniteLossError
 from deltaprop.kernels.activations import get_activation
 from deltaprop.kernels.dtypes import resolve_dtype
+from deltaprop.model import io, training
 from deltaprop.model.losses import get_loss
 
 _WORKSPACES_KEPT = 4  # batch sizes whose buffers stay allocated (full and last partial batch of a fit, eval)
@@ -93,6 +94,7 @@ class MLP:
         self.weights, self.biases = self._views(self.params)
         self.grad_weights, self.grad_biases = self._views(self.grads)
         self._workspaces: OrderedDict[int, _Workspace] = OrderedDict()
+        self.optimizer = None  # the Optimizer of the last fit (or of a loaded checkpoint), with its state
 
     # ---- layout and initialisation ----
 
@@ -228,3 +230,45 @@ class MLP:
         loss = self._backward(self._forward(x), self._targets(y, x.shape[0]))
         self.backend.sgd_update(self.params, self.grads, lr)
         return loss
+
+    # ---- training, inference and checkpoints (model/training.py, model/io.py) ----
+
+    def fit(self, X, y, epochs=10, batch_size=32, optimizer=None, lr=None, schedule=None, validation_data=None,
+            patience=None, shuffle=True, seed=None, progress=None, callback=None) -> training.History:
+        """Trains on X (N, n0) and y (int labels (N,) or targets (N, n_L)) by minibatches; returns a History.
+
+        optimizer: "adam", "adamw", "sgd", "momentum" (torch.optim's defaults; ``lr`` overrides the
+        default learning rate, ``schedule`` is "constant", "step", "cosine" or a schedule object) or an
+        Optimizer; None carries on with ``self.optimizer`` (left by the last fit or a loaded checkpoint)
+        when there is one and no lr/schedule is given, else starts Adam. validation_data: (X_val, y_val),
+        evaluated after each epoch. patience: stop after that many epochs without a lower validation
+        loss (training loss without validation_data) and restore the best weights. shuffle: a new
+        order each epoch, drawn from default_rng(seed), seed defaulting to the network's seed.
+        progress: a tqdm bar on stderr (None: on iff stderr is a terminal). callback(epoch, logs):
+        called after each epoch (1-based) with that epoch's metrics.
+        """
+        return training.fit(self, X, y, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
+                            schedule=schedule, validation_data=validation_data, patience=patience,
+                            shuffle=shuffle, seed=seed, progress=progress, callback=callback)
+
+    def predict(self, X, chunk_size=training.DEFAULT_CHUNK):
+        """Class labels (N,) for softmax cross-entropy, 0/1 (N, n_L) for sigmoid cross-entropy, outputs
+        (N, n_L) for mse; arrays of the backend, computed chunk by chunk."""
+        return training.predict(self, X, chunk_size)
+
+    def predict_proba(self, X, chunk_size=training.DEFAULT_CHUNK):
+        """The loss's output map of the logits (softmax, sigmoid or identity), (N, n_L) on the backend."""
+        return training.predict_proba(self, X, chunk_size)
+
+    def evaluate(self, X, y, chunk_size=training.DEFAULT_CHUNK) -> training.Evaluation:
+        """(loss, accuracy) over X (N, n0) and y; accuracy is None for mse."""
+        return training.evaluate(self, X, y, chunk_size)
+
+    def save(self, path) -> None:
+        """Writes the network and its optimizer state to ``path`` (.npz), atomically."""
+        io.save(self, path)
+
+    @classmethod
+    def load(cls, path, backend="auto") -> MLP:
+        """The network saved at ``path``, on ``backend``; CheckpointError if the file is not a valid checkpoint."""
+        return io.load(cls, path, backend=backend)

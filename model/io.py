@@ -1,0 +1,175 @@
+"""Checkpoints: an MLP (and its optimizer) in one .npz file, written atomically, read back with every check.
+
+Keys of format version 1 (all plain arrays; nothing is pickled):
+
+    magic              "deltaprop-checkpoint"            marks the file as ours
+    format_version     1
+    sizes              int64 (L+1,)                      layer widths, input first
+    activation, loss, dtype                              names (str)
+    seed               int64 (); -1 when the network had none
+    params             (P,) in ``dtype``                 the flat parameter buffer (W[l] row-major, then b[l], per layer)
+    optimizer          str; "" when the network has none
+    optimizer_hyper    JSON of the hyper-parameters; optimizer_schedule: JSON of the schedule
+    optimizer_step     int64 ()                          updates made so far
+    state/<name>       (P,) in ``dtype``                 each flat state buffer (velocity, m, v)
+
+``save`` writes to a temporary file in the target's directory, flushes it to disk and renames it over
+the target (``os.replace``), so a crash never leaves a half-written checkpoint at ``path``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+import zlib
+
+import numpy as np
+
+from deltaprop.errors import CheckpointError
+from deltaprop.model.optim import OPTIMIZERS, get_schedule, schedule_spec
+
+MAGIC = "deltaprop-checkpoint"
+FORMAT_VERSION = 1
+_REQUIRED = ("format_version", "sizes", "activation", "loss", "dtype", "seed", "params", "optimizer",
+             "optimizer_hyper", "optimizer_schedule", "optimizer_step")
+
+
+def save(net, path) -> None:
+    """Writes ``net`` (and ``net.optimizer``, when it has one) to ``path`` as .npz, atomically."""
+    backend = net.backend
+    optimizer = net.optimizer
+    arrays = {
+        "magic": np.array(MAGIC),
+        "format_version": np.array(FORMAT_VERSION, np.int64),
+        "sizes": np.array(net.sizes, np.int64),
+        "activation": np.array(net.activation),
+        "loss": np.array(net.loss),
+        "dtype": np.array(net.dtype.name),
+        "seed": np.array(-1 if net.seed is None else int(net.seed), np.int64),
+        "params": backend.to_numpy(net.params),
+        "optimizer": np.array(optimizer.name if optimizer else ""),
+        "optimizer_hyper": np.array(json.dumps(optimizer.hyper if optimizer else {})),
+        "optimizer_schedule": np.array(json.dumps(schedule_spec(optimizer.schedule) if optimizer else {})),
+        "optimizer_step": np.array(optimizer.step_count if optimizer else 0, np.int64),
+    }
+    for key, buffer in (optimizer.state.items() if optimizer else ()):
+        arrays[f"state/{key}"] = backend.to_numpy(buffer)
+    path = os.fspath(path)
+    handle, temporary = tempfile.mkstemp(prefix=".deltaprop-", suffix=".tmp", dir=os.path.dirname(path) or ".")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            np.savez(file, **arrays)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def _read_all(path) -> dict:
+    """Every array of the .npz at ``path``, read now (so that a truncated member fails here)."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path!r}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {key: npz[key] for key in npz.files}
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"checkpoint {path!r}: expected a readable .npz file, got a truncated or corrupt "
+                              f"one ({type(e).__name__}: {e})") from e
+
+
+def _text(arrays, key, path):
+    value = arrays[key]
+    if value.shape != () or value.dtype.kind != "U":
+        raise CheckpointError(f"checkpoint {path!r}: {key}: expected a string, got {value.dtype} of shape {value.shape}")
+    return str(value)
+
+
+def _integer(arrays, key, path):
+    value = arrays[key]
+    if value.shape != () or value.dtype.kind not in "iu":
+        raise CheckpointError(f"checkpoint {path!r}: {key}: expected an integer, got {value.dtype} of shape {value.shape}")
+    return int(value)
+
+
+def _json(arrays, key, path):
+    try:
+        value = json.loads(_text(arrays, key, path))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"checkpoint {path!r}: {key}: expected JSON, got {str(arrays[key])[:60]!r} ({e})") from e
+    if not isinstance(value, dict):
+        raise CheckpointError(f"checkpoint {path!r}: {key}: expected a JSON object, got {value!r}")
+    return value
+
+
+def _flat(arrays, key, path, size, dtype):
+    value = arrays[key]
+    if value.shape != (size,) or value.dtype != dtype:
+        raise CheckpointError(f"checkpoint {path!r}: {key}: expected {dtype} of shape ({size},) for these sizes, "
+                              f"got {value.dtype} of shape {value.shape}")
+    if not np.isfinite(value).all():
+        raise CheckpointError(f"checkpoint {path!r}: {key}: expected finite values, got NaN or inf "
+                              f"in {int((~np.isfinite(value)).sum())} of {size}")
+    return value
+
+
+def _optimizer(arrays, path, size, dtype):
+    """The saved optimizer with its hyper-parameters, schedule, step count and host state; None if none."""
+    name = _text(arrays, "optimizer", path)
+    if not name:
+        return None
+    if name not in OPTIMIZERS:
+        raise CheckpointError(f"checkpoint {path!r}: optimizer: expected one of {sorted(OPTIMIZERS)}, got {name!r}")
+    schedule = dict(_json(arrays, "optimizer_schedule", path))
+    try:
+        optimizer = OPTIMIZERS[name](schedule=get_schedule(schedule.pop("name", None), **schedule),
+                                     **_json(arrays, "optimizer_hyper", path))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path!r}: optimizer {name!r}: {e}") from e
+    optimizer.step_count = _integer(arrays, "optimizer_step", path)
+    if optimizer.step_count < 0:
+        raise CheckpointError(f"checkpoint {path!r}: optimizer_step: expected >= 0, got {optimizer.step_count}")
+    expected = {f"state/{key}" for key in optimizer.state_names()}
+    found = {key for key in arrays if key.startswith("state/")}
+    if found != expected:
+        raise CheckpointError(f"checkpoint {path!r}: optimizer {name!r} state: expected {sorted(expected)}, "
+                              f"got {sorted(found)}")
+    optimizer.state = {key[len("state/"):]: _flat(arrays, key, path, size, dtype) for key in sorted(expected)}
+    return optimizer
+
+
+def load(cls, path, backend="auto"):
+    """The network saved at ``path``, on ``backend``, with its optimizer (state on that backend), if any.
+
+    Raises CheckpointError, naming the file and what is wrong, for a missing, truncated, corrupt,
+    foreign, newer-format or inconsistent file.
+    """
+    path = os.fspath(path)
+    arrays = _read_all(path)
+    if "magic" not in arrays or arrays["magic"].dtype.kind != "U" or str(arrays["magic"]) != MAGIC:
+        raise CheckpointError(f"checkpoint {path!r}: expected a deltaprop checkpoint (key 'magic' = {MAGIC!r}), "
+                              f"got a foreign .npz with keys {sorted(arrays)[:8]}")
+    missing = [key for key in _REQUIRED if key not in arrays]
+    if missing:
+        raise CheckpointError(f"checkpoint {path!r}: expected keys {list(_REQUIRED)}, missing {missing}")
+    version = _integer(arrays, "format_version", path)
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path!r}: format_version: expected {FORMAT_VERSION}, got {version}")
+    seed = _integer(arrays, "seed", path)
+    try:
+        net = cls(arrays["sizes"].tolist(), activation=_text(arrays, "activation", path),
+                  loss=_text(arrays, "loss", path), backend=backend, dtype=_text(arrays, "dtype", path),
+                  seed=None if seed < 0 else seed)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path!r}: {e}") from e
+    params = _flat(arrays, "params", path, net.n_params, net.dtype)
+    net.params[...] = net.backend.asarray(params)
+    optimizer = _optimizer(arrays, path, net.n_params, net.dtype)
+    if optimizer is not None:
+        host_state = optimizer.state
+        optimizer.state = {key: net.backend.asarray(value) for key, value in host_state.items()}
+        net.optimizer = optimizer.bind(net.backend, net.params)
+    return net

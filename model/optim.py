@@ -1,0 +1,243 @@
+"""Optimizers over the flat parameter buffer, and learning-rate schedules: two tables looked up by name.
+
+    OPTIMIZERS   "sgd" (SGD), "momentum" (SGD with momentum 0.9, optionally Nesterov), "adam", "adamw"
+    SCHEDULES    "constant", "step" (StepLR), "cosine" (linear warm-up, then cosine annealing)
+
+Each optimizer step is one launch of the backend's update kernel (``sgd_update``, ``momentum_update``
+or ``adam_update``) over the whole flat (P,) parameter buffer, with the formulas and defaults of
+torch.optim (see those kernels' docstrings). The optimizer's state (``velocity``, or Adam's ``m`` and
+``v``) lives in flat (P,) buffers of the parameters' backend and dtype, allocated once by ``bind``;
+``step_count`` counts the updates made (Adam's bias corrections use ``step_count`` + 1 for the next).
+
+The learning rate of update t (0-based, t = ``step_count`` before the update) is
+``lr * schedule.factor(t, total_steps)``; schedules count updates, not epochs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+# ---- learning-rate schedules ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Constant:
+    """factor(t) = 1."""
+
+    name = "constant"
+
+    def factor(self, step: int, total_steps: int | None = None) -> float:
+        return 1.0
+
+
+@dataclass(frozen=True)
+class StepDecay:
+    """factor(t) = gamma ** (t // step_size), as torch.optim.lr_scheduler.StepLR stepped once per update."""
+
+    step_size: int
+    gamma: float = 0.1
+    name = "step"
+
+    def __post_init__(self):
+        check_count("step_size", self.step_size, minimum=1)
+
+    def factor(self, step: int, total_steps: int | None = None) -> float:
+        return self.gamma ** (step // self.step_size)
+
+
+@dataclass(frozen=True)
+class WarmupCosine:
+    """Linear warm-up over ``warmup_steps`` updates, factor (t + 1) / warmup_steps (torch's LinearLR
+    from 1/warmup_steps to 1); then cosine annealing from 1 to ``min_factor`` over the remaining
+    ``total_steps - warmup_steps`` updates (torch's CosineAnnealingLR with eta_min = min_factor * lr).
+    ``total_steps`` None means the number of updates the caller plans (``fit`` passes epochs x batches).
+    """
+
+    warmup_steps: int = 0
+    total_steps: int | None = None
+    min_factor: float = 0.0
+    name = "cosine"
+
+    def __post_init__(self):
+        check_count("warmup_steps", self.warmup_steps, minimum=0)
+        if self.total_steps is not None:
+            check_count("total_steps", self.total_steps, minimum=self.warmup_steps + 1)
+
+    def factor(self, step: int, total_steps: int | None = None) -> float:
+        total = self.total_steps if self.total_steps is not None else total_steps
+        if total is None:
+            raise ValueError("cosine schedule: total_steps: expected the number of planned updates, got None")
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        span = max(total - self.warmup_steps, 1)
+        progress = min(step - self.warmup_steps, span) / span
+        return self.min_factor + (1.0 - self.min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+SCHEDULES: dict[str, type] = {cls.name: cls for cls in (Constant, StepDecay, WarmupCosine)}
+
+
+def get_schedule(schedule=None, **options):
+    """A schedule from its name (with ``options`` for its fields), or a schedule passed through; None is constant."""
+    if schedule is None:
+        schedule = "constant"
+    if not isinstance(schedule, str):
+        if not hasattr(schedule, "factor"):
+            raise TypeError(f"schedule: expected one of {sorted(SCHEDULES)} or a schedule object, got {schedule!r}")
+        return schedule
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule: expected one of {sorted(SCHEDULES)}, got {schedule!r}")
+    try:
+        return SCHEDULES[schedule](**options)
+    except TypeError as e:
+        raise TypeError(f"schedule {schedule!r}: {e}") from None
+
+
+def schedule_spec(schedule) -> dict:
+    """A schedule as {"name": ..., **fields} (what a checkpoint stores)."""
+    return {"name": schedule.name, **asdict(schedule)}
+
+
+def check_count(name, value, minimum):
+    """``value`` is an int (not a bool) >= ``minimum``, else a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+
+
+# ---- optimizers -----------------------------------------------------------------------------------
+
+
+class Optimizer:
+    """Updates a flat (P,) parameter buffer in place from the flat (P,) gradient buffer.
+
+    hyper-parameters: ``defaults`` of the subclass, overridden by keyword; ``lr`` is the base learning
+    rate, which ``schedule`` (a name of SCHEDULES or a schedule object) scales per update.
+    """
+
+    name = ""
+    defaults: dict = {}
+
+    def __init__(self, lr=None, schedule=None, **hyper):
+        unknown = sorted(set(hyper) - set(self.defaults))
+        if unknown:
+            raise TypeError(f"{self.name}: unknown hyper-parameter(s) {unknown}; expected some of {sorted(self.defaults)}")
+        self.hyper = dict(self.defaults, **hyper)
+        if lr is not None:
+            self.hyper["lr"] = lr
+        for key, value in self.hyper.items():
+            if key != "nesterov" and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{self.name}: {key}: expected a finite number >= 0, got {value!r}")
+        self._check_hyper()
+        self.schedule = get_schedule(schedule)
+        self.step_count = 0
+        self.total_steps = None  # the updates the caller plans (for a cosine schedule without its own)
+        self.state: dict = {}
+        self.backend = None
+
+    def _check_hyper(self):
+        """Subclass hook: cross-field checks of ``self.hyper``."""
+
+    def state_names(self) -> tuple[str, ...]:
+        """Names of the flat state buffers this optimizer keeps beside the parameters."""
+        return ()
+
+    def bind(self, backend, params) -> Optimizer:
+        """Allocates zeroed state buffers shaped like ``params`` (flat (P,)) on ``backend``, unless the
+        ones already held match in shape and dtype (then the state carries on). Returns self."""
+        self.backend = backend
+        for key in self.state_names():
+            held = self.state.get(key)
+            if held is None or held.shape != params.shape or held.dtype != params.dtype:
+                self.state[key] = backend.zeros(params.shape, params.dtype)
+        return self
+
+    def current_lr(self) -> float:
+        """The learning rate the next update uses."""
+        return self.hyper["lr"] * self.schedule.factor(self.step_count, self.total_steps)
+
+    def step(self, params, grads) -> None:
+        """One update of ``params`` from ``grads`` (flat (P,) buffers of the bound backend), in place."""
+        if self.backend is None:
+            raise RuntimeError(f"{self.name}: call bind(backend, params) before step()")
+        lr = self.current_lr()
+        self.step_count += 1
+        self._update(params, grads, lr)
+
+    def _update(self, params, grads, lr):
+        raise NotImplementedError
+
+    def __repr__(self):
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.hyper.items())
+        return f"{type(self).__name__}({fields}, schedule={self.schedule!r}, step_count={self.step_count})"
+
+
+class SGD(Optimizer):
+    """torch.optim.SGD (dampening 0): plain, or with momentum (then optionally Nesterov)."""
+
+    name = "sgd"
+    defaults = {"lr": 1e-3, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0}
+
+    def _check_hyper(self):
+        if self.hyper["nesterov"] and self.hyper["momentum"] <= 0:
+            raise ValueError(f"{self.name}: nesterov: expected momentum > 0 with nesterov=True, "
+                             f"got momentum={self.hyper['momentum']!r}")
+
+    def state_names(self):
+        return ("velocity",) if self.hyper["momentum"] else ()
+
+    def _update(self, params, grads, lr):
+        h = self.hyper
+        if h["momentum"]:
+            self.backend.momentum_update(params, grads, self.state["velocity"], lr, momentum=h["momentum"],
+                                         nesterov=bool(h["nesterov"]), weight_decay=h["weight_decay"])
+        else:
+            self.backend.sgd_update(params, grads, lr, weight_decay=h["weight_decay"])
+
+
+class Momentum(SGD):
+    """SGD with momentum 0.9 by default (torch.optim.SGD(momentum=0.9)); ``nesterov=True`` for Nesterov."""
+
+    name = "momentum"
+    defaults = dict(SGD.defaults, momentum=0.9)
+
+
+class Adam(Optimizer):
+    """torch.optim.Adam: L2 weight decay added to the gradient."""
+
+    name = "adam"
+    defaults = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0}
+    decoupled = False
+
+    def state_names(self):
+        return ("m", "v")
+
+    def _update(self, params, grads, lr):
+        h = self.hyper
+        self.backend.adam_update(params, grads, self.state["m"], self.state["v"], self.step_count, lr=lr,
+                                 beta1=h["beta1"], beta2=h["beta2"], eps=h["eps"],
+                                 weight_decay=h["weight_decay"], decoupled=self.decoupled)
+
+
+class AdamW(Adam):
+    """torch.optim.AdamW: decoupled weight decay (params *= 1 - lr * weight_decay), default 1e-2."""
+
+    name = "adamw"
+    defaults = dict(Adam.defaults, weight_decay=1e-2)
+    decoupled = True
+
+
+OPTIMIZERS: dict[str, type[Optimizer]] = {cls.name: cls for cls in (SGD, Momentum, Adam, AdamW)}
+
+
+def get_optimizer(optimizer, lr=None, schedule=None) -> Optimizer:
+    """A new optimizer from its name (``lr`` and ``schedule`` apply), or an Optimizer passed through
+    (then ``lr`` and ``schedule`` must be None: they belong to the Optimizer already)."""
+    if isinstance(optimizer, Optimizer):
+        if lr is not None or schedule is not None:
+            raise ValueError(f"lr/schedule: expected None with an Optimizer instance ({optimizer!r} has its own), "
+                             f"got lr={lr!r}, schedule={schedule!r}")
+        return optimizer
+    if not isinstance(optimizer, str) or optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer: expected one of {sorted(OPTIMIZERS)} or an Optimizer, got {optimizer!r}")
+    return OPTIMIZERS[optimizer](lr=lr, schedule=schedule)

@@ -1,0 +1,287 @@
+"""The fit loop, and chunked inference (predict, predict_proba, evaluate) for an MLP.
+
+Shapes: X is (N, n0), one sample per row; y is int labels (N,) or a target matrix (N, n_L).
+Inputs may be NumPy arrays, arrays of the network's backend (CuPy on the GPU backend) or any DLPack
+producer on the same device (a torch CPU tensor); they are converted to the network's dtype once.
+
+``fit`` converts the training set once, and per epoch gathers a shuffled copy into buffers allocated
+once per fit, so that each step works on contiguous row slices: a step allocates nothing beyond what
+the network's own forward/backward pass and the optimizer's update kernel need. The running training
+accuracy is counted in buffers kept per batch size. Inference runs in chunks of ``chunk_size`` rows so
+that predicting on a large X needs workspaces of one chunk only.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+
+from deltaprop.backend.base import check_label_range
+from deltaprop.model.losses import get_loss
+from deltaprop.model.optim import check_count, get_optimizer
+
+DEFAULT_CHUNK = 4096  # rows per forward pass in predict/predict_proba/evaluate
+
+
+@dataclass
+class History:
+    """Per-epoch metrics of a fit, one entry per epoch run.
+
+    loss: mean training loss over the epoch's batches (weighted by batch size), before each update;
+    accuracy: running training accuracy over the epoch (classifier losses, and sigmoid cross-entropy
+    as exact-match accuracy of the thresholded rows; empty for mse); val_loss, val_accuracy: on
+    ``validation_data`` after each epoch (empty without it). best_epoch: the epoch (1-based) whose
+    weights early stopping restored; stopped_epoch: the epoch after which it stopped (None if it ran on).
+    """
+
+    loss: list = field(default_factory=list)
+    accuracy: list = field(default_factory=list)
+    val_loss: list = field(default_factory=list)
+    val_accuracy: list = field(default_factory=list)
+    best_epoch: int | None = None
+    stopped_epoch: int | None = None
+
+    @property
+    def epochs(self) -> int:
+        return len(self.loss)
+
+
+class Evaluation(NamedTuple):
+    """The mean loss over the samples, and the accuracy (None for a loss without one, mse)."""
+
+    loss: float
+    accuracy: float | None
+
+
+class _Scorer:
+    """Counts the correct predictions of a batch of logits (B, C) against its targets, in buffers kept
+    per batch shape, so that counting allocates nothing after the first call at a shape.
+
+    Classifier losses: argmax of the logits against the labels (or the argmax of probability rows).
+    Sigmoid cross-entropy: a row is correct when every thresholded logit (z > 0) matches its target (> 0.5).
+    """
+
+    def __init__(self, backend, loss_name):
+        loss = get_loss(loss_name)
+        self.kind = "argmax" if loss.classifier else ("threshold" if loss.output == "sigmoid" else None)
+        self.xp = backend.xp
+        self._buffers: dict = {}
+
+    def _get(self, shape):
+        buffers = self._buffers.get(shape)
+        if buffers is None:
+            xp, rows = self.xp, shape[0]
+            buffers = {"hit": xp.empty(rows, bool)}
+            if self.kind == "argmax":
+                buffers.update(predicted=xp.empty(rows, np.int64), target=xp.empty(rows, np.int64))
+            else:
+                buffers.update(above=xp.empty(shape, bool), target_above=xp.empty(shape, bool))
+            self._buffers[shape] = buffers
+        return buffers
+
+    def count(self, logits, targets) -> int:
+        xp, buf = self.xp, self._get(tuple(logits.shape))
+        if self.kind == "argmax":
+            xp.argmax(logits, axis=1, out=buf["predicted"])
+            if targets.ndim == 2:
+                targets = xp.argmax(targets, axis=1, out=buf["target"])
+            xp.equal(buf["predicted"], targets, out=buf["hit"])
+        else:
+            xp.greater(logits, 0, out=buf["above"])
+            xp.greater(targets, 0.5, out=buf["target_above"])
+            xp.equal(buf["above"], buf["target_above"], out=buf["above"])
+            xp.all(buf["above"], axis=1, out=buf["hit"])
+        return int(xp.count_nonzero(buf["hit"]))
+
+
+# ---- inputs ---------------------------------------------------------------------------------------
+
+
+def _rows(x, name, width):
+    """``x`` as an array that slices by rows without a copy, checked to be (N, width) with N >= 1."""
+    if not (hasattr(x, "shape") and hasattr(x, "__getitem__")):
+        x = np.from_dlpack(x) if hasattr(x, "__dlpack__") else np.asarray(x)
+    shape = tuple(int(s) for s in x.shape)
+    if len(shape) != 2 or shape[1] != width or shape[0] == 0:
+        raise ValueError(f"{name}: expected a non-empty 2-D array of shape (n_samples, {width}), got shape {shape}")
+    return x
+
+
+def _dataset(net, X, y, name="X"):
+    """X (N, n0) and y as arrays of the network's backend and dtype, converted once; labels checked in range.
+
+    For sigmoid cross-entropy, int labels become one-hot rows (so that accuracy compares whole rows).
+    """
+    X = net._inputs(_rows(X, name, net.sizes[0]))
+    y = net._targets(y, X.shape[0])
+    loss = get_loss(net.loss)
+    if y.ndim == 1:
+        check_label_range(loss.kernel, y, net.sizes[-1], net.backend.xp)
+        if loss.output == "sigmoid":
+            onehot = net.backend.zeros((X.shape[0], net.sizes[-1]), net.dtype)
+            onehot[net.backend.xp.arange(X.shape[0]), y] = 1
+            y = onehot
+    return X, y
+
+
+def _chunks(total, size):
+    for start in range(0, total, size):
+        yield start, min(start + size, total)
+
+
+def _forward_chunks(net, X, chunk_size):
+    """(start, stop, logits) for consecutive row chunks of X; the logits live in the network's workspace."""
+    check_count("chunk_size", chunk_size, minimum=1)
+    for start, stop in _chunks(X.shape[0], chunk_size):
+        yield start, stop, net._forward(net._inputs(X[start:stop])).logits
+
+
+# ---- inference ------------------------------------------------------------------------------------
+
+
+def predict_proba(net, X, chunk_size=DEFAULT_CHUNK):
+    """The loss's output map of the logits: softmax rows, sigmoids, or the outputs (identity). (N, n_L)."""
+    X = _rows(X, "X", net.sizes[0])
+    be, output = net.backend, get_loss(net.loss).output
+    out = be.empty((X.shape[0], net.sizes[-1]), net.dtype)
+    zero_bias = be.zeros((net.sizes[-1],), net.dtype)
+    for start, stop, logits in _forward_chunks(net, X, chunk_size):
+        if output == "softmax":
+            be.softmax(logits, out=out[start:stop])
+        elif output == "identity":
+            out[start:stop] = logits
+        else:
+            be.bias_act(logits, zero_bias, output, z_out=logits, a_out=out[start:stop])
+    return out
+
+
+def predict(net, X, chunk_size=DEFAULT_CHUNK):
+    """Class labels int64 (N,) for a classifier loss; 0/1 int64 (N, n_L) for sigmoid cross-entropy
+    (sigmoid(z) > 0.5); the outputs (N, n_L) otherwise. Arrays of the network's backend."""
+    loss = get_loss(net.loss)
+    if not loss.classifier and loss.output != "sigmoid":
+        return predict_proba(net, X, chunk_size)
+    X = _rows(X, "X", net.sizes[0])
+    xp = net.backend.xp
+    out = xp.empty((X.shape[0],) if loss.classifier else (X.shape[0], net.sizes[-1]), np.int64)
+    for start, stop, logits in _forward_chunks(net, X, chunk_size):
+        if loss.classifier:
+            xp.argmax(logits, axis=1, out=out[start:stop])
+        else:
+            xp.greater(logits, 0, out=out[start:stop])
+    return out
+
+
+def _evaluate_converted(net, X, y, scorer, chunk_size):
+    kernel = getattr(net.backend, get_loss(net.loss).kernel)
+    loss_sum, hits = 0.0, 0
+    for start, stop, logits in _forward_chunks(net, X, chunk_size):
+        loss_sum += float(kernel(logits, y[start:stop])) * (stop - start)
+        if scorer.kind:
+            hits += scorer.count(logits, y[start:stop])
+    n = X.shape[0]
+    return Evaluation(loss_sum / n, hits / n if scorer.kind else None)
+
+
+def evaluate(net, X, y, chunk_size=DEFAULT_CHUNK) -> Evaluation:
+    """The mean loss over the N samples and the accuracy (None for mse), in chunks of ``chunk_size`` rows."""
+    X, y = _dataset(net, X, y)
+    return _evaluate_converted(net, X, y, _Scorer(net.backend, net.loss), chunk_size)
+
+
+# ---- fit ------------------------------------------------------------------------------------------
+
+
+def _progress_bar(progress, epochs):
+    if progress is None:
+        progress = sys.stderr.isatty()
+    if not progress:
+        return None
+    from tqdm import tqdm  # imported only when a bar is shown
+
+    return tqdm(total=epochs, unit="epoch", file=sys.stderr, dynamic_ncols=True)
+
+
+class _EarlyStopping:
+    """Watches a value to minimise; keeps a copy of the best parameters; says when patience ran out."""
+
+    def __init__(self, net, patience):
+        check_count("patience", patience, minimum=1)
+        self.patience, self.best, self.best_epoch, self.waited = patience, math.inf, None, 0
+        self.best_params = net.backend.empty(net.params.shape, net.dtype)
+
+    def should_stop(self, net, epoch, value) -> bool:
+        if value < self.best:
+            self.best, self.best_epoch, self.waited = value, epoch, 0
+            self.best_params[...] = net.params
+            return False
+        self.waited += 1
+        return self.waited >= self.patience
+
+
+def fit(net, X, y, epochs=10, batch_size=32, optimizer=None, lr=None, schedule=None, validation_data=None,
+        patience=None, shuffle=True, seed=None, progress=None, callback=None) -> History:
+    """Trains ``net`` on X (N, n0) and y (labels (N,) or targets (N, n_L)) for ``epochs`` passes of
+    minibatches of ``batch_size`` rows (the last one may be smaller). See ``MLP.fit`` for the arguments.
+    """
+    check_count("epochs", epochs, minimum=1)
+    check_count("batch_size", batch_size, minimum=1)
+    be, xp = net.backend, net.backend.xp
+    X, y = _dataset(net, X, y)
+    if validation_data is not None:
+        if not (isinstance(validation_data, (tuple, list)) and len(validation_data) == 2):
+            raise TypeError(f"validation_data: expected a pair (X_val, y_val), got {type(validation_data).__name__}")
+        X_val, y_val = _dataset(net, *validation_data, name="validation_data X")
+    if optimizer is None and lr is None and schedule is None and net.optimizer is not None:
+        optimizer = net.optimizer  # carry on with the state of the last fit (or of a loaded checkpoint)
+    optimizer = get_optimizer("adam" if optimizer is None else optimizer, lr, schedule)
+    net.optimizer = optimizer.bind(be, net.params)
+    n = X.shape[0]
+    optimizer.total_steps = optimizer.step_count + epochs * -(-n // batch_size)
+    stopper = _EarlyStopping(net, patience) if patience is not None else None
+    scorer = _Scorer(be, net.loss)
+    rng = np.random.default_rng(net.seed if seed is None else seed)
+    X_epoch, y_epoch = (be.empty(X.shape, X.dtype), be.empty(y.shape, y.dtype)) if shuffle else (X, y)
+    history, bar = History(), _progress_bar(progress, epochs)
+    try:
+        for epoch in range(1, epochs + 1):
+            if shuffle:
+                order = be.asarray(rng.permutation(n))
+                xp.take(X, order, axis=0, out=X_epoch)
+                xp.take(y, order, axis=0, out=y_epoch)
+            loss_sum, hits = 0.0, 0
+            for start, stop in _chunks(n, batch_size):
+                targets = y_epoch[start:stop]
+                cache = net._forward(X_epoch[start:stop])
+                if scorer.kind:
+                    hits += scorer.count(cache.logits, targets)
+                loss_sum += net._backward(cache, targets) * (stop - start)
+                optimizer.step(net.params, net.grads)
+            logs = {"loss": loss_sum / n}
+            if scorer.kind:
+                logs["accuracy"] = hits / n
+            if validation_data is not None:
+                logs["val_loss"], val_accuracy = _evaluate_converted(net, X_val, y_val, scorer, DEFAULT_CHUNK)
+                if scorer.kind:
+                    logs["val_accuracy"] = val_accuracy
+            for key, value in logs.items():
+                getattr(history, key).append(value)
+            if bar is not None:
+                bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()}, refresh=False)
+                bar.update()
+            if callback is not None:
+                callback(epoch, logs)
+            if stopper is not None and stopper.should_stop(net, epoch, logs.get("val_loss", logs["loss"])):
+                history.stopped_epoch = epoch
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+    if stopper is not None and stopper.best_epoch is not None:
+        net.params[...] = stopper.best_params
+        history.best_epoch = stopper.best_epoch
+    return history

@@ -1,0 +1,162 @@
+"""Checkpoints: round trips across backends, atomic writes, and a clear refusal of every bad file."""
+
+import os
+
+import numpy as np
+import pytest
+from conftest import TOLERANCE, rel_err
+
+from deltaprop.backend import to_numpy
+from deltaprop.errors import CheckpointError
+from deltaprop.kernels import reference
+from deltaprop.model import MLP, io
+
+
+@pytest.fixture
+def data(rng):
+    return rng.standard_normal((40, 6)), rng.integers(0, 4, 40)
+
+
+@pytest.fixture
+def trained(data):
+    net = MLP([6, 10, 4], activation="tanh", backend="numpy", dtype="float64", seed=0)
+    net.fit(*data, epochs=2, batch_size=8, optimizer="adamw", lr=0.01, schedule="cosine", progress=False)
+    return net
+
+
+@pytest.fixture
+def saved(trained, tmp_path):
+    path = tmp_path / "net.npz"
+    trained.save(path)
+    return path
+
+
+def test_round_trip_keeps_everything(trained, saved):
+    loaded = MLP.load(saved, backend="numpy")
+    assert (loaded.sizes, loaded.activation, loaded.loss, loaded.dtype, loaded.seed) == (
+        [6, 10, 4], "tanh", "softmax_cross_entropy", np.dtype("float64"), 0)
+    assert np.array_equal(loaded.params, trained.params)
+    assert loaded.weights[1].base is loaded.params  # still views of the flat buffer
+    opt, saved_opt = loaded.optimizer, trained.optimizer
+    assert (opt.name, opt.hyper, opt.schedule, opt.step_count) == ("adamw", saved_opt.hyper, saved_opt.schedule, 10)
+    for key in ("m", "v"):
+        assert np.array_equal(opt.state[key], saved_opt.state[key])
+
+
+def test_training_resumes_from_a_checkpoint_exactly(trained, saved, data):
+    """Saving and loading in the middle of training changes nothing: same weights after more epochs."""
+    loaded = MLP.load(saved, backend="numpy")
+    for net in (trained, loaded):
+        net.fit(*data, epochs=2, batch_size=8, shuffle=False, progress=False)
+    assert np.array_equal(loaded.params, trained.params)
+
+
+def test_saved_on_numpy_loads_on_every_backend(trained, saved, backend_name, data, dtype, tmp_path):
+    """Same classes, and probabilities within the dtype's tolerance of the float64 reference."""
+    X = data[0]
+    net = MLP([6, 10, 4], activation="tanh", backend="numpy", dtype=dtype, seed=0)
+    net.params[...] = trained.params.astype(dtype)
+    path = tmp_path / f"net-{dtype}.npz"
+    net.save(path)
+    loaded = MLP.load(path, backend=backend_name)
+    assert loaded.backend.name == backend_name and loaded.dtype == dtype
+    zs, _ = reference.forward(*[[to_numpy(a) for a in arrays] for arrays in (net.weights, net.biases)],
+                              X.astype(dtype), "tanh")
+    assert rel_err(loaded.predict_proba(X), reference.softmax(zs[-1])) <= TOLERANCE[dtype.name]
+    assert np.array_equal(to_numpy(loaded.predict(X)), to_numpy(net.predict(X)))
+
+
+def test_network_without_optimizer_round_trips(tmp_path):
+    net = MLP([3, 2], loss="mse", backend="numpy", seed=None)
+    net.save(tmp_path / "plain.npz")
+    loaded = MLP.load(tmp_path / "plain.npz", backend="numpy")
+    assert loaded.optimizer is None and loaded.seed is None and loaded.loss == "mse"
+    assert np.array_equal(loaded.params, net.params)
+
+
+def test_save_is_atomic(trained, saved, monkeypatch):
+    """A save that fails half-way leaves the previous file intact and no temporary file behind."""
+    before = saved.read_bytes()
+
+    def crash(file, **arrays):
+        file.write(b"PK\x03\x04 half a zip")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "savez", crash)
+    with pytest.raises(OSError, match="disk full"):
+        trained.save(saved)
+    assert saved.read_bytes() == before
+    assert os.listdir(saved.parent) == ["net.npz"]
+
+
+# ---- refusals -----------------------------------------------------------------------------------------
+
+
+def rewrite(saved, tmp_path, **changes):
+    """A copy of the checkpoint at ``saved`` with keys replaced (or removed, for a value of None)."""
+    with np.load(saved) as npz:
+        arrays = {key: npz[key] for key in npz.files}
+    for key, value in changes.items():
+        if value is None:
+            arrays.pop(key)
+        else:
+            arrays[key] = value
+    path = tmp_path / "changed.npz"
+    np.savez(path, **arrays)
+    return path
+
+
+BAD_CHANGES = {
+    "wrong version": (dict(format_version=np.array(2)), r"format_version: expected 1, got 2"),
+    "params too short": (dict(params=np.zeros(10)), r"params: expected float64 of shape \(114,\) for these sizes, got float64 of shape \(10,\)"),
+    "params in another dtype": (dict(params=np.zeros(114, np.float32)), r"params: expected float64 of shape \(114,\).*got float32"),
+    "sizes not matching params": (dict(sizes=np.array([6, 11, 4])), r"params: expected float64 of shape \(125,\)"),
+    "bad sizes": (dict(sizes=np.array([6])), r"sizes: expected at least two positive integer widths"),
+    "unknown activation": (dict(activation=np.array("swish")), r"activation: expected one of .*got 'swish'"),
+    "unknown dtype": (dict(dtype=np.array("int8")), r"dtype: expected one of \['float32', 'float64'\] on cpu, got int8"),
+    "missing key": (dict(loss=None), r"expected keys .*missing \['loss'\]"),
+    "non-finite weights": (dict(params=np.full(114, np.nan)), r"params: expected finite values, got NaN or inf in 114 of 114"),
+    "unknown optimizer": (dict(optimizer=np.array("lion")), r"optimizer: expected one of .*got 'lion'"),
+    "optimizer state missing": ({"state/v": None}, r"optimizer 'adamw' state: expected \['state/m', 'state/v'\], got \['state/m'\]"),
+    "optimizer state wrong size": ({"state/m": np.zeros(3)}, r"state/m: expected float64 of shape \(114,\)"),
+    "bad hyper JSON": (dict(optimizer_hyper=np.array("{lr: 1")), r"optimizer_hyper: expected JSON"),
+    "unknown hyper-parameter": (dict(optimizer_hyper=np.array('{"gamma": 1}')), r"optimizer 'adamw': adamw: unknown hyper-parameter"),
+    "negative step": (dict(optimizer_step=np.array(-1)), r"optimizer_step: expected >= 0, got -1"),
+    "step not an integer": (dict(optimizer_step=np.array(1.5)), r"optimizer_step: expected an integer, got float64"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CHANGES))
+def test_inconsistent_checkpoints_are_refused(saved, tmp_path, case):
+    changes, message = BAD_CHANGES[case]
+    with pytest.raises(CheckpointError, match=message):
+        MLP.load(rewrite(saved, tmp_path, **changes), backend="numpy")
+
+
+def test_foreign_npz_is_refused(tmp_path):
+    np.savez(tmp_path / "other.npz", X=np.zeros(3), y=np.zeros(3))
+    with pytest.raises(CheckpointError, match=r"expected a deltaprop checkpoint .*got a foreign .npz with keys \['X', 'y'\]"):
+        MLP.load(tmp_path / "other.npz")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt", "empty", "text"])
+def test_unreadable_files_are_refused(saved, damage):
+    content = saved.read_bytes()
+    middle = len(content) // 2
+    saved.write_bytes({"truncated": content[:middle],
+                       "corrupt": content[:middle] + bytes(b ^ 0xFF for b in content[middle:middle + 64]) + content[middle + 64:],
+                       "empty": b"",
+                       "text": b"not a zip at all\n"}[damage])
+    with pytest.raises(CheckpointError, match=r"expected a readable .npz file, got a truncated or corrupt one"):
+        MLP.load(saved, backend="numpy")
+
+
+def test_missing_file_is_refused(tmp_path):
+    with pytest.raises(CheckpointError, match=r"checkpoint '.*nothing.npz': no such file"):
+        MLP.load(tmp_path / "nothing.npz")
+
+
+def test_object_arrays_are_never_unpickled(saved, tmp_path):
+    path = rewrite(saved, tmp_path, activation=np.array([{"evil": 1}], dtype=object))
+    with pytest.raises(CheckpointError, match="expected a readable .npz file"):
+        io.load(MLP, path, backend="numpy")
