@@ -25,8 +25,16 @@ SUBCOMMANDS = {
 }
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """A bad flag gets one line, "deltaprop COMMAND: error: ...", and exit status 2 (argparse's default
+    prints the whole usage first). Subcommand parsers are of this class too."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(argv) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deltaprop", description=__doc__.splitlines()[0])
+    parser = OneLineErrorParser(prog="deltaprop", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"deltaprop {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     chosen = next((a for a in argv if a in SUBCOMMANDS), None)

@@ -82,11 +82,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--patience", type=_positive_int, help="early stopping on the training loss")
     parser.add_argument("--save", metavar="FILE.npz", help="write the trained network here")
 
-    def one_line_error(message):  # argparse's default prints the usage too; one line is the contract here
-        parser.exit(2, f"{parser.prog}: error: {message}\n")
-
-    parser.error = one_line_error
-
 
 # ---- data -----------------------------------------------------------------------------------------
 
