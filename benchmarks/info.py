@@ -12,24 +12,12 @@ def add_arguments(parser):
                         help="also instantiate each usable backend and print what it reports about itself")
 
 
-def blas_info() -> list[str]:
-    """One line per BLAS/OpenMP library loaded by NumPy (threadpoolctl when installed)."""
-    import numpy as np
-
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
-        config = np.show_config(mode="dicts").get("Build Dependencies", {}).get("blas", {})
-        return [f"{config.get('name', '?')} {config.get('version', '')} (threadpoolctl not installed: thread count unknown)"]
-    return [f"{pool['internal_api']} {pool.get('version') or ''} ({pool['num_threads']} threads) {pool['filepath']}"
-            for pool in threadpool_info()]
-
-
 def facts(load=False) -> dict:
     """Everything `deltaprop info` prints, as a dict."""
     import numpy as np
 
     from deltaprop import __version__
+    from deltaprop.benchmarks import machine
     from deltaprop.backend import backend_status, get_backend, registered_backends
 
     backends = {}
@@ -52,7 +40,7 @@ def facts(load=False) -> dict:
         "cpu_count": os.cpu_count(),
         "numpy": np.__version__,
         "numba": numba_facts,
-        "blas": blas_info(),
+        "blas": machine.blas(),
         "backends": backends,
         "DELTAPROP_BACKEND": os.environ.get("DELTAPROP_BACKEND"),
     }
@@ -65,8 +53,9 @@ def run(args) -> int:
     numba = f["numba"]
     print(f"numba: {numba['version'] or 'not importable: ' + numba['error']}"
           + (f" ({numba['threads']} threads, cache {numba['cache_dir']})" if numba["version"] else ""))
-    for line in f["blas"]:
-        print(f"blas: {line}")
+    for pool in f["blas"]:
+        threads = "thread count unknown (install threadpoolctl)" if pool["threads"] is None else f"{pool['threads']} threads"
+        print(f"blas: {pool['name']} {pool['version'] or ''} ({threads}, {pool['architecture'] or 'architecture unknown'})")
     print("backends:")
     for name, status in f["backends"].items():
         print(f"  {name:<6} {'usable' if status['usable'] else 'unusable: ' + status['why_not']}")
