@@ -23,12 +23,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from deltaprop.backend import get_backend
+from deltaprop.backend.base import check_label_range
 from deltaprop.errors import NonFiniteLossError
 from deltaprop.kernels.activations import get_activation
 from deltaprop.kernels.dtypes import resolve_dtype
+from deltaprop.kernels.plan import A_AT, DELTA_AT, Z_AT, step_plan
 from deltaprop.model import io, training
 from deltaprop.model.losses import get_loss
 
+_INT64 = np.dtype(np.int64)
 _WORKSPACES_KEPT = 4  # batch sizes whose buffers stay allocated (full and last partial batch of a fit, eval)
 
 
@@ -50,12 +53,27 @@ class ForwardCache:
 
 
 class _Workspace:
-    """Buffers for one batch size: z[l] and delta[l] (B, n_l) for every layer, a[l] for the hidden ones."""
+    """Buffers for one batch size: z[l] and delta[l] (B, n_l) for every layer, a[l] for the hidden ones,
+    views of one flat buffer ``work`` laid out by ``plan`` (what a backend's fused step reads)."""
 
     def __init__(self, backend, sizes, batch, dtype):
-        self.z = [backend.empty((batch, n), dtype) for n in sizes[1:]]
-        self.a = [backend.empty((batch, n), dtype) for n in sizes[1:-1]]
-        self.delta = [backend.empty((batch, n), dtype) for n in sizes[1:]]
+        self.plan, work_size = step_plan(sizes, batch)
+        self.work = backend.empty(work_size, dtype)
+
+        def views(column, layers):
+            return [self.work[at:at + batch * n].reshape(batch, n) for at, n in zip(self.plan[:, column], layers)]
+
+        self.z = views(Z_AT, sizes[1:])
+        self.a = views(A_AT, sizes[1:-1])
+        self.delta = views(DELTA_AT, sizes[1:])
+
+
+def _finite(loss):
+    """``loss``, or NonFiniteLossError when it is NaN or infinite."""
+    if not math.isfinite(loss):
+        raise NonFiniteLossError(
+            f"loss: expected a finite value, got {loss} (NaN/inf in x, or a diverging learning rate)")
+    return loss
 
 
 def _check_sizes(sizes):
@@ -201,10 +219,7 @@ class MLP:
 
     def _backward(self, cache, y):
         be, ws = self.backend, self._workspace(cache.a[0].shape[0])
-        loss = float(getattr(be, get_loss(self.loss).kernel)(cache.logits, y, delta_out=ws.delta[-1]))
-        if not math.isfinite(loss):
-            raise NonFiniteLossError(
-                f"loss: expected a finite value, got {loss} (NaN/inf in x, or a diverging learning rate)")
+        loss = _finite(float(getattr(be, get_loss(self.loss).kernel)(cache.logits, y, delta_out=ws.delta[-1])))
         for l in reversed(range(self.depth)):
             delta = ws.delta[l]
             be.gemm(delta, cache.a[l], out=self.grad_weights[l], trans_a=True)  # dW = delta.T @ a[l-1]
@@ -220,16 +235,52 @@ class MLP:
         loss = self._backward(self._forward(x), self._targets(y, x.shape[0]))
         return loss, [(dW.copy(), db.copy()) for dW, db in zip(self.grad_weights, self.grad_biases)]
 
+    # train_step runs the backend's fused step where it has one; False forces the kernel-by-kernel loop
+    use_fused_step = True
+
     def train_step(self, x, y, lr=0.01) -> float:
         """Forward, loss, backward and a plain SGD update (params -= lr * grads) in one call.
 
         Returns the mean loss before the update. Raises NonFiniteLossError, leaving the parameters
         untouched, if the loss is NaN or infinite. Allocation-free after the first call at a batch size.
+        ``grads`` is scratch here: the fused step of a small batch never writes it.
         """
-        x = self._inputs(x)
-        loss = self._backward(self._forward(x), self._targets(y, x.shape[0]))
-        self.backend.sgd_update(self.params, self.grads, lr)
-        return loss
+        step = self._fused_step() if self.use_fused_step else None
+        if step is None:
+            x = self._inputs(x)
+            loss = self._backward(self._forward(x), self._targets(y, x.shape[0]))
+            self.backend.sgd_update(self.params, self.grads, lr)
+            return loss
+        if not self._ready(x, y):  # the checks (and conversions) that arrays in the right form skip
+            x = self._inputs(x)
+            y = self._targets(y, x.shape[0])
+        batch = x.shape[0]
+        ws = self._workspace(batch)
+        total, bad_row = step(x, y, self.params, self.grads, ws.work, ws.plan, self.dtype.type(lr))
+        if bad_row >= 0:  # the step found a label outside [0, C) and changed nothing
+            check_label_range("train_step", y, self.sizes[-1])  # raises the message every backend gives
+        return _finite(float(total) / batch)
+
+    def _fused_step(self):
+        """The backend's compiled step for this network (None where it has none), looked up once."""
+        try:
+            return self._step
+        except AttributeError:
+            self._step = self.backend.fused_sgd_step(self.activation, get_loss(self.loss).kernel, self.dtype)
+            return self._step
+
+    def _ready(self, x, y):
+        """x and y are host arrays that the fused step takes as they are: x (B, n0) C-contiguous in the
+        network's dtype, y int64 labels (B,) or a C-contiguous (B, n_L) target matrix in that dtype."""
+        if not (type(x) is np.ndarray and type(y) is np.ndarray and x.dtype is self.dtype and x.ndim == 2
+                and x.flags.c_contiguous and y.flags.c_contiguous):
+            return False
+        batch, n0 = x.shape
+        if batch == 0 or n0 != self.sizes[0] or y.shape[0] != batch:
+            return False
+        if y.ndim == 1:
+            return y.dtype is _INT64
+        return y.dtype is self.dtype and y.shape == (batch, self.sizes[-1])
 
     # ---- training, inference and checkpoints (model/training.py, model/io.py) ----
 

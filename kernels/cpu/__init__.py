@@ -24,7 +24,7 @@ from functools import partial
 import numba
 import numpy as np
 
-from deltaprop.kernels.cpu import elementwise, gemm, losses, optimizers
+from deltaprop.kernels.cpu import elementwise, gemm, losses, optimizers, step
 
 JIT_OPTIONS = {"cache": True, "nogil": True, "error_model": "numpy"}
 
@@ -35,12 +35,11 @@ BUILDERS = {
     "act_backward": elementwise.build_act_backward,  # variant: (activation name,)
     "bias_grad": elementwise.build_bias_grad,
     "softmax": losses.build_softmax,
-    "softmax_xent": partial(losses.build_loss, form=losses.softmax_xent_form),
-    "sigmoid_xent": partial(losses.build_loss, form=losses.sigmoid_xent_form),
-    "squared_error": partial(losses.build_loss, form=losses.squared_error_form),
+    **{name: partial(losses.build_loss, form=form) for name, form in losses.FORMS.items()},
     "sgd_update": optimizers.build_sgd,
     "momentum_update": optimizers.build_momentum,
     "adam_update": optimizers.build_adam,
+    "sgd_step": step.build_sgd_step,  # variant: (activation name, loss kernel name)
 }
 
 _compiled: dict[tuple, numba.core.dispatcher.Dispatcher] = {}

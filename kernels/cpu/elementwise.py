@@ -39,15 +39,19 @@ def build_act_backward(T, act):
     return act_backward
 
 
-def build_bias_grad(T):
-    zero = T(0)
+@register_jitable
+def column_sums(delta, out, compensation):
+    """out[j] = sum_i delta[i, j] (compensated). delta: (B, n); out, compensation: (n,), compensation is scratch."""
+    out[:] = 0
+    compensation[:] = 0
+    for i in range(delta.shape[0]):
+        for j in range(delta.shape[1]):
+            out[j], compensation[j] = kahan_add(out[j], compensation[j], delta[i, j])
 
+
+def build_bias_grad(T):
     def bias_grad(delta, out):
         """out[j] = sum_i delta[i, j] (compensated). delta: (B, n); out: (n,)."""
-        compensation = np.zeros_like(out)
-        out[:] = zero
-        for i in range(delta.shape[0]):
-            for j in range(delta.shape[1]):
-                out[j], compensation[j] = kahan_add(out[j], compensation[j], delta[i, j])
+        column_sums(delta, out, np.empty_like(out))
 
     return bias_grad

@@ -93,6 +93,10 @@ def squared_error_form(T):
     return no_row_state, register_jitable(element)
 
 
+# loss kernel name -> its form
+FORMS = {"softmax_xent": softmax_xent_form, "sigmoid_xent": sigmoid_xent_form, "squared_error": squared_error_form}
+
+
 def build_loss(T, form):
     zero, one = T(0), T(1)
     row_state, element = form(T)

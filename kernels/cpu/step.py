@@ -1,0 +1,137 @@
+"""The whole SGD training step in one compiled call, for a network of any depth: forward, loss, backward
+and the update, with BLAS GEMMs (``np.dot(a, b, out)`` on views) and the same Numba kernels as the
+kernel-by-kernel loop, so that both paths compute the same function.
+
+Everything lives in flat buffers described by an int64 plan (``kernels.plan.step_plan``): one row per
+layer, (n_in, n_out, offset of W, offset of b in ``params``, offsets of z, a and delta in ``work``);
+the last ``max(sizes)`` elements of ``work`` are scratch. Flat buffers rather than a tuple of arrays
+per layer because Numba's dispatch costs ~0.1 µs per array argument, and one kernel serves every depth
+(no recompilation per network).
+
+Up to ``SMALL_BATCH`` rows the GEMMs with inner size B are replaced by one pass over each W that
+propagates delta through the old W and applies the outer-product update: W is read once instead of
+three times, and ``grads`` is not written. Larger batches write the gradients to ``grads`` with GEMMs
+and update each layer once its delta has been propagated.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba.extending import register_jitable
+
+from deltaprop.kernels.cpu import elementwise, losses, optimizers
+from deltaprop.kernels.plan import A_AT, B_AT, DELTA_AT, N_IN, N_OUT, W_AT, Z_AT
+
+SMALL_BATCH = 8  # at most this many rows: the outer-product update fused with delta's propagation
+
+
+@register_jitable
+def rows(flat, offset, batch, n):
+    """The (batch, n) C-contiguous view of ``flat`` starting at ``offset``."""
+    return flat[offset:offset + batch * n].reshape(batch, n)
+
+
+# The small-batch loops reassociate their sums (as BLAS does) so that LLVM vectorizes the dot products;
+# they are compiled apart, because fastmath flags pass down to inlined helpers and would undo the
+# compensated sums of the loss and the bias gradient. No nnan/ninf: NaN and inf must propagate.
+SMALL_BATCH_JIT = {"cache": True, "nogil": True, "error_model": "numpy", "fastmath": {"reassoc", "contract", "nsz", "arcp"}}
+
+
+@numba.njit(**SMALL_BATCH_JIT)
+def small_dense(a_in, W, z):
+    """z = a_in @ W.T, a dot product per element. a_in: (B, n_in); W: (n_out, n_in); z: (B, n_out)."""
+    for i in range(a_in.shape[0]):
+        a = a_in[i]
+        for j in range(W.shape[0]):
+            row = W[j]
+            total = z.dtype.type(0)
+            for k in range(row.shape[0]):
+                total += row[k] * a[k]
+            z[i, j] = total
+
+
+@numba.njit(**SMALL_BATCH_JIT)
+def small_update(W, b, delta, a_in, g, propagate, lr):
+    """g = delta @ W when ``propagate``, then W -= lr * delta.T @ a_in and b -= lr * sum(delta), in one
+    pass over the rows of W. W: (n_out, n_in); b: (n_out,); delta: (B, n_out); a_in, g: (B, n_in)."""
+    if propagate:
+        g[:] = 0
+    for j in range(W.shape[0]):
+        row = W[j]
+        db = b.dtype.type(0)
+        for i in range(delta.shape[0]):
+            d = delta[i, j]
+            db += d
+            if propagate:
+                g_i = g[i]
+                for k in range(row.shape[0]):
+                    g_i[k] += d * row[k]  # the old W: row j changes only below
+        for i in range(delta.shape[0]):
+            step = lr * delta[i, j]
+            a = a_in[i]
+            for k in range(row.shape[0]):
+                row[k] -= step * a[k]
+        b[j] -= lr * db
+
+
+def build_sgd_step(T, act, loss):
+    """The step for activation ``act`` on the hidden layers and the loss kernel ``loss`` on the last."""
+    bias_act = register_jitable(elementwise.build_bias_act(T, act))
+    bias_add = register_jitable(elementwise.build_bias_act(T, "identity"))
+    act_backward = register_jitable(elementwise.build_act_backward(T, act))
+    loss_rows = register_jitable(losses.build_loss(T, losses.FORMS[loss]))
+    sgd = register_jitable(optimizers.build_sgd(T))
+    zero, one = T(0), T(1)
+
+    def sgd_step(x, targets, params, grads, work, plan, lr):
+        """One SGD step; returns (summed loss over the batch, -1), or (0, row) for a label outside [0, C).
+
+        Nothing is updated when a label is out of range or the loss is not finite. x: (B, n0)
+        C-contiguous; targets: int labels (B,) or (B, n_L); params, grads: (P,); work: flat workspace;
+        plan: (L, 7) int64; lr: scalar of the dtype.
+        """
+        batch, depth = x.shape[0], plan.shape[0]
+        scratch = work[work.shape[0] - max(plan[0, N_IN], plan[:, N_OUT].max()):]
+        for l in range(depth):
+            n_in, n_out, w_at, b_at = plan[l, N_IN], plan[l, N_OUT], plan[l, W_AT], plan[l, B_AT]
+            a_in = x if l == 0 else rows(work, plan[l - 1, A_AT], batch, n_in)
+            z = rows(work, plan[l, Z_AT], batch, n_out)
+            W = params[w_at:b_at].reshape(n_out, n_in)
+            if batch <= SMALL_BATCH:
+                small_dense(a_in, W, z)
+            else:
+                np.dot(a_in, W.T, z)
+            if l < depth - 1:
+                bias_act(z, params[b_at:b_at + n_out], z, rows(work, plan[l, A_AT], batch, n_out))
+            else:
+                bias_add(z, params[b_at:b_at + n_out], z, z)  # the logits
+
+        last = plan[depth - 1]
+        delta = rows(work, last[DELTA_AT], batch, last[N_OUT])
+        total, bad_row = loss_rows(rows(work, last[Z_AT], batch, last[N_OUT]), targets, delta, one / T(batch))
+        if bad_row >= 0 or not math.isfinite(total):
+            return total, bad_row  # before any parameter changes
+
+        for l in range(depth - 1, -1, -1):
+            n_in, n_out, w_at, b_at = plan[l, N_IN], plan[l, N_OUT], plan[l, W_AT], plan[l, B_AT]
+            a_in = x if l == 0 else rows(work, plan[l - 1, A_AT], batch, n_in)
+            delta = rows(work, plan[l, DELTA_AT], batch, n_out)
+            W, b = params[w_at:b_at].reshape(n_out, n_in), params[b_at:b_at + n_out]
+            # delta[l-1] before act'; the input layer gets none (an empty view then)
+            g = rows(work, plan[l - 1, DELTA_AT], batch, n_in) if l > 0 else rows(work, 0, 0, n_in)
+            if batch <= SMALL_BATCH:
+                small_update(W, b, delta, a_in, g, l > 0, lr)
+            else:
+                np.dot(delta.T, a_in, grads[w_at:b_at].reshape(n_out, n_in))  # dW = delta.T @ a
+                elementwise.column_sums(delta, grads[b_at:b_at + n_out], scratch[:n_out])  # db
+                if l > 0:
+                    np.dot(delta, W, g)  # with the old W, updated just below
+                sgd(params[w_at:b_at + n_out], grads[w_at:b_at + n_out], lr, zero)
+            if l > 0:
+                act_backward(g, rows(work, plan[l - 1, Z_AT], batch, n_in), g)
+        return total, bad_row
+
+    return sgd_step

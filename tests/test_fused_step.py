@@ -1,0 +1,97 @@
+"""The fused training step (``Backend.fused_sgd_step``) against the kernel-by-kernel loop and the reference:
+the same function at every activation, loss and dtype, at batch 1, at the small-batch path's limit and
+past it (the GEMM path); its layout; and no allocation after the first step."""
+
+import tracemalloc
+
+import numpy as np
+import pytest
+from conftest import TOLERANCE, rel_err
+from test_model import host_params, targets_for
+
+from deltaprop.backend import get_backend
+from deltaprop.kernels import reference
+from deltaprop.kernels.activations import ACTIVATIONS
+from deltaprop.kernels.cpu.step import SMALL_BATCH
+from deltaprop.kernels.plan import B_AT, W_AT, step_plan
+from deltaprop.model import LOSSES, MLP
+
+BATCHES = (1, SMALL_BATCH, SMALL_BATCH + 5)  # the outer-product update, at its limit, and the GEMM path
+# every activation with one loss and every loss with two activations, in both dtypes where it is cheap:
+# each combination is a compilation of the whole step
+CASES = [(act, "softmax_cross_entropy", "float64") for act in sorted(ACTIVATIONS)] + [
+    (act, loss, dtype) for act in ("relu", "tanh") for loss in sorted(LOSSES) for dtype in ("float32", "float64")
+]
+
+
+def pair(sizes, activation, loss, dtype, seed=3):
+    """The same network twice on numba: the fused step and the kernel-by-kernel loop."""
+    fused = MLP(sizes, activation=activation, loss=loss, backend="numba", dtype=dtype, seed=seed)
+    loop = MLP(sizes, activation=activation, loss=loss, backend="numba", dtype=dtype, seed=seed)
+    loop.use_fused_step = False
+    return fused, loop
+
+
+@pytest.mark.parametrize("activation, loss, dtype", CASES)
+def test_fused_step_is_the_loop_and_the_reference(activation, loss, dtype, rng):
+    sizes = [7, 12, 9, 4]
+    fused, loop = pair(sizes, activation, loss, dtype)
+    assert fused.backend.fused_sgd_step(activation, "softmax_xent", dtype) is not None
+    weights, biases = host_params(fused)
+    batches = []
+    for batch in BATCHES:
+        for _ in range(2):
+            y = targets_for(loss, rng, batch, sizes[-1])
+            batches.append((rng.standard_normal((batch, sizes[0])).astype(dtype), y.astype(dtype) if y.ndim == 2 else y))
+    fused_losses = [fused.train_step(x, y, lr=0.1) for x, y in batches]
+    loop_losses = [loop.train_step(x, y, lr=0.1) for x, y in batches]
+    ref_w, ref_b, ref_losses = reference.sgd_steps(weights, biases, batches, activation, loss, 0.1)
+    tolerance = TOLERANCE[dtype]
+    np.testing.assert_allclose(fused_losses, ref_losses, rtol=tolerance * 10)
+    np.testing.assert_allclose(fused_losses, loop_losses, rtol=tolerance * 10)
+    for params, expected in ((fused.weights, ref_w), (fused.biases, ref_b), (fused.weights, loop.weights),
+                             (fused.biases, loop.biases)):
+        for p, e in zip(params, expected):
+            assert rel_err(p, e) <= tolerance
+
+
+def test_inputs_in_another_form_are_converted(rng):
+    """float64 x for a float32 net, int32 labels, a strided x: converted, then the same step."""
+    fused, loop = pair([5, 6, 3], "relu", "softmax_cross_entropy", "float32")
+    x = rng.standard_normal((10, 5))
+    y = rng.integers(0, 3, 10).astype(np.int32)
+    for batch in (x[::2], np.asfortranarray(x[:5]), x[:5].tolist()):
+        assert fused.train_step(batch, y[:5]) == pytest.approx(loop.train_step(batch, y[:5]), rel=1e-6)
+    assert rel_err(fused.params, loop.params) <= TOLERANCE["float32"]
+
+
+def test_plan_matches_the_parameter_views():
+    net = MLP([6, 5, 4, 3], backend="numpy", seed=0)
+    plan, work_size = step_plan(net.sizes, 7)
+    for l, (W, b) in enumerate(zip(net.weights, net.biases)):
+        assert np.shares_memory(W, net.params[plan[l, W_AT]:plan[l, B_AT]])
+        assert b.__array_interface__["data"][0] == net.params[plan[l, B_AT]:].__array_interface__["data"][0]
+    assert work_size == 7 * (5 + 4 + 3) * 2 + 7 * (5 + 4) + 6
+
+
+def test_numpy_backend_has_no_fused_step():
+    assert get_backend("numpy").fused_sgd_step("relu", "softmax_xent", "float64") is None
+
+
+@pytest.mark.parametrize("batch", [1, 64])
+def test_train_step_allocates_nothing_after_the_first(batch, rng):
+    net = MLP([20, 32, 16, 5], backend="numba", dtype="float32", seed=0)
+    x = rng.standard_normal((batch, 20)).astype(np.float32)
+    y = rng.integers(0, 5, batch)
+    net.train_step(x, y)  # compiles and allocates the workspace
+    tracemalloc.start()
+    try:
+        net.train_step(x, y)
+        before = tracemalloc.take_snapshot()
+        for _ in range(50):
+            net.train_step(x, y)
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    grown = sum(stat.size_diff for stat in after.compare_to(before, "filename") if stat.size_diff > 0)
+    assert grown < 50 * 16, f"{grown} bytes more after 50 steps"
