@@ -186,10 +186,10 @@ class Backend:
 
         activation: the hidden layers' activation; loss: the loss kernel's name ("softmax_xent",
         "sigmoid_xent", "squared_error"); dtype: the arrays' dtype. The callable,
-        ``step(x, targets, params, grads, work, plan, lr) -> (summed loss, bad_row)``, computes the same
-        function as forward, the loss kernel, backward and ``sgd_update``: x (B, n0) C-contiguous;
-        targets int64 labels (B,) or (B, n_L); params and grads the flat (P,) buffers (grads is scratch,
-        its content unspecified afterwards); work a flat workspace and plan its layout, from
+        ``step(x, targets, params, work, plan, lr) -> (summed loss, bad_row)``, computes the same
+        function as forward, the loss kernel, backward and ``sgd_update`` (the gradients themselves are
+        never stored): x (B, n0) C-contiguous; targets int64 labels (B,) or (B, n_L); params the flat
+        (P,) parameter buffer; work a flat workspace and plan its layout, from
         ``deltaprop.kernels.plan.step_plan(sizes, B)``; lr a scalar of the dtype. It returns the loss
         summed over the batch and -1, or 0 and the first row whose label is outside [0, n_L); it changes
         nothing when a label is out of range or the loss is not finite.

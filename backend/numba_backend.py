@@ -96,8 +96,7 @@ class NumbaBackend(Backend):
         plan, work_size = step_plan([4, 4, 4], 4)
         params = np.full(2 * 4 * (4 + 1), 0.1, dtype)
         step = self.fused_sgd_step("relu", "softmax_xent", dtype)
-        step(np.ones((4, 4), dtype), np.zeros(4, np.int64), params, np.empty_like(params), np.empty(work_size, dtype),
-             plan, dtype.type(0.1))
+        step(np.ones((4, 4), dtype), np.zeros(4, np.int64), params, np.empty(work_size, dtype), plan, dtype.type(0.1))
 
     def fused_sgd_step(self, activation, loss, dtype):
         get_activation(activation)

@@ -19,7 +19,7 @@ def step_plan(sizes, batch):
     (n_in, n_out, offset of W[l] and of b[l] in the flat parameter buffer (per layer: W row-major, then b),
     offsets of z[l], a[l] (-1 for the last layer, which has only logits) and delta[l] in the flat
     workspace). The workspace holds z for every layer, then a for the hidden ones, then delta for every
-    layer, each (batch, n_l) row-major, then max(sizes) elements of scratch: work_size in all.
+    layer, each (batch, n_l) row-major, then 2 * max(sizes) elements of scratch: work_size in all.
     """
     plan = np.zeros((len(sizes) - 1, 7), np.int64)
     param_at = 0
@@ -32,4 +32,4 @@ def step_plan(sizes, batch):
             plan[l, column] = work_at
             work_at += batch * int(n)
     plan[-1, A_AT] = -1
-    return plan, work_at + max(sizes)
+    return plan, work_at + 2 * max(sizes)

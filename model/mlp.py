@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from deltaprop.backend import get_backend
-from deltaprop.backend.base import check_label_range
+from deltaprop.backend.base import check_label_range, check_shape
 from deltaprop.errors import NonFiniteLossError
 from deltaprop.kernels.activations import get_activation
 from deltaprop.kernels.dtypes import resolve_dtype
@@ -243,7 +243,7 @@ class MLP:
 
         Returns the mean loss before the update. Raises NonFiniteLossError, leaving the parameters
         untouched, if the loss is NaN or infinite. Allocation-free after the first call at a batch size.
-        ``grads`` is scratch here: the fused step of a small batch never writes it.
+        The fused step of a backend that has one never stores the gradients: ``grads`` is left as it was.
         """
         step = self._fused_step() if self.use_fused_step else None
         if step is None:
@@ -254,9 +254,11 @@ class MLP:
         if not self._ready(x, y):  # the checks (and conversions) that arrays in the right form skip
             x = self._inputs(x)
             y = self._targets(y, x.shape[0])
+            if y.ndim == 2:
+                check_shape("train_step", "targets", y, (x.shape[0], self.sizes[-1]))
         batch = x.shape[0]
         ws = self._workspace(batch)
-        total, bad_row = step(x, y, self.params, self.grads, ws.work, ws.plan, self.dtype.type(lr))
+        total, bad_row = step(x, y, self.params, ws.work, ws.plan, self.dtype.type(lr))
         if bad_row >= 0:  # the step found a label outside [0, C) and changed nothing
             check_label_range("train_step", y, self.sizes[-1])  # raises the message every backend gives
         return _finite(float(total) / batch)

@@ -2,6 +2,9 @@
 the same function at every activation, loss and dtype, at batch 1, at the small-batch path's limit and
 past it (the GEMM path); its layout; and no allocation after the first step."""
 
+import os
+import subprocess
+import sys
 import tracemalloc
 
 import numpy as np
@@ -71,7 +74,7 @@ def test_plan_matches_the_parameter_views():
     for l, (W, b) in enumerate(zip(net.weights, net.biases)):
         assert np.shares_memory(W, net.params[plan[l, W_AT]:plan[l, B_AT]])
         assert b.__array_interface__["data"][0] == net.params[plan[l, B_AT]:].__array_interface__["data"][0]
-    assert work_size == 7 * (5 + 4 + 3) * 2 + 7 * (5 + 4) + 6
+    assert work_size == 7 * (5 + 4 + 3) * 2 + 7 * (5 + 4) + 2 * 6
 
 
 def test_numpy_backend_has_no_fused_step():
@@ -95,3 +98,26 @@ def test_train_step_allocates_nothing_after_the_first(batch, rng):
         tracemalloc.stop()
     grown = sum(stat.size_diff for stat in after.compare_to(before, "filename") if stat.size_diff > 0)
     assert grown < 50 * 16, f"{grown} bytes more after 50 steps"
+
+
+def test_steps_cached_by_different_processes_keep_their_own_activation(tmp_path):
+    """Each process compiles one step into the shared cache; a third loads both and each still computes its
+    own activation (the builders' closures share a qualname: their symbols must not collide)."""
+    def run(code):
+        env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+        result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        return result.stdout.split()
+
+    script = (
+        "import numpy as np; from deltaprop.model import MLP\n"
+        "for act in {acts!r}:\n"
+        "    fused, loop = (MLP([3, 4, 2], activation=act, backend='numba', dtype='float64', seed=0) for _ in 'ab')\n"
+        "    loop.use_fused_step = False\n"
+        "    x = -np.abs(np.random.default_rng(0).standard_normal((2, 3)))\n"
+        "    for net in (fused, loop):\n"
+        "        net.train_step(x, np.array([0, 1]))\n"
+        "    print(float(np.abs(fused.params - loop.params).max()))\n"
+    )
+    run(script.format(acts=("elu",)))
+    run(script.format(acts=("leaky_relu",)))
+    assert all(float(error) < 1e-12 for error in run(script.format(acts=("elu", "leaky_relu"))))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from numba.extending import register_jitable
+from numba.core import cgutils, types
+from numba.core.imputils import impl_ret_borrowed
+from numba.extending import intrinsic, register_jitable
+from numba.np.arrayobj import populate_array
 
 
 @register_jitable
@@ -32,3 +35,27 @@ def target(targets, i, j, zero, one):
     if targets.ndim == 1:
         return one if targets[i] == j else zero
     return targets[i, j]
+
+
+@intrinsic
+def rows(typingctx, flat, offset, batch, n):
+    """The (batch, n) C-contiguous view of the 1-D array ``flat`` from element ``offset``, with no checks:
+    the caller's layout (``kernels.plan``) keeps it inside ``flat``.
+
+    An intrinsic rather than ``flat[offset:].reshape(batch, n)``: Numba's reshape compares the sizes
+    as float64 (a signed and an unsigned integer), which the float32 kernels must not contain.
+    """
+    view = types.Array(flat.dtype, 2, "C")
+
+    def codegen(context, builder, signature, args):
+        source = context.make_array(signature.args[0])(context, builder, args[0])
+        result = context.make_array(view)(context, builder)
+        offset, batch, n = (context.cast(builder, v, t, types.intp) for v, t in zip(args[1:], signature.args[1:]))
+        itemsize = context.get_constant(types.intp, context.get_abi_sizeof(context.get_data_type(flat.dtype)))
+        populate_array(result, data=builder.gep(source.data, [offset]),
+                       shape=cgutils.pack_array(builder, [batch, n]),
+                       strides=cgutils.pack_array(builder, [builder.mul(n, itemsize), itemsize]),
+                       itemsize=itemsize, meminfo=source.meminfo, parent=source.parent)
+        return impl_ret_borrowed(context, builder, view, result._getvalue())
+
+    return view(flat, offset, batch, n), codegen

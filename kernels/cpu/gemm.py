@@ -10,7 +10,10 @@ that every operand keeps a contiguous layout type.
 from __future__ import annotations
 
 import numpy as np
-from numba.extending import register_jitable
+from llvmlite import ir
+from numba.core import cgutils, types
+from numba.extending import intrinsic, register_jitable
+from numba.np.linalg import check_blas_return, ensure_blas, get_blas_kind
 
 
 @register_jitable
@@ -53,3 +56,42 @@ def build_gemm(T, trans_a, trans_b):
                 _product(op_a(a[s]), op_b(b[s]), out[s], alpha, beta, zero, one)
 
     return gemm
+
+
+@intrinsic
+def gemm_into(typingctx, a, b, out, alpha, beta):
+    """out = alpha * a @ b + beta * out in one BLAS gemm call, the scaled accumulation that np.dot lacks.
+
+    a: (m, k) and b: (k, n), each C- or F-contiguous (a transposed view of a C array is F); out: (m, n)
+    C-contiguous; alpha, beta: scalars of the arrays' dtype. Calls the BLAS wrapper that Numba's np.dot
+    calls, ``numba_xxgemm`` (SciPy's BLAS), by name, so that kernels using it still cache on disk.
+    """
+    operands = (a, b, out)
+    if not (all(isinstance(t, types.Array) and t.ndim == 2 and t.dtype == out.dtype for t in operands)
+            and a.layout in "CF" and b.layout in "CF" and out.layout == "C" and alpha == beta == out.dtype):
+        return None
+    ensure_blas()
+
+    def codegen(context, builder, signature, args):
+        a_, b_, out_ = (context.make_array(t)(context, builder, v) for t, v in zip(operands, args[:3]))
+        (m, k), (_, n) = cgutils.unpack_tuple(builder, a_.shape), cgutils.unpack_tuple(builder, b_.shape)
+        char, void_p, intp = ir.IntType(8), ir.IntType(8).as_pointer(), cgutils.intp_t
+        gemm = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
+            ir.IntType(32), [char, char, char, intp, intp, intp, void_p, void_p, intp, void_p, intp, void_p,
+                             void_p, intp]), "numba_xxgemm")
+
+        def operand(ty, array, rows, cols):
+            # BLAS is column-major: a C array is its own transpose there, so out.T = b.T @ a.T is computed
+            return (ir.Constant(char, ord("n" if ty.layout == "C" else "t")), cols if ty.layout == "C" else rows,
+                    builder.bitcast(array.data, void_p))
+
+        trans_b, ld_b, data_b = operand(b, b_, k, n)
+        trans_a, ld_a, data_a = operand(a, a_, m, k)
+        slots = [builder.bitcast(cgutils.alloca_once_value(builder, v), void_p) for v in args[3:]]
+        status = builder.call(gemm, (ir.Constant(char, ord(get_blas_kind(out.dtype))), trans_b, trans_a, n, m, k,
+                                     slots[0], data_b, ld_b, data_a, ld_a, slots[1],
+                                     builder.bitcast(out_.data, void_p), n))
+        check_blas_return(context, builder, status)
+        return context.get_dummy_value()
+
+    return types.none(a, b, out, alpha, beta), codegen

@@ -4,14 +4,15 @@ kernel-by-kernel loop, so that both paths compute the same function.
 
 Everything lives in flat buffers described by an int64 plan (``kernels.plan.step_plan``): one row per
 layer, (n_in, n_out, offset of W, offset of b in ``params``, offsets of z, a and delta in ``work``);
-the last ``max(sizes)`` elements of ``work`` are scratch. Flat buffers rather than a tuple of arrays
+the last ``2 * max(sizes)`` elements of ``work`` are scratch. Flat buffers rather than a tuple of arrays
 per layer because Numba's dispatch costs ~0.1 µs per array argument, and one kernel serves every depth
 (no recompilation per network).
 
-Up to ``SMALL_BATCH`` rows the GEMMs with inner size B are replaced by one pass over each W that
-propagates delta through the old W and applies the outer-product update: W is read once instead of
-three times, and ``grads`` is not written. Larger batches write the gradients to ``grads`` with GEMMs
-and update each layer once its delta has been propagated.
+Up to ``SMALL_BATCH`` rows the GEMMs are replaced by dot-product loops (forward) and one pass over
+each W that propagates delta through the old W and applies the outer-product update (backward): W is
+read once instead of three times. Larger batches propagate delta through the old W with a GEMM, then
+update W with a second one, W -= lr * delta.T @ a, accumulated in place (dW is never stored: one pass
+over W instead of three).
 """
 
 from __future__ import annotations
@@ -23,15 +24,11 @@ import numpy as np
 from numba.extending import register_jitable
 
 from deltaprop.kernels.cpu import elementwise, losses, optimizers
+from deltaprop.kernels.cpu.common import rows
+from deltaprop.kernels.cpu.gemm import gemm_into
 from deltaprop.kernels.plan import A_AT, B_AT, DELTA_AT, N_IN, N_OUT, W_AT, Z_AT
 
 SMALL_BATCH = 8  # at most this many rows: the outer-product update fused with delta's propagation
-
-
-@register_jitable
-def rows(flat, offset, batch, n):
-    """The (batch, n) C-contiguous view of ``flat`` starting at ``offset``."""
-    return flat[offset:offset + batch * n].reshape(batch, n)
 
 
 # The small-batch loops reassociate their sums (as BLAS does) so that LLVM vectorizes the dot products;
@@ -77,29 +74,41 @@ def small_update(W, b, delta, a_in, g, propagate, lr):
         b[j] -= lr * db
 
 
+def named(fn, variant):
+    """``fn``, a kernel builder's closure, callable from jitted code under a name of its own variant.
+
+    A cached kernel calls its helpers by their mangled names (qualname and types), and a builder's
+    closures share one qualname across variants: two cached steps loaded in one process (say relu and
+    elu, compiled by different processes) would otherwise call each other's activation.
+    """
+    fn.__qualname__ = f"{fn.__qualname__}_{variant}"
+    return register_jitable(fn)
+
+
 def build_sgd_step(T, act, loss):
     """The step for activation ``act`` on the hidden layers and the loss kernel ``loss`` on the last."""
-    bias_act = register_jitable(elementwise.build_bias_act(T, act))
-    bias_add = register_jitable(elementwise.build_bias_act(T, "identity"))
-    act_backward = register_jitable(elementwise.build_act_backward(T, act))
-    loss_rows = register_jitable(losses.build_loss(T, losses.FORMS[loss]))
+    bias_act = named(elementwise.build_bias_act(T, act), act)
+    bias_add = named(elementwise.build_bias_act(T, "identity"), "identity")
+    act_backward = named(elementwise.build_act_backward(T, act), act)
+    loss_rows = named(losses.build_loss(T, losses.FORMS[loss]), loss)
     sgd = register_jitable(optimizers.build_sgd(T))
     zero, one = T(0), T(1)
 
-    def sgd_step(x, targets, params, grads, work, plan, lr):
+    def sgd_step(x, targets, params, work, plan, lr):
         """One SGD step; returns (summed loss over the batch, -1), or (0, row) for a label outside [0, C).
 
         Nothing is updated when a label is out of range or the loss is not finite. x: (B, n0)
-        C-contiguous; targets: int labels (B,) or (B, n_L); params, grads: (P,); work: flat workspace;
+        C-contiguous; targets: int labels (B,) or (B, n_L); params: (P,); work: flat workspace;
         plan: (L, 7) int64; lr: scalar of the dtype.
         """
         batch, depth = x.shape[0], plan.shape[0]
-        scratch = work[work.shape[0] - max(plan[0, N_IN], plan[:, N_OUT].max()):]
+        n_max = max(plan[0, N_IN], plan[:, N_OUT].max())
+        scratch = work[work.shape[0] - 2 * n_max:]
         for l in range(depth):
             n_in, n_out, w_at, b_at = plan[l, N_IN], plan[l, N_OUT], plan[l, W_AT], plan[l, B_AT]
             a_in = x if l == 0 else rows(work, plan[l - 1, A_AT], batch, n_in)
             z = rows(work, plan[l, Z_AT], batch, n_out)
-            W = params[w_at:b_at].reshape(n_out, n_in)
+            W = rows(params, w_at, n_out, n_in)
             if batch <= SMALL_BATCH:
                 small_dense(a_in, W, z)
             else:
@@ -119,17 +128,18 @@ def build_sgd_step(T, act, loss):
             n_in, n_out, w_at, b_at = plan[l, N_IN], plan[l, N_OUT], plan[l, W_AT], plan[l, B_AT]
             a_in = x if l == 0 else rows(work, plan[l - 1, A_AT], batch, n_in)
             delta = rows(work, plan[l, DELTA_AT], batch, n_out)
-            W, b = params[w_at:b_at].reshape(n_out, n_in), params[b_at:b_at + n_out]
+            W, b = rows(params, w_at, n_out, n_in), params[b_at:b_at + n_out]
             # delta[l-1] before act'; the input layer gets none (an empty view then)
             g = rows(work, plan[l - 1, DELTA_AT], batch, n_in) if l > 0 else rows(work, 0, 0, n_in)
             if batch <= SMALL_BATCH:
                 small_update(W, b, delta, a_in, g, l > 0, lr)
             else:
-                np.dot(delta.T, a_in, grads[w_at:b_at].reshape(n_out, n_in))  # dW = delta.T @ a
-                elementwise.column_sums(delta, grads[b_at:b_at + n_out], scratch[:n_out])  # db
                 if l > 0:
                     np.dot(delta, W, g)  # with the old W, updated just below
-                sgd(params[w_at:b_at + n_out], grads[w_at:b_at + n_out], lr, zero)
+                gemm_into(delta.T, a_in, W, -lr, one)  # W -= lr * dW, dW = delta.T @ a never stored
+                db = scratch[:n_out]
+                elementwise.column_sums(delta, db, scratch[n_max:n_max + n_out])
+                sgd(b, db, lr, zero)
             if l > 0:
                 act_backward(g, rows(work, plan[l - 1, Z_AT], batch, n_in), g)
         return total, bad_row
