@@ -12,7 +12,8 @@ from deltaprop.kernels.cuda import loader
 from deltaprop.kernels.dtypes import DTYPES
 
 # Backend members that are not kernels: the lifecycle, the arrays, and the shared loss checks
-NOT_KERNELS = {"asarray", "to_numpy", "empty", "zeros", "synchronize", "warmup", "describe", "check_loss_args"}
+NOT_KERNELS = {"asarray", "to_numpy", "empty", "zeros", "synchronize", "warmup", "describe", "check_loss_args",
+               "fused_sgd_step"}  # a capability: None where a backend has no fused step (cupy has none yet)
 CONTRACT_KERNELS = {
     name for name, member in vars(Backend).items()
     if inspect.isfunction(member) and not name.startswith("_") and name not in NOT_KERNELS

@@ -45,7 +45,8 @@ def test_fused_step_is_the_loop_and_the_reference(activation, loss, dtype, rng):
     for batch in BATCHES:
         for _ in range(2):
             y = targets_for(loss, rng, batch, sizes[-1])
-            batches.append((rng.standard_normal((batch, sizes[0])).astype(dtype), y.astype(dtype) if y.ndim == 2 else y))
+            x = rng.standard_normal((batch, sizes[0])).astype(dtype)
+            batches.append((x, y.astype(dtype) if y.ndim == 2 else y))
     fused_losses = [fused.train_step(x, y, lr=0.1) for x, y in batches]
     loop_losses = [loop.train_step(x, y, lr=0.1) for x, y in batches]
     ref_w, ref_b, ref_losses = reference.sgd_steps(weights, biases, batches, activation, loss, 0.1)

@@ -34,7 +34,8 @@ SMALL_BATCH = 8  # at most this many rows: the outer-product update fused with d
 # The small-batch loops reassociate their sums (as BLAS does) so that LLVM vectorizes the dot products;
 # they are compiled apart, because fastmath flags pass down to inlined helpers and would undo the
 # compensated sums of the loss and the bias gradient. No nnan/ninf: NaN and inf must propagate.
-SMALL_BATCH_JIT = {"cache": True, "nogil": True, "error_model": "numpy", "fastmath": {"reassoc", "contract", "nsz", "arcp"}}
+SMALL_BATCH_JIT = {"cache": True, "nogil": True, "error_model": "numpy",
+                   "fastmath": {"reassoc", "contract", "nsz", "arcp"}}
 
 
 @numba.njit(**SMALL_BATCH_JIT)
