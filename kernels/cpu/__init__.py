@@ -50,7 +50,11 @@ def get_kernel(name: str, dtype, *variant):
     key = (name, np.dtype(dtype), *variant)  # a dtype compares equal to its name; `.name` costs microseconds
     dispatcher = _compiled.get(key)
     if dispatcher is None:
-        dispatcher = numba.njit(**JIT_OPTIONS)(BUILDERS[name](key[1].type, *variant))
+        kernel = BUILDERS[name](key[1].type, *variant)
+        # A name per variant: the variants of one builder would otherwise share one cache index file
+        # (whose entries processes compiling at once can overwrite) and one symbol name when loaded.
+        kernel.__qualname__ = "_".join([kernel.__qualname__, key[1].name, *map(str, variant)])
+        dispatcher = numba.njit(**JIT_OPTIONS)(kernel)
         _compiled[key] = dispatcher
     return dispatcher
 
