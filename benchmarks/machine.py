@@ -16,7 +16,7 @@ import subprocess
 DISTRIBUTIONS = ("numpy", "scipy", "numba", "llvmlite", "cupy-cuda13x", "cupy-cuda12x", "torch", "jax", "jaxlib",
                  "jax-cuda12-plugin", "jax-cuda13-plugin", "threadpoolctl", "matplotlib")
 # environment variables that change thread counts or backend choice
-ENVIRONMENT = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS",
+ENVIRONMENT = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OPENBLAS_THREAD_TIMEOUT", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS",
                "XLA_FLAGS", "CUDA_VISIBLE_DEVICES", "DELTAPROP_BACKEND")
 
 
