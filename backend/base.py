@@ -196,6 +196,19 @@ class Backend:
         """
         return None
 
+    def fused_grads_step(self, activation, loss, dtype):
+        """A compiled forward + loss + backward that writes the gradients, or None: then the model runs
+        its kernel-by-kernel loop.
+
+        Arguments as for ``fused_sgd_step``. The callable, ``step(x, targets, params, grads, work, plan)
+        -> (summed loss, bad_row)``, computes the same function as forward, the loss kernel and backward:
+        dJ/dW[l] and dJ/db[l] go into the flat (P,) ``grads`` buffer at the parameters' offsets, for an
+        optimizer's update kernel to apply; the logits are left in the workspace's z[L]. It returns the
+        loss summed over the batch and -1, or 0 and the first row whose label is outside [0, n_L); it
+        changes nothing in ``grads`` when a label is out of range or the loss is not finite.
+        """
+        return None
+
     # ---- kernels ----
 
     def gemm(self, a, b, out=None, trans_a=False, trans_b=False, alpha=1.0, beta=0.0):

@@ -92,15 +92,22 @@ class NumbaBackend(Backend):
         return time.perf_counter() - start
 
     def _warm_step(self, dtype):
-        """Compiles the fused step that benchmarks train (relu, softmax cross-entropy, int labels)."""
+        """Compiles the fused steps that benchmarks train (relu, softmax cross-entropy, int labels)."""
         plan, work_size = step_plan([4, 4, 4], 4)
         params = np.full(2 * 4 * (4 + 1), 0.1, dtype)
         step = self.fused_sgd_step("relu", "softmax_xent", dtype)
         step(np.ones((4, 4), dtype), np.zeros(4, np.int64), params, np.empty(work_size, dtype), plan, dtype.type(0.1))
+        grads_step = self.fused_grads_step("relu", "softmax_xent", dtype)
+        grads_step(np.ones((4, 4), dtype), np.zeros(4, np.int64), params, np.empty_like(params),
+                   np.empty(work_size, dtype), plan)
 
     def fused_sgd_step(self, activation, loss, dtype):
         get_activation(activation)
         return self._kernel("sgd_step", resolve_dtype(dtype, self.device), activation, loss)
+
+    def fused_grads_step(self, activation, loss, dtype):
+        get_activation(activation)
+        return self._kernel("grads_step", resolve_dtype(dtype, self.device), activation, loss)
 
     def describe(self) -> dict:
         import numba

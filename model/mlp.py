@@ -231,9 +231,32 @@ class MLP:
 
     def loss_and_grads(self, x, y):
         """The mean loss and [(dW[l], db[l])] for l = 1..L, fresh arrays shaped like W[l] and b[l]."""
-        x = self._inputs(x)
-        loss = self._backward(self._forward(x), self._targets(y, x.shape[0]))
+        loss = self._loss_grads(x, y)[0]
         return loss, [(dW.copy(), db.copy()) for dW, db in zip(self.grad_weights, self.grad_biases)]
+
+    def _loss_grads(self, x, y):
+        """Forward, loss and backward into ``grads``: (mean loss, logits (B, n_L) in the workspace).
+
+        One compiled call where the backend has a fused gradients step (and ``use_fused_step``), else the
+        kernel-by-kernel loop. Raises the loss kernels' error for a label outside [0, C) and
+        NonFiniteLossError for a NaN or infinite loss, ``grads`` left as it was in both cases.
+        """
+        step = self._fused_grads_step() if self.use_fused_step else None
+        if step is None:
+            x = self._inputs(x)
+            cache = self._forward(x)
+            return self._backward(cache, self._targets(y, x.shape[0])), cache.logits
+        if not self._ready(x, y):
+            x = self._inputs(x)
+            y = self._targets(y, x.shape[0])
+            if y.ndim == 2:
+                check_shape("loss_and_grads", "targets", y, (x.shape[0], self.sizes[-1]))
+        batch = x.shape[0]
+        ws = self._workspace(batch)
+        total, bad_row = step(x, y, self.params, self.grads, ws.work, ws.plan)
+        if bad_row >= 0:  # the step found a label outside [0, C) and changed nothing
+            check_label_range(get_loss(self.loss).kernel, y, self.sizes[-1])
+        return _finite(float(total) / batch), ws.z[-1]
 
     # train_step runs the backend's fused step where it has one; False forces the kernel-by-kernel loop
     use_fused_step = True
@@ -270,6 +293,15 @@ class MLP:
         except AttributeError:
             self._step = self.backend.fused_sgd_step(self.activation, get_loss(self.loss).kernel, self.dtype)
             return self._step
+
+    def _fused_grads_step(self):
+        """The backend's compiled gradients step for this network (None where it has none), looked up once."""
+        try:
+            return self._grads_step
+        except AttributeError:
+            self._grads_step = self.backend.fused_grads_step(self.activation, get_loss(self.loss).kernel,
+                                                             self.dtype)
+            return self._grads_step
 
     def _ready(self, x, y):
         """x and y are host arrays that the fused step takes as they are: x (B, n0) C-contiguous in the

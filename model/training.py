@@ -256,10 +256,10 @@ def fit(net, X, y, epochs=10, batch_size=32, optimizer=None, lr=None, schedule=N
             loss_sum, hits = 0.0, 0
             for start, stop in _chunks(n, batch_size):
                 targets = y_epoch[start:stop]
-                cache = net._forward(X_epoch[start:stop])
+                loss, logits = net._loss_grads(X_epoch[start:stop], targets)
                 if scorer.kind:
-                    hits += scorer.count(cache.logits, targets)
-                loss_sum += net._backward(cache, targets) * (stop - start)
+                    hits += scorer.count(logits, targets)
+                loss_sum += loss * (stop - start)
                 optimizer.step(net.params, net.grads)
             logs = {"loss": loss_sum / n}
             if scorer.kind:

@@ -13,7 +13,7 @@ from deltaprop.kernels.dtypes import DTYPES
 
 # Backend members that are not kernels: the lifecycle, the arrays, and the shared loss checks
 NOT_KERNELS = {"asarray", "to_numpy", "empty", "zeros", "synchronize", "warmup", "describe", "check_loss_args",
-               "fused_sgd_step"}  # a capability: None where a backend has no fused step (cupy has none yet)
+               "fused_sgd_step", "fused_grads_step"}  # capabilities: None where a backend has no fused step
 CONTRACT_KERNELS = {
     name for name, member in vars(Backend).items()
     if inspect.isfunction(member) and not name.startswith("_") and name not in NOT_KERNELS

@@ -1,6 +1,7 @@
-"""The fused training step (``Backend.fused_sgd_step``) against the kernel-by-kernel loop and the reference:
-the same function at every activation, loss and dtype, at batch 1, at the small-batch path's limit and
-past it (the GEMM path); its layout; and no allocation after the first step."""
+"""The fused training step (``Backend.fused_sgd_step``) and the fused gradients step
+(``Backend.fused_grads_step``) against the kernel-by-kernel loop and the reference: the same function at
+every activation, loss and dtype, at batch 1, at the small-batch path's limit and past it (the GEMM path);
+their layout; their errors; and no allocation after the first step."""
 
 import os
 import subprocess
@@ -13,6 +14,7 @@ from conftest import TOLERANCE, rel_err
 from test_model import host_params, targets_for
 
 from deltaprop.backend import get_backend
+from deltaprop.errors import NonFiniteLossError
 from deltaprop.kernels import reference
 from deltaprop.kernels.activations import ACTIVATIONS
 from deltaprop.kernels.cpu.step import SMALL_BATCH
@@ -122,3 +124,85 @@ def test_steps_cached_by_different_processes_keep_their_own_activation(tmp_path)
     run(script.format(acts=("elu",)))
     run(script.format(acts=("leaky_relu",)))
     assert all(float(error) < 1e-12 for error in run(script.format(acts=("elu", "leaky_relu"))))
+
+
+GRADS_BATCHES = (1, 13, 40)  # the small-batch loops, and the GEMM path twice
+GRADS_CASES = [(act, loss, dtype) for act in ("relu", "tanh") for loss in sorted(LOSSES)
+               for dtype in ("float32", "float64")] + [("gelu", "softmax_cross_entropy", "float64")]
+
+
+@pytest.mark.parametrize("activation, loss, dtype", GRADS_CASES)
+def test_fused_grads_are_the_loop_and_the_reference(activation, loss, dtype, rng):
+    sizes = [7, 12, 9, 4]
+    fused, loop = pair(sizes, activation, loss, dtype)
+    assert fused.backend.fused_grads_step(activation, "softmax_xent", dtype) is not None
+    weights, biases = host_params(fused)
+    tolerance = TOLERANCE[dtype]
+    for batch in GRADS_BATCHES:
+        y = targets_for(loss, rng, batch, sizes[-1])
+        y = y.astype(dtype) if y.ndim == 2 else y
+        x = rng.standard_normal((batch, sizes[0])).astype(dtype)
+        fused.grads[:] = np.nan  # every gradient must be written
+        fused_loss, fused_grads = fused.loss_and_grads(x, y)
+        loop_loss, loop_grads = loop.loss_and_grads(x, y)
+        ref_loss, ref_grads = reference.loss_and_grads(weights, biases, x, y, activation, loss)
+        assert fused_loss == pytest.approx(ref_loss, rel=tolerance * 10)
+        assert fused_loss == pytest.approx(loop_loss, rel=tolerance * 10)
+        for (dW, db), (loop_dW, loop_db), (ref_dW, ref_db) in zip(fused_grads, loop_grads, ref_grads):
+            assert rel_err(dW, ref_dW) <= tolerance and rel_err(db, ref_db) <= tolerance
+            assert rel_err(dW, loop_dW) <= tolerance and rel_err(db, loop_db) <= tolerance
+        # the logits the fit loop scores are the forward pass's
+        logits = fused._loss_grads(x, y)[1]
+        assert rel_err(logits, loop.forward(x).logits) <= tolerance
+
+
+def test_fit_with_the_fused_grads_is_the_loop(rng):
+    """Adam over a few epochs with a partial last batch: the same parameters and history either way."""
+    x = rng.standard_normal((45, 6)).astype(np.float32)
+    y = rng.integers(0, 3, 45)
+    fused, loop = pair([6, 10, 3], "relu", "softmax_cross_entropy", "float32")
+    histories = [net.fit(x, y, epochs=3, batch_size=16, optimizer="adam", progress=False) for net in (fused, loop)]
+    assert rel_err(fused.params, loop.params) <= 10 * TOLERANCE["float32"]
+    np.testing.assert_allclose(histories[0].loss, histories[1].loss, rtol=1e-5)
+    assert histories[0].accuracy == histories[1].accuracy
+
+
+@pytest.mark.parametrize("batch", [3, 20])
+def test_fused_grads_errors_leave_the_grads(batch, rng):
+    net = MLP([5, 6, 3], backend="numba", dtype="float64", seed=0)
+    x = rng.standard_normal((batch, 5))
+    y = rng.integers(0, 3, batch)
+    net.loss_and_grads(x, y)
+    before = net.grads.copy()
+    bad = y.copy()
+    bad[-1] = 3
+    with pytest.raises(ValueError, match=r"labels: expected class labels in \[0, 2\], got 3"):
+        net.loss_and_grads(x, bad)
+    x_nan = x.copy()
+    x_nan[0, 0] = np.nan
+    with pytest.raises(NonFiniteLossError, match="loss: expected a finite value"):
+        net.loss_and_grads(x_nan, y)
+    np.testing.assert_array_equal(net.grads, before)
+
+
+def test_numpy_backend_has_no_fused_grads_step():
+    assert get_backend("numpy").fused_grads_step("relu", "softmax_xent", "float64") is None
+
+
+@pytest.mark.parametrize("batch", [1, 64])
+def test_fused_grads_allocate_nothing_after_the_first(batch, rng):
+    net = MLP([20, 32, 16, 5], backend="numba", dtype="float32", seed=0)
+    x = rng.standard_normal((batch, 20)).astype(np.float32)
+    y = rng.integers(0, 5, batch)
+    net._loss_grads(x, y)  # compiles and allocates the workspace
+    tracemalloc.start()
+    try:
+        net._loss_grads(x, y)
+        before = tracemalloc.take_snapshot()
+        for _ in range(50):
+            net._loss_grads(x, y)
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    grown = sum(stat.size_diff for stat in after.compare_to(before, "filename") if stat.size_diff > 0)
+    assert grown < 50 * 16, f"{grown} bytes more after 50 steps"

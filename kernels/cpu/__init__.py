@@ -40,6 +40,7 @@ BUILDERS = {
     "momentum_update": optimizers.build_momentum,
     "adam_update": optimizers.build_adam,
     "sgd_step": step.build_sgd_step,  # variant: (activation name, loss kernel name)
+    "grads_step": step.build_grads_step,  # variant: (activation name, loss kernel name)
 }
 
 _compiled: dict[tuple, numba.core.dispatcher.Dispatcher] = {}

@@ -75,6 +75,26 @@ def small_update(W, b, delta, a_in, g, propagate, lr):
         b[j] -= lr * db
 
 
+@numba.njit(**SMALL_BATCH_JIT)
+def small_grads(W, dW, delta, a_in, g, propagate):
+    """g = delta @ W when ``propagate`` and dW = delta.T @ a_in, in one pass over the rows of W.
+    W, dW: (n_out, n_in); delta: (B, n_out); a_in, g: (B, n_in)."""
+    if propagate:
+        g[:] = 0
+    for j in range(W.shape[0]):
+        row, grad = W[j], dW[j]
+        grad[:] = 0
+        for i in range(delta.shape[0]):
+            d = delta[i, j]
+            a = a_in[i]
+            for k in range(row.shape[0]):
+                grad[k] += d * a[k]
+            if propagate:
+                g_i = g[i]
+                for k in range(row.shape[0]):
+                    g_i[k] += d * row[k]
+
+
 def named(fn, variant):
     """``fn``, a kernel builder's closure, callable from jitted code under a name of its own variant.
 
@@ -86,25 +106,17 @@ def named(fn, variant):
     return register_jitable(fn)
 
 
-def build_sgd_step(T, act, loss):
-    """The step for activation ``act`` on the hidden layers and the loss kernel ``loss`` on the last."""
+def build_forward_loss(T, act, loss):
+    """The forward pass and the loss of a fused step, shared by the SGD step and the gradients step:
+    ``forward_loss(x, targets, params, work, plan) -> (summed loss, bad_row)`` leaves z[l], a[l] (the
+    logits in z[L]) and delta[L] in ``work``."""
     bias_act = named(elementwise.build_bias_act(T, act), act)
     bias_add = named(elementwise.build_bias_act(T, "identity"), "identity")
-    act_backward = named(elementwise.build_act_backward(T, act), act)
     loss_rows = named(losses.build_loss(T, losses.FORMS[loss]), loss)
-    sgd = register_jitable(optimizers.build_sgd(T))
-    zero, one = T(0), T(1)
+    one = T(1)
 
-    def sgd_step(x, targets, params, work, plan, lr):
-        """One SGD step; returns (summed loss over the batch, -1), or (0, row) for a label outside [0, C).
-
-        Nothing is updated when a label is out of range or the loss is not finite. x: (B, n0)
-        C-contiguous; targets: int labels (B,) or (B, n_L); params: (P,); work: flat workspace;
-        plan: (L, 7) int64; lr: scalar of the dtype.
-        """
+    def forward_loss(x, targets, params, work, plan):
         batch, depth = x.shape[0], plan.shape[0]
-        n_max = max(plan[0, N_IN], plan[:, N_OUT].max())
-        scratch = work[work.shape[0] - 2 * n_max:]
         for l in range(depth):
             n_in, n_out, w_at, b_at = plan[l, N_IN], plan[l, N_OUT], plan[l, W_AT], plan[l, B_AT]
             a_in = x if l == 0 else rows(work, plan[l - 1, A_AT], batch, n_in)
@@ -121,7 +133,30 @@ def build_sgd_step(T, act, loss):
 
         last = plan[depth - 1]
         delta = rows(work, last[DELTA_AT], batch, last[N_OUT])
-        total, bad_row = loss_rows(rows(work, last[Z_AT], batch, last[N_OUT]), targets, delta, one / T(batch))
+        return loss_rows(rows(work, last[Z_AT], batch, last[N_OUT]), targets, delta, one / T(batch))
+
+    forward_loss.__qualname__ = f"forward_loss_{act}_{loss}"
+    return register_jitable(forward_loss)
+
+
+def build_sgd_step(T, act, loss):
+    """The step for activation ``act`` on the hidden layers and the loss kernel ``loss`` on the last."""
+    forward_loss = build_forward_loss(T, act, loss)
+    act_backward = named(elementwise.build_act_backward(T, act), act)
+    sgd = register_jitable(optimizers.build_sgd(T))
+    zero, one = T(0), T(1)
+
+    def sgd_step(x, targets, params, work, plan, lr):
+        """One SGD step; returns (summed loss over the batch, -1), or (0, row) for a label outside [0, C).
+
+        Nothing is updated when a label is out of range or the loss is not finite. x: (B, n0)
+        C-contiguous; targets: int labels (B,) or (B, n_L); params: (P,); work: flat workspace;
+        plan: (L, 7) int64; lr: scalar of the dtype.
+        """
+        batch, depth = x.shape[0], plan.shape[0]
+        n_max = max(plan[0, N_IN], plan[:, N_OUT].max())
+        scratch = work[work.shape[0] - 2 * n_max:]
+        total, bad_row = forward_loss(x, targets, params, work, plan)
         if bad_row >= 0 or not math.isfinite(total):
             return total, bad_row  # before any parameter changes
 
@@ -146,3 +181,43 @@ def build_sgd_step(T, act, loss):
         return total, bad_row
 
     return sgd_step
+
+
+def build_grads_step(T, act, loss):
+    """Forward, loss and backward for activation ``act`` and loss kernel ``loss``, the gradients written
+    into the flat ``grads`` buffer (the parameters' layout) for an optimizer's update kernel to apply."""
+    forward_loss = build_forward_loss(T, act, loss)
+    act_backward = named(elementwise.build_act_backward(T, act), act)
+
+    def grads_step(x, targets, params, grads, work, plan):
+        """dJ/dW[l] and dJ/db[l] into ``grads`` at the parameters' offsets; returns (summed loss over the
+        batch, -1), or (0, row) for a label outside [0, C). ``grads`` is left as it was when a label is
+        out of range or the loss is not finite. x: (B, n0) C-contiguous; targets: int labels (B,) or
+        (B, n_L); params, grads: (P,); work: flat workspace; plan: (L, 7) int64.
+        """
+        batch, depth = x.shape[0], plan.shape[0]
+        n_max = max(plan[0, N_IN], plan[:, N_OUT].max())
+        scratch = work[work.shape[0] - 2 * n_max:]
+        total, bad_row = forward_loss(x, targets, params, work, plan)
+        if bad_row >= 0 or not math.isfinite(total):
+            return total, bad_row  # before any gradient changes
+
+        for l in range(depth - 1, -1, -1):
+            n_in, n_out, w_at, b_at = plan[l, N_IN], plan[l, N_OUT], plan[l, W_AT], plan[l, B_AT]
+            a_in = x if l == 0 else rows(work, plan[l - 1, A_AT], batch, n_in)
+            delta = rows(work, plan[l, DELTA_AT], batch, n_out)
+            W, dW = rows(params, w_at, n_out, n_in), rows(grads, w_at, n_out, n_in)
+            # delta[l-1] before act'; the input layer gets none (an empty view then)
+            g = rows(work, plan[l - 1, DELTA_AT], batch, n_in) if l > 0 else rows(work, 0, 0, n_in)
+            if batch <= SMALL_BATCH:
+                small_grads(W, dW, delta, a_in, g, l > 0)
+            else:
+                np.dot(delta.T, a_in, dW)  # dW = delta.T @ a[l-1]
+                if l > 0:
+                    np.dot(delta, W, g)
+            elementwise.column_sums(delta, grads[b_at:b_at + n_out], scratch[:n_out])  # db
+            if l > 0:
+                act_backward(g, rows(work, plan[l - 1, Z_AT], batch, n_in), g)
+        return total, bad_row
+
+    return grads_step
