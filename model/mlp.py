@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -241,7 +242,7 @@ class MLP:
         kernel-by-kernel loop. Raises the loss kernels' error for a label outside [0, C) and
         NonFiniteLossError for a NaN or infinite loss, ``grads`` left as it was in both cases.
         """
-        step = self._fused_grads_step() if self.use_fused_step else None
+        step = self._fused_grads_step if self.use_fused_step else None
         if step is None:
             x = self._inputs(x)
             cache = self._forward(x)
@@ -268,7 +269,7 @@ class MLP:
         untouched, if the loss is NaN or infinite. Allocation-free after the first call at a batch size.
         The fused step of a backend that has one never stores the gradients: ``grads`` is left as it was.
         """
-        step = self._fused_step() if self.use_fused_step else None
+        step = self._fused_step if self.use_fused_step else None
         if step is None:
             x = self._inputs(x)
             loss = self._backward(self._forward(x), self._targets(y, x.shape[0]))
@@ -286,22 +287,15 @@ class MLP:
             check_label_range("train_step", y, self.sizes[-1])  # raises the message every backend gives
         return _finite(float(total) / batch)
 
+    @cached_property
     def _fused_step(self):
-        """The backend's compiled step for this network (None where it has none), looked up once."""
-        try:
-            return self._step
-        except AttributeError:
-            self._step = self.backend.fused_sgd_step(self.activation, get_loss(self.loss).kernel, self.dtype)
-            return self._step
+        """The backend's compiled SGD step for this network (None where it has none), looked up once."""
+        return self.backend.fused_sgd_step(self.activation, get_loss(self.loss).kernel, self.dtype)
 
+    @cached_property
     def _fused_grads_step(self):
         """The backend's compiled gradients step for this network (None where it has none), looked up once."""
-        try:
-            return self._grads_step
-        except AttributeError:
-            self._grads_step = self.backend.fused_grads_step(self.activation, get_loss(self.loss).kernel,
-                                                             self.dtype)
-            return self._grads_step
+        return self.backend.fused_grads_step(self.activation, get_loss(self.loss).kernel, self.dtype)
 
     def _ready(self, x, y):
         """x and y are host arrays that the fused step takes as they are: x (B, n0) C-contiguous in the
