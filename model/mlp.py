@@ -247,17 +247,9 @@ class MLP:
             x = self._inputs(x)
             cache = self._forward(x)
             return self._backward(cache, self._targets(y, x.shape[0])), cache.logits
-        if not self._ready(x, y):
-            x = self._inputs(x)
-            y = self._targets(y, x.shape[0])
-            if y.ndim == 2:
-                check_shape("loss_and_grads", "targets", y, (x.shape[0], self.sizes[-1]))
-        batch = x.shape[0]
-        ws = self._workspace(batch)
-        total, bad_row = step(x, y, self.params, self.grads, ws.work, ws.plan)
-        if bad_row >= 0:  # the step found a label outside [0, C) and changed nothing
-            check_label_range(get_loss(self.loss).kernel, y, self.sizes[-1])
-        return _finite(float(total) / batch), ws.z[-1]
+        x, y = self._fused_inputs(x, y, "loss_and_grads")
+        ws = self._workspace(x.shape[0])
+        return self._fused_loss(step(x, y, self.params, self.grads, ws.work, ws.plan), y), ws.z[-1]
 
     # train_step runs the backend's fused step where it has one; False forces the kernel-by-kernel loop
     use_fused_step = True
@@ -275,17 +267,27 @@ class MLP:
             loss = self._backward(self._forward(x), self._targets(y, x.shape[0]))
             self.backend.sgd_update(self.params, self.grads, lr)
             return loss
-        if not self._ready(x, y):  # the checks (and conversions) that arrays in the right form skip
-            x = self._inputs(x)
-            y = self._targets(y, x.shape[0])
-            if y.ndim == 2:
-                check_shape("train_step", "targets", y, (x.shape[0], self.sizes[-1]))
-        batch = x.shape[0]
-        ws = self._workspace(batch)
-        total, bad_row = step(x, y, self.params, ws.work, ws.plan, self.dtype.type(lr))
+        x, y = self._fused_inputs(x, y, "train_step")
+        ws = self._workspace(x.shape[0])
+        return self._fused_loss(step(x, y, self.params, ws.work, ws.plan, self.dtype.type(lr)), y)
+
+    def _fused_inputs(self, x, y, caller):
+        """x and y as a fused step takes them: as they are when already in that form (the fast path),
+        else converted and checked once."""
+        if self._ready(x, y):
+            return x, y
+        x = self._inputs(x)
+        y = self._targets(y, x.shape[0])
+        if y.ndim == 2:
+            check_shape(caller, "targets", y, (x.shape[0], self.sizes[-1]))
+        return x, y
+
+    def _fused_loss(self, result, y):
+        """The mean loss from a fused step's (summed loss, bad row); raises as the loss kernels do."""
+        total, bad_row = result
         if bad_row >= 0:  # the step found a label outside [0, C) and changed nothing
-            check_label_range("train_step", y, self.sizes[-1])  # raises the message every backend gives
-        return _finite(float(total) / batch)
+            check_label_range(get_loss(self.loss).kernel, y, self.sizes[-1])  # the message every backend gives
+        return _finite(float(total) / y.shape[0])
 
     @cached_property
     def _fused_step(self):
