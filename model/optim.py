@@ -16,6 +16,7 @@ The learning rate of update t (0-based, t = ``step_count`` before the update) is
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 
 # ---- learning-rate schedules ----------------------------------------------------------------------
@@ -108,7 +109,7 @@ def check_count(name, value, minimum):
 # ---- optimizers -----------------------------------------------------------------------------------
 
 
-class Optimizer:
+class Optimizer(ABC):
     """Updates a flat (P,) parameter buffer in place from the flat (P,) gradient buffer.
 
     hyper-parameters: ``defaults`` of the subclass, overridden by keyword; ``lr`` is the base learning
@@ -164,8 +165,9 @@ class Optimizer:
         self.step_count += 1
         self._update(params, grads, lr)
 
+    @abstractmethod
     def _update(self, params, grads, lr):
-        raise NotImplementedError
+        """Apply one update with learning rate ``lr`` through the bound backend's update kernel."""
 
     def __repr__(self):
         fields = ", ".join(f"{k}={v!r}" for k, v in self.hyper.items())
