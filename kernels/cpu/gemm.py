@@ -15,6 +15,8 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic, register_jitable
 from numba.np.linalg import check_blas_return, ensure_blas, get_blas_kind
 
+from deltaprop.kernels.cpu.common import fixed_identity
+
 
 @register_jitable
 def _as_is(x):
@@ -58,6 +60,7 @@ def build_gemm(T, trans_a, trans_b):
     return gemm
 
 
+@fixed_identity
 @intrinsic
 def gemm_into(typingctx, a, b, out, alpha, beta):
     """out = alpha * a @ b + beta * out in one BLAS gemm call, the scaled accumulation that np.dot lacks.

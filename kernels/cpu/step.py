@@ -24,7 +24,7 @@ import numpy as np
 from numba.extending import register_jitable
 
 from deltaprop.kernels.cpu import elementwise, losses, optimizers
-from deltaprop.kernels.cpu.common import rows
+from deltaprop.kernels.cpu.common import fixed_identity, rows
 from deltaprop.kernels.cpu.gemm import gemm_into
 from deltaprop.kernels.plan import A_AT, B_AT, DELTA_AT, N_IN, N_OUT, W_AT, Z_AT
 
@@ -33,11 +33,13 @@ SMALL_BATCH = 8  # at most this many rows: the outer-product update fused with d
 
 # The small-batch loops reassociate their sums (as BLAS does) so that LLVM vectorizes the dot products;
 # they are compiled apart, because fastmath flags pass down to inlined helpers and would undo the
-# compensated sums of the loss and the bias gradient. No nnan/ninf: NaN and inf must propagate.
+# compensated sums of the loss and the bias gradient. No nnan/ninf: NaN and inf must propagate. The flags
+# are a dict, not a set: the steps' cache key pickles them, and a set of strings pickles in a random order.
 SMALL_BATCH_JIT = {"cache": True, "nogil": True, "error_model": "numpy",
-                   "fastmath": {"reassoc", "contract", "nsz", "arcp"}}
+                   "fastmath": dict.fromkeys(("reassoc", "contract", "nsz", "arcp"), True)}
 
 
+@fixed_identity
 @numba.njit(**SMALL_BATCH_JIT)
 def small_dense(a_in, W, z):
     """z = a_in @ W.T, a dot product per element. a_in: (B, n_in); W: (n_out, n_in); z: (B, n_out)."""
@@ -51,6 +53,7 @@ def small_dense(a_in, W, z):
             z[i, j] = total
 
 
+@fixed_identity
 @numba.njit(**SMALL_BATCH_JIT)
 def small_update(W, b, delta, a_in, g, propagate, lr):
     """g = delta @ W when ``propagate``, then W -= lr * delta.T @ a_in and b -= lr * sum(delta), in one
@@ -75,6 +78,7 @@ def small_update(W, b, delta, a_in, g, propagate, lr):
         b[j] -= lr * db
 
 
+@fixed_identity
 @numba.njit(**SMALL_BATCH_JIT)
 def small_grads(W, dW, delta, a_in, g, propagate):
     """g = delta @ W when ``propagate`` and dW = delta.T @ a_in, in one pass over the rows of W.
