@@ -39,14 +39,37 @@ def build_act_backward(T, act):
     return act_backward
 
 
+def build_act_backward_sums(T, act):
+    derivative = register_jitable(get_activation(act).scalar(T)[1])
+
+    def act_backward_sums(g, z, out, sums, compensation):
+        """out = g * act'(z) and sums[j] = sum_i out[i, j] (compensated) in one pass: a layer's delta and its
+        bias gradient, bit for bit what act_backward then column_sums give. g, z, out: (B, n), out may be g;
+        sums, compensation: (n,), compensation is scratch."""
+        sums[:] = 0
+        compensation[:] = 0
+        for i in range(g.shape[0]):
+            for j in range(g.shape[1]):
+                out[i, j] = g[i, j] * derivative(z[i, j])
+            add_row(sums, compensation, out[i])
+
+    return act_backward_sums
+
+
+@register_jitable
+def add_row(sums, compensation, row):
+    """sums += row, compensated. sums, compensation, row: (n,)."""
+    for j in range(row.shape[0]):
+        sums[j], compensation[j] = kahan_add(sums[j], compensation[j], row[j])
+
+
 @register_jitable
 def column_sums(delta, out, compensation):
     """out[j] = sum_i delta[i, j] (compensated). delta: (B, n); out, compensation: (n,), compensation is scratch."""
     out[:] = 0
     compensation[:] = 0
     for i in range(delta.shape[0]):
-        for j in range(delta.shape[1]):
-            out[j], compensation[j] = kahan_add(out[j], compensation[j], delta[i, j])
+        add_row(out, compensation, delta[i])
 
 
 def build_bias_grad(T):

@@ -39,18 +39,35 @@ SMALL_BATCH_JIT = {"cache": True, "nogil": True, "error_model": "numpy",
                    "fastmath": dict.fromkeys(("reassoc", "contract", "nsz", "arcp"), True)}
 
 
+@register_jitable
+def _dot(row, a, total):
+    for k in range(row.shape[0]):
+        total += row[k] * a[k]
+    return total
+
+
 @fixed_identity
 @numba.njit(**SMALL_BATCH_JIT)
 def small_dense(a_in, W, z):
-    """z = a_in @ W.T, a dot product per element. a_in: (B, n_in); W: (n_out, n_in); z: (B, n_out)."""
+    """z = a_in @ W.T, by dot products over four rows of W at a time (each a[k] loaded once for four
+    outputs), then one at a time for the last n_out % 4. a_in: (B, n_in); W: (n_out, n_in); z: (B, n_out)."""
+    zero = z.dtype.type(0)
+    n_out, n_in = W.shape
+    blocked = n_out - n_out % 4
     for i in range(a_in.shape[0]):
         a = a_in[i]
-        for j in range(W.shape[0]):
-            row = W[j]
-            total = z.dtype.type(0)
-            for k in range(row.shape[0]):
-                total += row[k] * a[k]
-            z[i, j] = total
+        for j in range(0, blocked, 4):
+            r0, r1, r2, r3 = W[j], W[j + 1], W[j + 2], W[j + 3]
+            t0 = t1 = t2 = t3 = zero
+            for k in range(n_in):
+                ak = a[k]
+                t0 += r0[k] * ak
+                t1 += r1[k] * ak
+                t2 += r2[k] * ak
+                t3 += r3[k] * ak
+            z[i, j], z[i, j + 1], z[i, j + 2], z[i, j + 3] = t0, t1, t2, t3
+        for j in range(blocked, n_out):
+            z[i, j] = _dot(W[j], a, zero)
 
 
 @fixed_identity
@@ -62,6 +79,15 @@ def small_update(W, b, delta, a_in, g, propagate, lr):
         g[:] = 0
     for j in range(W.shape[0]):
         row = W[j]
+        if propagate and delta.shape[0] == 1:  # one pass over the row: g takes the old w, then w changes
+            d, g_0, a = delta[0, j], g[0], a_in[0]
+            step = lr * d
+            for k in range(row.shape[0]):
+                w = row[k]
+                g_0[k] += d * w
+                row[k] = w - step * a[k]
+            b[j] -= step
+            continue
         db = b.dtype.type(0)
         for i in range(delta.shape[0]):
             d = delta[i, j]
@@ -147,6 +173,7 @@ def build_sgd_step(T, act, loss):
     """The step for activation ``act`` on the hidden layers and the loss kernel ``loss`` on the last."""
     forward_loss = build_forward_loss(T, act, loss)
     act_backward = named(elementwise.build_act_backward(T, act), act)
+    act_backward_sums = named(elementwise.build_act_backward_sums(T, act), act)
     sgd = register_jitable(optimizers.build_sgd(T))
     zero, one = T(0), T(1)
 
@@ -178,10 +205,15 @@ def build_sgd_step(T, act, loss):
                     np.dot(delta, W, g)  # with the old W, updated just below
                 gemm_into(delta.T, a_in, W, -lr, one)  # W -= lr * dW, dW = delta.T @ a never stored
                 db = scratch[:n_out]
-                elementwise.column_sums(delta, db, scratch[n_max:n_max + n_out])
+                if l == depth - 1:  # below the top, the act' pass of the layer above left db here
+                    elementwise.column_sums(delta, db, scratch[n_max:n_max + n_out])
                 sgd(b, db, lr, zero)
             if l > 0:
-                act_backward(g, rows(work, plan[l - 1, Z_AT], batch, n_in), g)
+                z_below = rows(work, plan[l - 1, Z_AT], batch, n_in)
+                if batch <= SMALL_BATCH:
+                    act_backward(g, z_below, g)
+                else:  # delta[l-1] and its column sums, db[l-1], in one pass over it
+                    act_backward_sums(g, z_below, g, scratch[:n_in], scratch[n_max:n_max + n_in])
         return total, bad_row
 
     return sgd_step
@@ -191,7 +223,7 @@ def build_grads_step(T, act, loss):
     """Forward, loss and backward for activation ``act`` and loss kernel ``loss``, the gradients written
     into the flat ``grads`` buffer (the parameters' layout) for an optimizer's update kernel to apply."""
     forward_loss = build_forward_loss(T, act, loss)
-    act_backward = named(elementwise.build_act_backward(T, act), act)
+    act_backward_sums = named(elementwise.build_act_backward_sums(T, act), act)
 
     def grads_step(x, targets, params, grads, work, plan):
         """dJ/dW[l] and dJ/db[l] into ``grads`` at the parameters' offsets; returns (summed loss over the
@@ -219,9 +251,12 @@ def build_grads_step(T, act, loss):
                 np.dot(delta.T, a_in, dW)  # dW = delta.T @ a[l-1]
                 if l > 0:
                     np.dot(delta, W, g)
-            elementwise.column_sums(delta, grads[b_at:b_at + n_out], scratch[:n_out])  # db
-            if l > 0:
-                act_backward(g, rows(work, plan[l - 1, Z_AT], batch, n_in), g)
+            if l == depth - 1:  # below the top, the act' pass of the layer above wrote db
+                elementwise.column_sums(delta, grads[b_at:b_at + n_out], scratch[:n_out])
+            if l > 0:  # delta[l-1] and db[l-1] in one pass
+                b_below = plan[l - 1, B_AT]
+                act_backward_sums(g, rows(work, plan[l - 1, Z_AT], batch, n_in), g, grads[b_below:b_below + n_in],
+                                  scratch[:n_in])
         return total, bad_row
 
     return grads_step
