@@ -49,6 +49,7 @@ BLOCKS_PER_SM = 16  # grid-stride loops: at most this many blocks per multiproce
 MAX_GRID_Y = 65535
 ROW_CACHE_BYTES = 40 * 1024  # a block-per-row softmax keeps its row in shared memory up to this size
 MEAN_THREADS = 1024  # the one block that reduces the per-row losses
+VECTOR_BYTES = 16  # a thread of a flat kernel takes chunks of 16 bytes (common.cuh: vector_width)
 NULL = np.uint64(0)  # a null pointer argument
 ACCUM_SCALAR = {"float": np.float32, "double": np.float64}  # NumPy scalar of each accum_ctype
 # dtype -> (cudaDataType of the matrices, cuBLAS compute type); the 16-bit types compute in float32
@@ -264,8 +265,10 @@ class CupyBackend(Backend):
         function = self._modules.function(kernel, dtype.name, *variant)
         function(grid, block, args, shared_mem=shared_mem)
 
-    def _flat_grid(self, n):
-        return (min(_blocks(n, THREADS), self.max_blocks),)
+    def _flat_grid(self, n, dtype):
+        """The grid of a flat kernel over ``n`` elements of ``dtype``: a thread per 16-byte chunk, at most
+        max_blocks blocks (the kernels' grid-stride loops cover the rest)."""
+        return (min(_blocks(_blocks(n, VECTOR_BYTES // dtype.itemsize), THREADS), self.max_blocks),)
 
     def _launch_rows(self, kernel, variant, dtype, rows, cols, args, caches_row=False):
         """Launch a row-wise kernel with the team that suits rows of ``cols``; ``caches_row`` kernels take
@@ -346,7 +349,7 @@ class CupyBackend(Backend):
         g, z = self._input("act_backward", "g", g), self._input("act_backward", "z", z)
         outputs = Outputs(self, "act_backward")
         out, result = outputs.output("out", out, g.shape, dtype)
-        self._launch("act_backward", dtype, (f"act_{act}",), self._flat_grid(g.size), (THREADS,),
+        self._launch("act_backward", dtype, (f"act_{act}",), self._flat_grid(g.size, dtype), (THREADS,),
                      (g, z, result, np.int64(g.size)))
         outputs.write_back()
         return out
@@ -390,7 +393,7 @@ class CupyBackend(Backend):
         outputs = Outputs(self, "sgd_update")
         p = outputs.buffer("params", params, read=True)
         grads = self._input("sgd_update", "grads", grads)
-        self._launch("sgd_update", dtype, (), self._flat_grid(p.size), (THREADS,),
+        self._launch("sgd_update", dtype, (), self._flat_grid(p.size, dtype), (THREADS,),
                      (p, grads, np.int64(p.size), t(lr), t(weight_decay)))
         outputs.write_back()
 
@@ -400,7 +403,7 @@ class CupyBackend(Backend):
         outputs = Outputs(self, "momentum_update")
         p, v = outputs.buffer("params", params, read=True), outputs.buffer("velocity", velocity, read=True)
         grads = self._input("momentum_update", "grads", grads)
-        self._launch("momentum_update", dtype, (), self._flat_grid(p.size), (THREADS,),
+        self._launch("momentum_update", dtype, (), self._flat_grid(p.size, dtype), (THREADS,),
                      (p, grads, v, np.int64(p.size), t(lr), t(momentum), t(weight_decay), np.int32(bool(nesterov))))
         outputs.write_back()
 
@@ -415,7 +418,7 @@ class CupyBackend(Backend):
         m, v = outputs.buffer("m", m, read=True), outputs.buffer("v", v, read=True)
         grads = self._input("adam_update", "grads", grads)
         bias1, bias2 = 1 - float(beta1) ** int(step), 1 - float(beta2) ** int(step)
-        self._launch("adam_update", dtype, (), self._flat_grid(p.size), (THREADS,),
+        self._launch("adam_update", dtype, (), self._flat_grid(p.size, dtype), (THREADS,),
                      (p, grads, m, v, np.int64(p.size), t(lr), t(beta1), t(beta2), t(1 - float(beta1)),
                       t(1 - float(beta2)), t(eps), t(weight_decay), t(bias1), t(bias2), np.int32(bool(decoupled))))
         outputs.write_back()

@@ -19,6 +19,9 @@ CONTRACT_KERNELS = {
     if inspect.isfunction(member) and not name.startswith("_") and name not in NOT_KERNELS
 }
 HELPERS = {"mean_of_rows"}  # kernels of the table that serve others rather than a contract kernel
+# kernels that move 16-byte chunks where aligned (common.cuh), row-wise ones with a warp or a block per row
+CHUNKED = {"softmax", "softmax_xent", "sigmoid_xent", "squared_error", "act_backward", "sgd_update",
+           "momentum_update", "adam_update"}
 ARCHS = ("80", "90")
 
 
@@ -66,6 +69,15 @@ def test_every_contract_kernel_has_every_cuda_dtype(report):
             assert missing == set(), (name, dtype)
 
 
+def test_the_chunked_kernels_load_16_byte_vectors_and_no_others(report):
+    arch, modules = report
+    for (source, dtype), kernels in modules.items():
+        for expression, (name, variant) in loader.name_expressions(source, dtype).items():
+            narrow_team = any(v.startswith("GroupTeam<") and v != "GroupTeam<32>" for v in variant)
+            expected = name in CHUNKED and not narrow_team
+            assert (kernels[expression].vector_loads > 0) == expected, (arch, expression)
+
+
 def test_the_activation_functors_come_from_the_activation_table():
     functors = loader.activation_functors()
     for name, activation in ACTIVATIONS.items():
@@ -96,3 +108,18 @@ ptxas info    : Used 30 registers, used 1 barriers
         "_Z1kIfEvPT_x": loader.KernelResources(26, 8, 4, 12),
         "_Z1kIdEvPT_x": loader.KernelResources(30, 0, 0, 0),
     }
+
+
+def test_vector_loads_are_counted_per_ptx_entry():
+    ptx = """.visible .entry _Z1kIfEvPT_x(
+	ld.global.v4.f32 	{%f1, %f2, %f3, %f4}, [%rd5];
+	ld.global.nc.v4.u32 	{%r1, %r2, %r3, %r4}, [%rd6];
+	ld.shared.v4.f32 	{%f5, %f6, %f7, %f8}, [%r9];
+	ld.global.v2.f32 	{%f9, %f10}, [%rd7];
+}
+.weak .entry _Z1kIdEvPT_x(
+	ld.global.v2.f64 	{%fd1, %fd2}, [%rd5];
+	st.global.v2.f64 	[%rd6], {%fd1, %fd2};
+}
+"""
+    assert loader.count_vector_loads(ptx) == {"_Z1kIfEvPT_x": 2, "_Z1kIdEvPT_x": 1}

@@ -5,7 +5,8 @@ missing and what to install, overrides keep the base signatures, and the cuBLAS 
 by running them through a NumPy emulation of column-major cuBLAS.
 
 With a device (marker ``gpu``): every kernel against kernels/reference.py, including sizes that no
-single grid covers, the 16-bit types against float64 within 1e-2, and whole training steps. Each of
+single grid covers and buffers that start off a 16-byte boundary (bitwise the same results as aligned
+ones), the 16-bit types against float64 within 1e-2, and whole training steps. Each of
 these runs on the NumPy reference backend too (no marker), which checks the tests themselves on CPU CI.
 """
 
@@ -20,7 +21,7 @@ from numpy.lib.stride_tricks import as_strided
 
 from deltaprop.backend import backend_status, get_backend
 from deltaprop.backend.base import Backend
-from deltaprop.backend.cupy_backend import THREADS, CupyBackend, blas_layout, gemm_plan
+from deltaprop.backend.cupy_backend import THREADS, VECTOR_BYTES, CupyBackend, blas_layout, gemm_plan
 from deltaprop.errors import BackendUnavailableError
 from deltaprop.kernels import reference
 from deltaprop.kernels.activations import ACTIVATIONS
@@ -72,8 +73,43 @@ def rows_beyond_one_grid(backend):
     return getattr(backend, "max_blocks", 8) * THREADS + 3
 
 
+def elements_beyond_one_grid(backend, dtype):
+    """A count of ``dtype`` elements that no single grid of a flat kernel of ``backend`` covers at 16 bytes
+    per thread, ending in a partial 16-byte chunk (the NumPy backend has no grid: a few thousand)."""
+    per_thread = VECTOR_BYTES // DTYPES[dtype].numpy_dtype().itemsize
+    return getattr(backend, "max_blocks", 8) * THREADS * per_thread + 3
+
+
 def labels_for(rows, classes, seed=1):
     return np.random.default_rng(seed).integers(0, classes, rows)
+
+
+def address(x):
+    """The address of a NumPy or CuPy array's first element."""
+    return x.ctypes.data if isinstance(x, np.ndarray) else x.data.ptr
+
+
+def placed(backend, host, offset):
+    """``host`` in the backend's memory ``offset`` elements past the start of an allocation: a C-contiguous
+    view, which the kernels read and write in place; 16-byte aligned at offset 0, and not at offsets of 1
+    or 3 elements in any dtype."""
+    padded = np.zeros(host.size + offset, host.dtype)
+    padded[offset:] = host.reshape(-1)
+    view = backend.asarray(padded)[offset:].reshape(host.shape)
+    assert address(view) % 16 == offset * host.itemsize % 16
+    return view
+
+
+def check_alignments(name, run, offsets):
+    """``run(offset)`` checks a kernel on inputs and outputs placed at ``offset`` and returns what it
+    computed (floats, host arrays). On the device, all offsets give bitwise the same results: which thread
+    adds which elements does not depend on the alignment, only whether a chunk is one 16-byte access
+    does (common.cuh)."""
+    first, *others = [run(offset) for offset in offsets]
+    if name == "cupy":
+        for other in others:
+            for a, b in zip(first, other, strict=True):
+                np.testing.assert_array_equal(a, b)
 
 
 # ---- without a device ---------------------------------------------------------------------------------
@@ -220,7 +256,7 @@ def test_act_backward(name, dtype, act, shape):
 @pytest.mark.parametrize("act", ["identity", "gelu", "silu"])
 def test_elementwise_kernels_in_place_beyond_one_grid(name, dtype, act):
     backend = get_backend(name)
-    shape = (rows_beyond_one_grid(backend), 3)
+    shape = (elements_beyond_one_grid(backend, dtype) // 3, 3)
     acc, b, g = random(shape, dtype, 5), random(shape[1:], dtype, 6), random(shape, dtype, 7)
     z_ref, a_ref = reference.bias_act(acc, b, act)
     acc_dev = backend.asarray(acc)
@@ -298,6 +334,50 @@ def test_softmax_xent_is_stable_for_extreme_logits(name, dtype):
         assert_close(host64(backend, delta), delta_ref, dtype)
 
 
+# Rows of 10 classes (several rows per warp, element by element), and rows read by 16-byte chunks (a warp
+# per row; a block per row with and without the row in shared memory) whose length is and is not a whole
+# number of chunks; 9 rows, so that rows of odd length start at every alignment.
+UNALIGNED_ROW_SHAPES = [(9, 10), (9, 33), (9, 1000), (9, 1003), (9, 4099), (3, 12289)]
+
+
+@pytest.mark.parametrize(("name", "dtype"), CASES)
+@pytest.mark.parametrize("shape", UNALIGNED_ROW_SHAPES, ids=str)
+def test_softmax_on_unaligned_rows(name, dtype, shape):
+    backend = get_backend(name)
+    z = random(shape, dtype, 8)
+
+    def run(offset):
+        out = placed(backend, np.full_like(z, np.nan), offset)
+        assert backend.softmax(placed(backend, z, offset), out=out) is out
+        assert_close(host64(backend, out), reference.softmax(z), dtype)
+        return [host64(backend, out)]
+
+    check_alignments(name, run, offsets=(0, 1))
+
+
+@pytest.mark.parametrize(("name", "dtype"), CASES)
+@pytest.mark.parametrize("loss", sorted(LOSSES))
+@pytest.mark.parametrize("kind", ["labels", "matrix"])
+@pytest.mark.parametrize("shape", UNALIGNED_ROW_SHAPES, ids=str)
+def test_loss_and_delta_on_unaligned_rows(name, dtype, loss, kind, shape):
+    """z, target rows and delta_out at an aligned start and one element past it (a view of a larger buffer)."""
+    backend = get_backend(name)
+    z, t = random(shape, dtype, 10), targets_of(kind, shape, dtype)
+    value_ref, delta_ref = LOSSES[loss](z, t, scale=0.25)
+
+    def run(offset):
+        z_dev = placed(backend, z, offset)
+        t_dev = placed(backend, t, offset) if kind == "matrix" else backend.asarray(t)
+        delta = placed(backend, np.full_like(z, np.nan), offset)
+        value = getattr(backend, loss)(z_dev, t_dev, delta_out=delta, scale=0.25)
+        assert_close(value, value_ref, dtype)
+        assert_close(host64(backend, delta), delta_ref, dtype)
+        assert_close(getattr(backend, loss)(z_dev, t_dev, scale=0.25), value_ref, dtype)  # the loss alone
+        return [value, host64(backend, delta)]
+
+    check_alignments(name, run, offsets=(0, 1))
+
+
 @pytest.mark.parametrize(("name", "dtype"), CASES)
 def test_bias_grad(name, dtype):
     backend = get_backend(name)
@@ -329,7 +409,7 @@ UPDATES = {  # name -> (backend call, reference call, names of the state buffers
 def test_optimizer_updates_beyond_one_grid(name, dtype, update):
     backend = get_backend(name)
     call, call_ref, state_names = UPDATES[update]
-    size = rows_beyond_one_grid(backend) * 2
+    size = elements_beyond_one_grid(backend, dtype)
     params = backend.asarray(random(size, dtype, 13))
     state = [backend.zeros(size, params.dtype) for _ in state_names]
     for step in (1, 2, 3):
@@ -339,6 +419,45 @@ def test_optimizer_updates_beyond_one_grid(name, dtype, update):
         call(backend, params, backend.asarray(grads), state, step)
         for got, expected in zip([params, *state], call_ref(params_before, grads, state_before, step)):
             assert_close(host64(backend, got), expected, dtype)
+
+
+@pytest.mark.parametrize(("name", "dtype"), CASES)
+@pytest.mark.parametrize("update", sorted(UPDATES))
+def test_optimizer_updates_on_unaligned_buffers(name, dtype, update):
+    """params, grads and the state each at its own alignment (offsets of 1, 0 and 3 elements)."""
+    backend = get_backend(name)
+    call, call_ref, state_names = UPDATES[update]
+    size = 4 * THREADS + 5  # ends in a partial chunk
+    params, grads = random(size, dtype, 13), random(size, dtype, 14)
+    state = [random(size, dtype, 15 + i, low=0.1, high=1.0) for i in range(len(state_names))]
+    expected = call_ref(params.astype(np.float64), grads, [x.astype(np.float64) for x in state], 3)
+
+    def run(offsets):
+        params_offset, grads_offset, state_offset = offsets
+        params_dev = placed(backend, params, params_offset)
+        state_dev = [placed(backend, x, state_offset) for x in state]
+        call(backend, params_dev, placed(backend, grads, grads_offset), state_dev, 3)
+        got = [host64(backend, x) for x in [params_dev, *state_dev]]
+        for value, value_ref in zip(got, expected, strict=True):
+            assert_close(value, value_ref, dtype)
+        return got
+
+    check_alignments(name, run, offsets=[(0, 0, 0), (1, 0, 3)])
+
+
+@pytest.mark.parametrize(("name", "dtype"), CASES)
+def test_act_backward_in_place_on_unaligned_buffers(name, dtype):
+    backend = get_backend(name)
+    g, z = random((7, 131), dtype, 3), random((7, 131), dtype, 4)
+    expected = reference.act_backward(g, z, "gelu")
+
+    def run(offsets):
+        g_dev = placed(backend, g, offsets[0])
+        assert backend.act_backward(g_dev, placed(backend, z, offsets[1]), "gelu", out=g_dev) is g_dev
+        assert_close(host64(backend, g_dev), expected, dtype)
+        return [host64(backend, g_dev)]
+
+    check_alignments(name, run, offsets=[(0, 0), (1, 3)])
 
 
 GEMM_CASES = [  # (m, k, n, stack)

@@ -1,5 +1,6 @@
 // What every deltaprop CUDA module shares: the compute type per storage type, conversions, special
-// values, the teams that own a row of a row-wise kernel, and the targets of the loss kernels.
+// values, chunks (16-byte vector loads and stores), the teams that own a row of a row-wise kernel, and
+// the targets of the loss kernels.
 //
 // The loader (loader.py) prepends this file and the generated activation functors to each *.cu file,
 // so that a module's source text is complete: CuPy's kernel cache is keyed by that text.
@@ -39,6 +40,70 @@ __device__ __forceinline__ long long grid_threads() {
     return static_cast<long long>(gridDim.x) * blockDim.x;
 }
 
+// ---- chunks: V consecutive elements, moved as one 16-byte vector where the address allows ------------
+//
+// A vectorised kernel splits a range (a row, a flat buffer) into chunks of V elements counted from the
+// range's start, V = vector_width<T> (4 floats, 2 doubles, 8 halves or bfloat16s); the last chunk may
+// be shorter. A whole chunk whose address is 16-byte aligned is one vector access (ld.global.v4.f32,
+// .v2.f64, .v4.u32); any other chunk is V element accesses. Which thread handles which elements, and
+// in which order, does not depend on the address: results are bitwise the same either way.
+
+template <typename T> constexpr int vector_width = 16 / sizeof(T);
+
+template <typename T, int V> struct alignas(16) Packed {
+    static_assert(V * sizeof(T) % 16 == 0, "a packed chunk is whole 16-byte vectors");
+    T v[V];
+};
+
+template <typename T> __device__ __forceinline__ bool aligned16(const T* p) {
+    return (reinterpret_cast<unsigned long long>(p) & 15) == 0;
+}
+
+// f(j) for j in [0, n), n <= V; unrolled over V, so that a chunk's arrays stay in registers
+template <int V, typename F> __device__ __forceinline__ void for_each_element(int n, F f) {
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+        if (j < n) f(j);
+    }
+}
+
+// v[0, n) = p[0, n) in the compute type (v[n, V) is not written)
+template <int V, typename T> __device__ __forceinline__ void load_chunk(const T* p, int n, acc_t<T> (&v)[V]) {
+    if constexpr (V > 1) {
+        if (n == V && aligned16(p)) {
+            const Packed<T, V> packed = *reinterpret_cast<const Packed<T, V>*>(p);
+            for_each_element<V>(V, [&](int j) { v[j] = static_cast<acc_t<T>>(packed.v[j]); });
+            return;
+        }
+    }
+    for_each_element<V>(n, [&](int j) { v[j] = load(p, j); });
+}
+
+// p[0, n) = v[0, n) in the storage type
+template <int V, typename T> __device__ __forceinline__ void store_chunk(T* p, int n, const acc_t<T> (&v)[V]) {
+    if constexpr (V > 1) {
+        if (n == V && aligned16(p)) {
+            Packed<T, V> packed;
+            for_each_element<V>(V, [&](int j) { packed.v[j] = store<T>(v[j]); });
+            *reinterpret_cast<Packed<T, V>*>(p) = packed;
+            return;
+        }
+    }
+    for_each_element<V>(n, [&](int j) { p[j] = store<T>(v[j]); });
+}
+
+// f(c, n) for the chunks [c, c + n) of [0, count) that start at first * V, (first + step) * V, ..., in order
+template <int V, typename F>
+__device__ __forceinline__ void for_each_chunk(long long count, long long first, long long step, F f) {
+    for (long long c = first * V; c < count; c += step * V) f(c, count - c < V ? static_cast<int>(count - c) : V);
+}
+
+// f(i, k) for this thread's chunks [i, i + k) of a flat buffer of n elements of T: a grid-stride loop
+// that gives consecutive threads consecutive 16-byte chunks
+template <typename T, typename F> __device__ __forceinline__ void for_each_grid_chunk(long long n, F f) {
+    for_each_chunk<vector_width<T>>(n, global_thread(), grid_threads(), f);
+}
+
 struct Sum {
     template <typename A> __device__ __forceinline__ A operator()(A x, A y) const { return x + y; }
 };
@@ -48,7 +113,9 @@ struct Max {
 
 // ---- teams: who works on one row of a row-wise kernel ----------------------------------------------
 //
-// A team walks rows [begin, rows) in steps of `step`; its row is `base + offset`. Every lane of a warp
+// A team walks rows [begin, rows) in steps of `step`; its row is `base + offset`. A lane owns the row's
+// chunks lane, lane + size, ... of chunk<T> elements: 16 bytes for a warp or a block per row, one element
+// for narrower teams (rows of at most 16 elements gain nothing from vectors). Every lane of a warp
 // runs the same number of iterations (the shuffles below need the whole warp), so a lane whose row is
 // past the end works on the last row again and writes nothing (`valid` is false). Reductions are fixed
 // trees of shuffles (and, for a block, a fixed-order pass over the warps' results): deterministic.
@@ -56,6 +123,7 @@ struct Max {
 // W lanes per row (W a power of two up to 32): 32 / W rows per warp for short rows, a warp per row at W = 32.
 template <int W> struct GroupTeam {
     static constexpr int rows_per_warp = 32 / W;
+    template <typename T> static constexpr int chunk = W == 32 ? vector_width<T> : 1;
     __device__ static int lane() { return threadIdx.x & (W - 1); }
     __device__ static int size() { return W; }
     __device__ static long long begin() { return (global_thread() / 32) * rows_per_warp; }
@@ -71,15 +139,17 @@ template <int W> struct GroupTeam {
 };
 
 // A block per row (blockDim.x a multiple of 32). With `cache` set, each lane keeps the row elements it
-// reads in dynamic shared memory (cols values of the compute type), so later passes skip global memory.
+// reads in dynamic shared memory (cols values of the compute type, at their column), so later passes
+// skip global memory.
 struct BlockTeam {
+    template <typename T> static constexpr int chunk = vector_width<T>;
     __device__ static int lane() { return threadIdx.x; }
     __device__ static int size() { return blockDim.x; }
     __device__ static long long begin() { return blockIdx.x; }
     __device__ static long long step() { return gridDim.x; }
     __device__ static long long offset() { return 0; }
     template <typename A> __device__ static A* row_cache(int cache) {
-        extern __shared__ unsigned char dynamic_shared[];
+        extern __shared__ __align__(16) unsigned char dynamic_shared[];  // whole chunks go as vectors
         return cache ? reinterpret_cast<A*>(dynamic_shared) : nullptr;
     }
     template <typename A, typename Op> __device__ static A reduce(A v, Op op) {
@@ -94,7 +164,9 @@ struct BlockTeam {
     }
 };
 
-// ---- targets of the loss kernels: one row's target t_c, built for a row index ------------------------
+// ---- targets of the loss kernels: one row's targets t_c, built for a row index ------------------------
+//
+// load(c, n, v): v[0, n) = t_c .. t_{c+n-1}, a chunk of the row's targets in the compute type.
 
 // int64 class labels (B,): t_c = (c == label). A label outside [0, C) makes the row's loss NaN.
 template <typename T> struct LabelTargets {
@@ -102,7 +174,9 @@ template <typename T> struct LabelTargets {
     __device__ LabelTargets(const void* targets, long long row, long long) :
         label(static_cast<const long long*>(targets)[row]) {}
     __device__ bool valid(long long cols) const { return 0 <= label && label < cols; }
-    __device__ acc_t<T> at(long long c) const { return c == label ? acc_t<T>(1) : acc_t<T>(0); }
+    template <int V> __device__ void load(long long c, int n, acc_t<T> (&v)[V]) const {
+        for_each_element<V>(n, [&](int j) { v[j] = c + j == label ? acc_t<T>(1) : acc_t<T>(0); });
+    }
 };
 
 // a (B, C) target matrix in the storage type
@@ -111,12 +185,16 @@ template <typename T> struct MatrixTargets {
     __device__ MatrixTargets(const void* targets, long long row, long long cols) :
         row_targets(static_cast<const T*>(targets) + row * cols) {}
     __device__ bool valid(long long) const { return true; }
-    __device__ acc_t<T> at(long long c) const { return load(row_targets, c); }
+    template <int V> __device__ void load(long long c, int n, acc_t<T> (&v)[V]) const {
+        load_chunk(row_targets + c, n, v);
+    }
 };
 
 // no targets: the row softmax itself (t = 0, scale 1)
 template <typename T> struct NoTargets {
     __device__ NoTargets(const void*, long long, long long) {}
     __device__ bool valid(long long) const { return true; }
-    __device__ acc_t<T> at(long long) const { return acc_t<T>(0); }
+    template <int V> __device__ void load(long long, int n, acc_t<T> (&v)[V]) const {
+        for_each_element<V>(n, [&](int j) { v[j] = acc_t<T>(0); });
+    }
 };

@@ -20,10 +20,16 @@ __global__ void bias_act(const T* acc, const T* b, T* z, T* a, long long rows, l
     }
 }
 
-// out = g * act'(z) over n elements; out may be g (in place).
+// out = g * act'(z) over n elements, by 16-byte chunks (common.cuh); out may be g (in place).
 template <typename T, typename Act>
 __global__ void act_backward(const T* g, const T* z, T* out, long long n) {
-    for (long long i = global_thread(); i < n; i += grid_threads()) {
-        out[i] = store<T>(load(g, i) * Act::derivative(load(z, i)));
-    }
+    using A = acc_t<T>;
+    constexpr int V = vector_width<T>;
+    for_each_grid_chunk<T>(n, [&](long long i, int k) {
+        A gi[V], zi[V];
+        load_chunk(g + i, k, gi);
+        load_chunk(z + i, k, zi);
+        for_each_element<V>(k, [&](int j) { gi[j] *= Act::derivative(zi[j]); });
+        store_chunk(out + i, k, gi);
+    });
 }

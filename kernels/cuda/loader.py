@@ -10,7 +10,8 @@ A module is one source file for one dtype. Its source text is complete (common.c
 functors generated from the activation table, then the file), because CuPy's kernel cache is keyed by
 the text, not by what an ``#include`` would pull in. ``Modules`` compiles a module through
 ``cupy.RawModule`` the first time one of its kernels is asked for; ``compile_report(arch)`` compiles
-every module through NVRTC with CuPy's own options and returns ptxas's register and spill report.
+every module through NVRTC with CuPy's own options and returns ptxas's register and spill report, with
+the number of 16-byte vector loads in each kernel's PTX.
 
 Importing this module imports neither CuPy nor NVRTC.
 """
@@ -18,7 +19,7 @@ Importing this module imports neither CuPy nor NVRTC.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from itertools import product
 from pathlib import Path
@@ -177,11 +178,14 @@ class KernelResources:
     stack_bytes: int
     spill_store_bytes: int
     spill_load_bytes: int
+    vector_loads: int = 0  # 16-byte global loads in the kernel's PTX (ld.global.v4 of 32 bits, .v2 of 64)
 
 
 _PTXAS_ENTRY = re.compile(r"Compiling entry function '(\w+)' for 'sm_\d+a?'")
 _PTXAS_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _PTXAS_REGISTERS = re.compile(r"Used (\d+) registers")
+_PTX_ENTRY = re.compile(r"\.entry (\w+)\(")
+_PTX_VECTOR_LOAD = re.compile(r"\bld\.global(?:\.nc)?\.(?:v4\.[fub]32|v2\.[fub]64)\b")
 
 
 def nvrtc_options(arch: str) -> tuple[str, ...]:
@@ -210,6 +214,13 @@ def parse_ptxas_report(log: str) -> dict[str, KernelResources]:
     return report
 
 
+def count_vector_loads(ptx: str) -> dict[str, int]:
+    """Mangled kernel name -> how many 16-byte global loads its entry in ``ptx`` has."""
+    entries = list(_PTX_ENTRY.finditer(ptx))
+    ends = [entry.start() for entry in entries[1:]] + [len(ptx)]
+    return {entry.group(1): len(_PTX_VECTOR_LOAD.findall(ptx, entry.end(), end)) for entry, end in zip(entries, ends)}
+
+
 def compile_module(source: str, dtype: str, arch: str) -> dict[str, KernelResources]:
     """Compile one module for ``arch`` through NVRTC (no device needed); name expression -> resources.
 
@@ -230,9 +241,11 @@ def compile_module(source: str, dtype: str, arch: str) -> dict[str, KernelResour
             ) from error
         lowered = {nvrtc.getLoweredName(program, e): e for e in expressions}
         report = parse_ptxas_report(nvrtc.getProgramLog(program))
+        vector_loads = count_vector_loads(nvrtc.getPTX(program).decode())
     finally:
         nvrtc.destroyProgram(program)
-    return {lowered[mangled]: resources for mangled, resources in report.items()}
+    return {lowered[mangled]: replace(resources, vector_loads=vector_loads[mangled])
+            for mangled, resources in report.items()}
 
 
 def compile_report(arch: str, dtypes=CUDA_DTYPES) -> dict[tuple[str, str], dict[str, KernelResources]]:

@@ -1,14 +1,20 @@
 // The optimizer updates: one grid-stride pass over the flat parameter buffer each, in place, in the
-// compute type A; the formulas of torch.optim (the Backend docstrings). Scalars arrive as A.
+// compute type A; the formulas of torch.optim (the Backend docstrings). Scalars arrive as A. Each thread
+// takes 16-byte chunks of every buffer (common.cuh: one vector access where a chunk is aligned).
 
 // params = params * (1 - lr * wd) - lr * grads
 template <typename T>
 __global__ void sgd_update(T* params, const T* grads, long long n, acc_t<T> lr, acc_t<T> weight_decay) {
     using A = acc_t<T>;
+    constexpr int V = vector_width<T>;
     const A shrink = A(1) - lr * weight_decay;
-    for (long long i = global_thread(); i < n; i += grid_threads()) {
-        params[i] = store<T>(load(params, i) * shrink - lr * load(grads, i));
-    }
+    for_each_grid_chunk<T>(n, [&](long long i, int k) {
+        A p[V], g[V];
+        load_chunk(params + i, k, p);
+        load_chunk(grads + i, k, g);
+        for_each_element<V>(k, [&](int j) { p[j] = p[j] * shrink - lr * g[j]; });
+        store_chunk(params + i, k, p);
+    });
 }
 
 // g = grads + wd * params; v = mu * v + g; params -= lr * (nesterov ? g + mu * v : v)
@@ -16,13 +22,20 @@ template <typename T>
 __global__ void momentum_update(T* params, const T* grads, T* velocity, long long n, acc_t<T> lr,
                                 acc_t<T> momentum, acc_t<T> weight_decay, int nesterov) {
     using A = acc_t<T>;
-    for (long long i = global_thread(); i < n; i += grid_threads()) {
-        const A p = load(params, i);
-        const A g = load(grads, i) + weight_decay * p;
-        const A v = momentum * load(velocity, i) + g;
-        velocity[i] = store<T>(v);
-        params[i] = store<T>(p - lr * (nesterov ? g + momentum * v : v));
-    }
+    constexpr int V = vector_width<T>;
+    for_each_grid_chunk<T>(n, [&](long long i, int k) {
+        A p[V], g[V], v[V];
+        load_chunk(params + i, k, p);
+        load_chunk(grads + i, k, g);
+        load_chunk(velocity + i, k, v);
+        for_each_element<V>(k, [&](int j) {
+            g[j] += weight_decay * p[j];
+            v[j] = momentum * v[j] + g[j];
+            p[j] -= lr * (nesterov ? g[j] + momentum * v[j] : v[j]);
+        });
+        store_chunk(velocity + i, k, v);
+        store_chunk(params + i, k, p);
+    });
 }
 
 // Adam (decoupled = 0: L2 added to the gradient) or AdamW (decoupled = 1: params scaled first).
@@ -34,19 +47,26 @@ __global__ void adam_update(T* params, const T* grads, T* m, T* v, long long n, 
                             acc_t<T> one_minus_beta2, acc_t<T> eps, acc_t<T> weight_decay,
                             acc_t<T> bias1, acc_t<T> bias2, int decoupled) {
     using A = acc_t<T>;
+    constexpr int V = vector_width<T>;
     const A step_size = lr / bias1;
-    for (long long i = global_thread(); i < n; i += grid_threads()) {
-        A p = load(params, i);
-        A g = load(grads, i);
-        if (decoupled) {
-            p *= A(1) - lr * weight_decay;
-        } else {
-            g += weight_decay * p;
-        }
-        const A mi = beta1 * load(m, i) + one_minus_beta1 * g;
-        const A vi = beta2 * load(v, i) + one_minus_beta2 * g * g;
-        m[i] = store<T>(mi);
-        v[i] = store<T>(vi);
-        params[i] = store<T>(p - step_size * mi / (sqrt(vi / bias2) + eps));
-    }
+    for_each_grid_chunk<T>(n, [&](long long i, int k) {
+        A p[V], g[V], mi[V], vi[V];
+        load_chunk(params + i, k, p);
+        load_chunk(grads + i, k, g);
+        load_chunk(m + i, k, mi);
+        load_chunk(v + i, k, vi);
+        for_each_element<V>(k, [&](int j) {
+            if (decoupled) {
+                p[j] *= A(1) - lr * weight_decay;
+            } else {
+                g[j] += weight_decay * p[j];
+            }
+            mi[j] = beta1 * mi[j] + one_minus_beta1 * g[j];
+            vi[j] = beta2 * vi[j] + one_minus_beta2 * g[j] * g[j];
+            p[j] -= step_size * mi[j] / (sqrt(vi[j] / bias2) + eps);
+        });
+        store_chunk(m + i, k, mi);
+        store_chunk(v + i, k, vi);
+        store_chunk(params + i, k, p);
+    });
 }
