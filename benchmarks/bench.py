@@ -274,31 +274,30 @@ def measure(plan: Plan) -> dict:
     devices = list(dict.fromkeys(s.device for s in subjects))
     peakers = {d: b for d in devices if (b := peak_backend(d, subjects)) is not None}
     effort = plan.effort
-    progress = Progress(len(peakers) + len(effort.batches) * (1 + plan.kernels))
+    progress = Progress(len(effort.batches) * (1 + plan.kernels))
     limits = dict(rounds=effort.rounds, min_rounds=effort.min_rounds, max_time_s=effort.max_time_s)
 
-    def timed_point(label, timeds, **overrides):
-        point_limits = {**limits, **overrides}
-        timings = interleave(timeds, on_round=progress.point(label, point_limits["rounds"]), **point_limits)
+    def timed_point(label, timeds):
+        timings = interleave(timeds, on_round=progress.point(label, limits["rounds"]), **limits)
         progress.finish(len(next(iter(timings.values())).samples))
         return timings
 
-    peaks = []
-    for device, backend in peakers.items():
-        n = effort.peak_sizes[device]
-        timing = timed_point(f"{device} GEMM peak", {device: peak_timed(backend, n, plan.dtype)},
-                             rounds=effort.min_rounds)[device]  # one big GEMM: steady, few rounds suffice
-        peaks.append({"device": device, "backend": backend.name, "n": n, "dtype": plan.dtype,
-                      "gflops": 2 * n**3 / timing.median / 1e9, "timing": timing.summary_ms()})
-
-    steps, kernels = [], []
+    # the peak GEMM is a subject of every batch's rounds: this shared machine's speed drifts by tens of
+    # percent within a run, and a peak timed once at the start made "% peak" follow the drift
+    peak_timeds = {("peak", d): peak_timed(b, effort.peak_sizes[d], plan.dtype) for d, b in peakers.items()}
+    peaks, steps, kernels = [], [], []
     for batch in effort.batches:
         timeds = {s.name: s.step(batch) for s in subjects}
         first = {name: time_first_call(t.fn, t.clock) for name, t in timeds.items()}
-        for s, (name, timing) in zip(subjects, timed_point(f"step, batch {batch}", timeds).items()):
-            steps.append({"subject": name, "kind": s.kind, "device": s.device, "batch": batch,
-                          "flops": step_flops(plan.sizes, batch), "first_step_ms": first[name] * 1e3,
-                          "timing": timing.summary_ms()})
+        timings = timed_point(f"step, batch {batch}", {**timeds, **peak_timeds})
+        for s in subjects:
+            steps.append({"subject": s.name, "kind": s.kind, "device": s.device, "batch": batch,
+                          "flops": step_flops(plan.sizes, batch), "first_step_ms": first[s.name] * 1e3,
+                          "timing": timings[s.name].summary_ms()})
+        for device, backend in peakers.items():
+            n, timing = effort.peak_sizes[device], timings["peak", device]
+            peaks.append({"device": device, "batch": batch, "backend": backend.name, "n": n, "dtype": plan.dtype,
+                          "gflops": 2 * n**3 / timing.median / 1e9, "timing": timing.summary_ms()})
         if plan.kernels:
             calls = {(s.name, i): (s, call, t) for s in subjects if s.kind == "backend"
                      for i, (call, t) in enumerate(s.kernels(batch))}
@@ -328,12 +327,13 @@ def measure(plan: Plan) -> dict:
 def _with_derived(steps, peaks):
     """Each step row with samples/s, GFLOP/s, the fraction of its device's GEMM peak (None without a peak),
     and the fastest peer on its device at its batch with the ratio of that peer's median to its own."""
-    peak = {p["device"]: p["gflops"] for p in peaks}
+    peak = {(p["device"], p["batch"]): p["gflops"] for p in peaks}
     for row in steps:
         median_s = row["timing"]["median_ms"] / 1e3
         row["samples_per_s"] = row["batch"] / median_s
         row["gflops"] = row["flops"] / median_s / 1e9
-        row["peak_fraction"] = row["gflops"] / peak[row["device"]] if row["device"] in peak else None
+        device_peak = peak.get((row["device"], row["batch"]))
+        row["peak_fraction"] = None if device_peak is None else row["gflops"] / device_peak
         peers = [p for p in steps if p["kind"] == "peer" and p["device"] == row["device"] and p["batch"] == row["batch"]]
         fastest = min(peers, key=lambda p: p["timing"]["median_ms"], default=None)
         row["fastest_peer"] = fastest and fastest["subject"]
@@ -369,8 +369,10 @@ def render(report: dict) -> str:
         f"machine: {m['cpu']}, {m['cores']} cores, BLAS {blas}, {gpus}"
         + (f", load average {m['load_average'][0]:.1f} at the start" if m["load_average"] else ""),
     ]
-    lines += [f"GEMM peak, {p['device']}: {p['gflops']:,.1f} GFLOP/s ({p['backend']}, {p['dtype']} "
-              f"{p['n']}x{p['n']}x{p['n']})" for p in report["peaks"]]
+    for device in dict.fromkeys(p["device"] for p in report["peaks"]):
+        rows = [p for p in report["peaks"] if p["device"] == device]
+        lines.append(f"GEMM peak, {device} ({rows[0]['backend']}, {rows[0]['dtype']} {rows[0]['n']}^3, in each batch's rounds): "
+                     + ", ".join(f"{p['gflops']:,.1f} at batch {p['batch']}" for p in rows) + " GFLOP/s")
     compiled = [f"{s['name']} {s['compile_s']:.2f} s" for s in report["subjects"] if s["compile_s"] is not None]
     lines.append("compile (warmup(), not in any time below): " + ", ".join(compiled))
     if report["not_run"]:
@@ -396,7 +398,7 @@ def render(report: dict) -> str:
         " IQR: its 25th-75th percentiles.",
         f"GFLOP/s: the FLOPs a step needs, 2*B*(3*sum(n_l*n_(l-1)) - n_0*n_1) = B * {step_flops(sizes, 1):,};"
         " the input gets no gradient, so the first layer has no input-gradient GEMM; elementwise work is not counted.",
-        "% peak: GFLOP/s over the GEMM peak measured above on the same device.",
+        "% peak: GFLOP/s over the GEMM peak measured in the same rounds on the same device.",
         "vs peer: the fastest peer's (torch, jax) median on the same device divided by this median (above 1x: faster).",
         "1st step: the first step at this batch size (allocation, JAX's jit compile), apart from ms/step.",
     ]

@@ -82,8 +82,13 @@ def test_timings_are_positive_and_finite(quick_run):
 def test_derived_columns_refer_to_the_same_device_and_batch(quick_run):
     report = quick_run[2]
     medians = {(r["subject"], r["batch"]): r["timing"]["median_ms"] for r in report["steps"]}
+    peaks = {(p["device"], p["batch"]): p for p in report["peaks"]}
+    assert len(peaks) == len(report["peaks"]) == len(BATCHES)  # one peak per batch's rounds on the one device
     for row in report["steps"]:
-        assert row["peak_fraction"] is not None  # every device of this run has one of our backends
+        # every device of this run has one of our backends; the peak is the one timed in the same rounds
+        peak = peaks[row["device"], row["batch"]]
+        assert row["peak_fraction"] == pytest.approx(row["gflops"] / peak["gflops"])
+        assert peak["timing"]["rounds"] == row["timing"]["rounds"]
         if row["fastest_peer"] is None:
             assert row["vs_fastest_peer"] is None
             continue
