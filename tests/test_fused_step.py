@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tracemalloc
 
+import numba
 import numpy as np
 import pytest
 from conftest import TOLERANCE, rel_err
@@ -17,7 +18,8 @@ from deltaprop.backend import get_backend
 from deltaprop.errors import NonFiniteLossError
 from deltaprop.kernels import reference
 from deltaprop.kernels.activations import ACTIVATIONS
-from deltaprop.kernels.cpu.step import SMALL_BATCH
+from deltaprop.kernels.cpu.gemm import register_blas_threads, set_blas_threads
+from deltaprop.kernels.cpu.step import SERIAL_BLAS_BELOW, SMALL_BATCH, build_serial_blas
 from deltaprop.kernels.plan import B_AT, W_AT, step_plan
 from deltaprop.model import LOSSES, MLP
 
@@ -189,3 +191,54 @@ def test_fused_grads_errors_leave_the_grads(batch, rng):
 
 def test_numpy_backend_has_no_fused_grads_step():
     assert get_backend("numpy").fused_grads_step("relu", "softmax_xent", "float64") is None
+
+
+@numba.njit
+def _swap_blas_threads(n):
+    return set_blas_threads(n)
+
+
+def blas_threads():
+    """The thread count of the BLAS that Numba calls, read through the setter the fused steps use."""
+    count = _swap_blas_threads(np.intc(1))
+    _swap_blas_threads(count)
+    return count
+
+
+def test_blas_thread_setter_is_found_and_sets_the_count():
+    assert register_blas_threads()  # SciPy's OpenBLAS (or MKL) has one: else the steps cannot go serial
+    before = blas_threads()
+    assert _swap_blas_threads(np.intc(1)) == before
+    assert _swap_blas_threads(before) == 1
+    assert blas_threads() == before
+
+
+@pytest.mark.parametrize("sizes, batch, serial", [
+    ([64, 128, 128, 10], SMALL_BATCH, False),  # no GEMM at all
+    ([64, 128, 128, 10], 32, True),
+    ([64, 128, 128, 10], SERIAL_BLAS_BELOW // (128 * 128) - 1, True),
+    ([64, 128, 128, 10], SERIAL_BLAS_BELOW // (128 * 128), False),
+    ([784, 1024, 1024, 10], 16, False),
+])
+def test_only_steps_with_small_gemms_run_blas_on_one_thread(sizes, batch, serial):
+    serial_blas, restore_blas = (numba.njit(fn) for fn in build_serial_blas())
+    before = blas_threads()
+    previous = serial_blas(batch, step_plan(sizes, batch)[0])
+    try:
+        assert (previous, blas_threads()) == ((before, 1) if serial else (-1, before))
+    finally:
+        restore_blas(previous)
+    assert blas_threads() == before
+
+
+@pytest.mark.parametrize("step", ["train_step", "_loss_grads"])
+def test_fused_steps_put_the_blas_threads_back(step, rng):
+    """Also when the step refuses a label after its forward GEMMs ran on one thread."""
+    net = MLP([20, 16, 5], backend="numba", dtype="float32", seed=0)
+    x = rng.standard_normal((32, 20)).astype(np.float32)
+    before = blas_threads()
+    getattr(net, step)(x, rng.integers(0, 5, 32))
+    assert blas_threads() == before
+    with pytest.raises(ValueError):
+        getattr(net, step)(x, np.full(32, 5))
+    assert blas_threads() == before

@@ -9,6 +9,10 @@ that every operand keeps a contiguous layout type.
 
 from __future__ import annotations
 
+import ctypes
+import functools
+
+import llvmlite.binding
 import numpy as np
 from llvmlite import ir
 from numba.core import cgutils, types
@@ -98,3 +102,44 @@ def gemm_into(typingctx, a, b, out, alpha, beta):
         return context.get_dummy_value()
 
     return types.none(a, b, out, alpha, beta), codegen
+
+
+BLAS_THREADS_SYMBOL = "deltaprop_blas_threads"
+# calls that set a BLAS's thread count and return the previous one, in the libraries SciPy links
+BLAS_THREAD_SETTERS = ("openblas_set_num_threads_local", "scipy_openblas_set_num_threads_local",
+                       "mkl_set_num_threads_local")
+
+
+@functools.cache
+def register_blas_threads() -> bool:
+    """Registers ``BLAS_THREADS_SYMBOL``, the call that ``set_blas_threads`` makes, for the BLAS that
+    Numba's np.dot calls (SciPy's); True when that BLAS has one of ``BLAS_THREAD_SETTERS``, False when
+    it has none and the symbol is libc's ``abs``, a call of the same type with no effect.
+
+    A kernel calling ``set_blas_threads`` finds the symbol when it is compiled or loaded from the disk
+    cache, so its builder calls this first. A symbol rather than a ctypes pointer keeps the kernel
+    cacheable. In OpenBLAS's pthreads builds the "local" setter is process-wide: a caller sets it for
+    one step and puts the old count back.
+    """
+    from scipy.linalg import cython_blas
+
+    blas = ctypes.CDLL(cython_blas.__file__)  # dlsym searches the module and the libraries it links
+    setter = next((getattr(blas, name) for name in BLAS_THREAD_SETTERS if hasattr(blas, name)), None)
+    llvmlite.binding.add_symbol(BLAS_THREADS_SYMBOL, ctypes.cast(setter or ctypes.CDLL(None).abs, ctypes.c_void_p).value)
+    return setter is not None
+
+
+@fixed_identity
+@intrinsic
+def set_blas_threads(typingctx, n):
+    """BLAS's thread count set to the integer ``n``; returns the previous count, an intc
+    (``register_blas_threads``)."""
+    if not isinstance(n, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        int32 = ir.IntType(32)
+        setter = cgutils.get_or_insert_function(builder.module, ir.FunctionType(int32, [int32]), BLAS_THREADS_SYMBOL)
+        return builder.call(setter, [context.cast(builder, args[0], n, types.intc)])
+
+    return types.intc(n), codegen

@@ -25,10 +25,15 @@ from numba.extending import register_jitable
 
 from deltaprop.kernels.cpu import elementwise, losses, optimizers
 from deltaprop.kernels.cpu.common import fixed_identity, rows
-from deltaprop.kernels.cpu.gemm import gemm_into
+from deltaprop.kernels.cpu.gemm import gemm_into, register_blas_threads, set_blas_threads
 from deltaprop.kernels.plan import A_AT, B_AT, DELTA_AT, N_IN, N_OUT, W_AT, Z_AT
 
 SMALL_BATCH = 8  # at most this many rows: the outer-product update fused with delta's propagation
+# A step whose largest GEMM has fewer multiply-adds runs BLAS on one thread. OpenBLAS splits a GEMM over
+# its threads from 2**18, where on small layers the hand-off costs more than it gains: on 2 cores, a
+# 64-128-128-10 step ran 1.2-1.6x faster on one thread at batch 32 to 256 (2**19 to 2**22), and a
+# 784-1024-1024-10 step 1.6x slower at batch 16 (2**24).
+SERIAL_BLAS_BELOW = 1 << 23
 
 
 # The small-batch loops reassociate their sums (as BLAS does) so that LLVM vectorizes the dot products;
@@ -125,6 +130,28 @@ def small_grads(W, dW, delta, a_in, g, propagate):
                     g_i[k] += d * row[k]
 
 
+def build_serial_blas():
+    """(serial_blas, restore_blas) for the fused steps: ``serial_blas(batch, plan)`` puts BLAS on one thread
+    when the step's largest GEMM is under ``SERIAL_BLAS_BELOW`` multiply-adds and returns the count to
+    restore (-1: nothing changed); ``restore_blas(previous)`` restores it."""
+    register_blas_threads()
+    one = np.intc(1)
+
+    def serial_blas(batch, plan):
+        largest = 0
+        for l in range(plan.shape[0]):
+            largest = max(largest, plan[l, N_IN] * plan[l, N_OUT])
+        if batch <= SMALL_BATCH or batch * largest >= SERIAL_BLAS_BELOW:  # no GEMM, or a large one
+            return np.intc(-1)
+        return set_blas_threads(one)
+
+    def restore_blas(previous):
+        if previous >= 0:
+            set_blas_threads(previous)
+
+    return register_jitable(serial_blas), register_jitable(restore_blas)
+
+
 def named(fn, variant):
     """``fn``, a kernel builder's closure, callable from jitted code under a name of its own variant.
 
@@ -175,6 +202,7 @@ def build_sgd_step(T, act, loss):
     act_backward = named(elementwise.build_act_backward(T, act), act)
     act_backward_sums = named(elementwise.build_act_backward_sums(T, act), act)
     sgd = register_jitable(optimizers.build_sgd(T))
+    serial_blas, restore_blas = build_serial_blas()
     zero, one = T(0), T(1)
 
     def sgd_step(x, targets, params, work, plan, lr):
@@ -187,8 +215,10 @@ def build_sgd_step(T, act, loss):
         batch, depth = x.shape[0], plan.shape[0]
         n_max = max(plan[0, N_IN], plan[:, N_OUT].max())
         scratch = work[work.shape[0] - 2 * n_max:]
+        previous_threads = serial_blas(batch, plan)
         total, bad_row = forward_loss(x, targets, params, work, plan)
         if bad_row >= 0 or not math.isfinite(total):
+            restore_blas(previous_threads)
             return total, bad_row  # before any parameter changes
 
         for l in range(depth - 1, -1, -1):
@@ -214,6 +244,7 @@ def build_sgd_step(T, act, loss):
                     act_backward(g, z_below, g)
                 else:  # delta[l-1] and its column sums, db[l-1], in one pass over it
                     act_backward_sums(g, z_below, g, scratch[:n_in], scratch[n_max:n_max + n_in])
+        restore_blas(previous_threads)
         return total, bad_row
 
     return sgd_step
@@ -224,6 +255,7 @@ def build_grads_step(T, act, loss):
     into the flat ``grads`` buffer (the parameters' layout) for an optimizer's update kernel to apply."""
     forward_loss = build_forward_loss(T, act, loss)
     act_backward_sums = named(elementwise.build_act_backward_sums(T, act), act)
+    serial_blas, restore_blas = build_serial_blas()
 
     def grads_step(x, targets, params, grads, work, plan):
         """dJ/dW[l] and dJ/db[l] into ``grads`` at the parameters' offsets; returns (summed loss over the
@@ -234,8 +266,10 @@ def build_grads_step(T, act, loss):
         batch, depth = x.shape[0], plan.shape[0]
         n_max = max(plan[0, N_IN], plan[:, N_OUT].max())
         scratch = work[work.shape[0] - 2 * n_max:]
+        previous_threads = serial_blas(batch, plan)
         total, bad_row = forward_loss(x, targets, params, work, plan)
         if bad_row >= 0 or not math.isfinite(total):
+            restore_blas(previous_threads)
             return total, bad_row  # before any gradient changes
 
         for l in range(depth - 1, -1, -1):
@@ -257,6 +291,7 @@ def build_grads_step(T, act, loss):
                 b_below = plan[l - 1, B_AT]
                 act_backward_sums(g, rows(work, plan[l - 1, Z_AT], batch, n_in), g, grads[b_below:b_below + n_in],
                                   scratch[:n_in])
+        restore_blas(previous_threads)
         return total, bad_row
 
     return grads_step
