@@ -3,9 +3,11 @@
 every activation, loss and dtype, at batch 1, at the small-batch path's limit and past it (the GEMM path);
 their layout; their errors; and no allocation after the first step."""
 
+import math
 import os
 import subprocess
 import sys
+import threading
 import tracemalloc
 
 import numba
@@ -18,7 +20,7 @@ from deltaprop.backend import get_backend
 from deltaprop.errors import NonFiniteLossError
 from deltaprop.kernels import reference
 from deltaprop.kernels.activations import ACTIVATIONS
-from deltaprop.kernels.cpu.gemm import register_blas_threads, set_blas_threads
+from deltaprop.kernels.cpu.gemm import enter_serial_blas, leave_serial_blas, register_blas_threads, set_blas_threads
 from deltaprop.kernels.cpu.step import SERIAL_BLAS_BELOW, SMALL_BATCH, build_serial_blas
 from deltaprop.kernels.plan import B_AT, W_AT, step_plan
 from deltaprop.model import LOSSES, MLP
@@ -223,11 +225,36 @@ def test_blas_thread_setter_is_found_and_sets_the_count():
 def test_only_steps_with_small_gemms_run_blas_on_one_thread(sizes, batch, serial):
     serial_blas, restore_blas = (numba.njit(fn) for fn in build_serial_blas())
     before = blas_threads()
-    previous = serial_blas(batch, step_plan(sizes, batch)[0])
+    went_serial = serial_blas(batch, step_plan(sizes, batch)[0])
     try:
-        assert (previous, blas_threads()) == ((before, 1) if serial else (-1, before))
+        assert (went_serial, blas_threads()) == (serial, 1 if serial else before)
     finally:
-        restore_blas(previous)
+        restore_blas(went_serial)
+    assert blas_threads() == before
+
+
+@numba.njit(nogil=True)
+def _serial_sections(times, spin):
+    total = 0.0
+    for _ in range(times):
+        enter_serial_blas()
+        for k in range(spin):  # work that overlaps the other threads' sections (a sum of k would fold away)
+            total += math.sin(k)
+        leave_serial_blas()
+    return total
+
+
+def test_serial_blas_sections_in_concurrent_threads_put_the_count_back():
+    """nogil steps may run in several threads at once, while the BLAS's count is process-wide: the first
+    section in must keep the count and the last one out restore it, however they interleave. (Each
+    section saving and restoring the count itself left it at 1 in three runs of three.)"""
+    before = blas_threads()
+    _serial_sections(1, 1)
+    threads = [threading.Thread(target=_serial_sections, args=(2000, 200 * (i + 1))) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
     assert blas_threads() == before
 
 

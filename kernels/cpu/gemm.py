@@ -17,6 +17,8 @@ import numpy as np
 from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic, register_jitable
+from numba.core.imputils import impl_ret_borrowed
+from numba.np.arrayobj import populate_array
 from numba.np.linalg import check_blas_return, ensure_blas, get_blas_kind
 
 from deltaprop.kernels.cpu.common import fixed_identity
@@ -105,6 +107,9 @@ def gemm_into(typingctx, a, b, out, alpha, beta):
 
 
 BLAS_THREADS_SYMBOL = "deltaprop_blas_threads"
+SERIAL_STATE_SYMBOL = "deltaprop_serial_blas_state"
+LOCK, ACTIVE, SAVED = range(3)  # the words of the process-wide state that the serial-BLAS sections share
+_SERIAL_STATE = (ctypes.c_int64 * 3)()
 # calls that set a BLAS's thread count and return the previous one, in the libraries SciPy links
 BLAS_THREAD_SETTERS = ("openblas_set_num_threads_local", "scipy_openblas_set_num_threads_local",
                        "mkl_set_num_threads_local")
@@ -118,14 +123,15 @@ def register_blas_threads() -> bool:
 
     A kernel calling ``set_blas_threads`` finds the symbol when it is compiled or loaded from the disk
     cache, so its builder calls this first. A symbol rather than a ctypes pointer keeps the kernel
-    cacheable. In OpenBLAS's pthreads builds the "local" setter is process-wide: a caller sets it for
-    one step and puts the old count back.
+    cacheable. In OpenBLAS's pthreads builds the "local" setter is process-wide, so callers go through
+    ``enter_serial_blas``/``leave_serial_blas``, which share the count between threads.
     """
     from scipy.linalg import cython_blas
 
     blas = ctypes.CDLL(cython_blas.__file__)  # dlsym searches the module and the libraries it links
     setter = next((getattr(blas, name) for name in BLAS_THREAD_SETTERS if hasattr(blas, name)), None)
     llvmlite.binding.add_symbol(BLAS_THREADS_SYMBOL, ctypes.cast(setter or ctypes.CDLL(None).abs, ctypes.c_void_p).value)
+    llvmlite.binding.add_symbol(SERIAL_STATE_SYMBOL, ctypes.addressof(_SERIAL_STATE))
     return setter is not None
 
 
@@ -136,6 +142,7 @@ def set_blas_threads(typingctx, n):
     (``register_blas_threads``)."""
     if not isinstance(n, types.Integer):
         return None
+    register_blas_threads()  # for a compile; a load from the disk cache relies on the kernel's builder
 
     def codegen(context, builder, signature, args):
         int32 = ir.IntType(32)
@@ -143,3 +150,69 @@ def set_blas_threads(typingctx, n):
         return builder.call(setter, [context.cast(builder, args[0], n, types.intc)])
 
     return types.intc(n), codegen
+
+
+@fixed_identity
+@intrinsic
+def serial_blas_state(typingctx):
+    """The process-wide int64 words (LOCK, ACTIVE, SAVED) of ``enter_serial_blas``, as a (3,) array."""
+    view = types.Array(types.int64, 1, "C")
+    register_blas_threads()
+
+    def codegen(context, builder, signature, args):
+        words = builder.module.globals.get(SERIAL_STATE_SYMBOL)
+        if words is None:  # a declaration: the address comes from register_blas_threads
+            words = ir.GlobalVariable(builder.module, ir.ArrayType(ir.IntType(64), 3), SERIAL_STATE_SYMBOL)
+        result = context.make_array(view)(context, builder)
+        itemsize = context.get_constant(types.intp, 8)
+        populate_array(result, data=builder.bitcast(words, ir.IntType(64).as_pointer()),
+                       shape=cgutils.pack_array(builder, [context.get_constant(types.intp, 3)]),
+                       strides=cgutils.pack_array(builder, [itemsize]), itemsize=itemsize, meminfo=None)
+        return impl_ret_borrowed(context, builder, view, result._getvalue())
+
+    return view(), codegen
+
+
+@fixed_identity
+@intrinsic
+def compare_and_swap(typingctx, words, index, expected, new):
+    """words[index] = new if it equals ``expected``, atomically (sequentially consistent); returns the old
+    value. words: an int64 array."""
+    if not (isinstance(words, types.Array) and words.dtype == types.int64):
+        return None
+
+    def codegen(context, builder, signature, args):
+        array = context.make_array(words)(context, builder, args[0])
+        word = builder.gep(array.data, [context.cast(builder, args[1], signature.args[1], types.intp)])
+        old_new = [context.cast(builder, v, t, types.int64) for v, t in zip(args[2:], signature.args[2:])]
+        return builder.extract_value(builder.cmpxchg(word, *old_new, "seq_cst", "seq_cst"), 0)
+
+    return types.int64(words, index, expected, new), codegen
+
+
+@register_jitable
+def _locked(state):
+    while compare_and_swap(state, LOCK, 0, 1) != 0:
+        pass
+
+
+@register_jitable
+def enter_serial_blas():
+    """BLAS on one thread until the matching ``leave_serial_blas``. Safe in concurrent (nogil) calls: the
+    first section in keeps the count, the last one out puts it back (``register_blas_threads`` first)."""
+    state = serial_blas_state()
+    _locked(state)
+    if state[ACTIVE] == 0:
+        state[SAVED] = set_blas_threads(1)
+    state[ACTIVE] += 1
+    compare_and_swap(state, LOCK, 1, 0)
+
+
+@register_jitable
+def leave_serial_blas():
+    state = serial_blas_state()
+    _locked(state)
+    state[ACTIVE] -= 1
+    if state[ACTIVE] == 0:
+        set_blas_threads(state[SAVED])
+    compare_and_swap(state, LOCK, 1, 0)

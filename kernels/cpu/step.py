@@ -25,7 +25,7 @@ from numba.extending import register_jitable
 
 from deltaprop.kernels.cpu import elementwise, losses, optimizers
 from deltaprop.kernels.cpu.common import fixed_identity, rows
-from deltaprop.kernels.cpu.gemm import gemm_into, register_blas_threads, set_blas_threads
+from deltaprop.kernels.cpu.gemm import enter_serial_blas, gemm_into, leave_serial_blas, register_blas_threads
 from deltaprop.kernels.plan import A_AT, B_AT, DELTA_AT, N_IN, N_OUT, W_AT, Z_AT
 
 SMALL_BATCH = 8  # at most this many rows: the outer-product update fused with delta's propagation
@@ -132,22 +132,22 @@ def small_grads(W, dW, delta, a_in, g, propagate):
 
 def build_serial_blas():
     """(serial_blas, restore_blas) for the fused steps: ``serial_blas(batch, plan)`` puts BLAS on one thread
-    when the step's largest GEMM is under ``SERIAL_BLAS_BELOW`` multiply-adds and returns the count to
-    restore (-1: nothing changed); ``restore_blas(previous)`` restores it."""
+    when the step's largest GEMM is under ``SERIAL_BLAS_BELOW`` multiply-adds and says whether it did;
+    ``restore_blas(serial)`` undoes it."""
     register_blas_threads()
-    one = np.intc(1)
 
     def serial_blas(batch, plan):
         largest = 0
         for l in range(plan.shape[0]):
             largest = max(largest, plan[l, N_IN] * plan[l, N_OUT])
         if batch <= SMALL_BATCH or batch * largest >= SERIAL_BLAS_BELOW:  # no GEMM, or a large one
-            return np.intc(-1)
-        return set_blas_threads(one)
+            return False
+        enter_serial_blas()
+        return True
 
-    def restore_blas(previous):
-        if previous >= 0:
-            set_blas_threads(previous)
+    def restore_blas(serial):
+        if serial:
+            leave_serial_blas()
 
     return register_jitable(serial_blas), register_jitable(restore_blas)
 
@@ -215,10 +215,10 @@ def build_sgd_step(T, act, loss):
         batch, depth = x.shape[0], plan.shape[0]
         n_max = max(plan[0, N_IN], plan[:, N_OUT].max())
         scratch = work[work.shape[0] - 2 * n_max:]
-        previous_threads = serial_blas(batch, plan)
+        serial = serial_blas(batch, plan)
         total, bad_row = forward_loss(x, targets, params, work, plan)
         if bad_row >= 0 or not math.isfinite(total):
-            restore_blas(previous_threads)
+            restore_blas(serial)
             return total, bad_row  # before any parameter changes
 
         for l in range(depth - 1, -1, -1):
@@ -244,7 +244,7 @@ def build_sgd_step(T, act, loss):
                     act_backward(g, z_below, g)
                 else:  # delta[l-1] and its column sums, db[l-1], in one pass over it
                     act_backward_sums(g, z_below, g, scratch[:n_in], scratch[n_max:n_max + n_in])
-        restore_blas(previous_threads)
+        restore_blas(serial)
         return total, bad_row
 
     return sgd_step
@@ -266,10 +266,10 @@ def build_grads_step(T, act, loss):
         batch, depth = x.shape[0], plan.shape[0]
         n_max = max(plan[0, N_IN], plan[:, N_OUT].max())
         scratch = work[work.shape[0] - 2 * n_max:]
-        previous_threads = serial_blas(batch, plan)
+        serial = serial_blas(batch, plan)
         total, bad_row = forward_loss(x, targets, params, work, plan)
         if bad_row >= 0 or not math.isfinite(total):
-            restore_blas(previous_threads)
+            restore_blas(serial)
             return total, bad_row  # before any gradient changes
 
         for l in range(depth - 1, -1, -1):
@@ -291,7 +291,7 @@ def build_grads_step(T, act, loss):
                 b_below = plan[l - 1, B_AT]
                 act_backward_sums(g, rows(work, plan[l - 1, Z_AT], batch, n_in), g, grads[b_below:b_below + n_in],
                                   scratch[:n_in])
-        restore_blas(previous_threads)
+        restore_blas(serial)
         return total, bad_row
 
     return grads_step
