@@ -21,7 +21,7 @@ from deltaprop.errors import NonFiniteLossError
 from deltaprop.kernels import reference
 from deltaprop.kernels.activations import ACTIVATIONS
 from deltaprop.kernels.cpu.gemm import enter_serial_blas, leave_serial_blas, register_blas_threads, set_blas_threads
-from deltaprop.kernels.cpu.step import SERIAL_BLAS_BELOW, SMALL_BATCH, build_serial_blas
+from deltaprop.kernels.cpu.step import SERIAL_BLAS_BELOW, SMALL_BATCH, restore_blas, serial_blas
 from deltaprop.kernels.plan import B_AT, W_AT, step_plan
 from deltaprop.model import LOSSES, MLP
 
@@ -223,13 +223,12 @@ def test_blas_thread_setter_is_found_and_sets_the_count():
     ([784, 1024, 1024, 10], 16, False),
 ])
 def test_only_steps_with_small_gemms_run_blas_on_one_thread(sizes, batch, serial):
-    serial_blas, restore_blas = (numba.njit(fn) for fn in build_serial_blas())
     before = blas_threads()
-    went_serial = serial_blas(batch, step_plan(sizes, batch)[0])
+    went_serial = numba.njit(serial_blas)(batch, step_plan(sizes, batch)[0])
     try:
         assert (went_serial, blas_threads()) == (serial, 1 if serial else before)
     finally:
-        restore_blas(went_serial)
+        numba.njit(restore_blas)(went_serial)
     assert blas_threads() == before
 
 

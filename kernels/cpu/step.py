@@ -130,26 +130,23 @@ def small_grads(W, dW, delta, a_in, g, propagate):
                     g_i[k] += d * row[k]
 
 
-def build_serial_blas():
-    """(serial_blas, restore_blas) for the fused steps: ``serial_blas(batch, plan)`` puts BLAS on one thread
-    when the step's largest GEMM is under ``SERIAL_BLAS_BELOW`` multiply-adds and says whether it did;
-    ``restore_blas(serial)`` undoes it."""
-    register_blas_threads()
+@register_jitable
+def serial_blas(batch, plan):
+    """Puts BLAS on one thread when the step's largest GEMM is under ``SERIAL_BLAS_BELOW`` multiply-adds;
+    says whether it did, for ``restore_blas``. A step's builder calls ``register_blas_threads`` first."""
+    largest = 0
+    for l in range(plan.shape[0]):
+        largest = max(largest, plan[l, N_IN] * plan[l, N_OUT])
+    if batch <= SMALL_BATCH or batch * largest >= SERIAL_BLAS_BELOW:  # no GEMM, or a large one
+        return False
+    enter_serial_blas()
+    return True
 
-    def serial_blas(batch, plan):
-        largest = 0
-        for l in range(plan.shape[0]):
-            largest = max(largest, plan[l, N_IN] * plan[l, N_OUT])
-        if batch <= SMALL_BATCH or batch * largest >= SERIAL_BLAS_BELOW:  # no GEMM, or a large one
-            return False
-        enter_serial_blas()
-        return True
 
-    def restore_blas(serial):
-        if serial:
-            leave_serial_blas()
-
-    return register_jitable(serial_blas), register_jitable(restore_blas)
+@register_jitable
+def restore_blas(serial):
+    if serial:
+        leave_serial_blas()
 
 
 def named(fn, variant):
@@ -202,7 +199,7 @@ def build_sgd_step(T, act, loss):
     act_backward = named(elementwise.build_act_backward(T, act), act)
     act_backward_sums = named(elementwise.build_act_backward_sums(T, act), act)
     sgd = register_jitable(optimizers.build_sgd(T))
-    serial_blas, restore_blas = build_serial_blas()
+    register_blas_threads()  # before the step compiles or loads from the cache
     zero, one = T(0), T(1)
 
     def sgd_step(x, targets, params, work, plan, lr):
@@ -255,7 +252,7 @@ def build_grads_step(T, act, loss):
     into the flat ``grads`` buffer (the parameters' layout) for an optimizer's update kernel to apply."""
     forward_loss = build_forward_loss(T, act, loss)
     act_backward_sums = named(elementwise.build_act_backward_sums(T, act), act)
-    serial_blas, restore_blas = build_serial_blas()
+    register_blas_threads()  # before the step compiles or loads from the cache
 
     def grads_step(x, targets, params, grads, work, plan):
         """dJ/dW[l] and dJ/db[l] into ``grads`` at the parameters' offsets; returns (summed loss over the
