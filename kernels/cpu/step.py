@@ -160,17 +160,21 @@ def named(fn, variant):
     return register_jitable(fn)
 
 
-def build_forward_loss(T, act, loss):
-    """The forward pass and the loss of a fused step, shared by the SGD step and the gradients step:
-    ``forward_loss(x, targets, params, work, plan) -> (summed loss, bad_row)`` leaves z[l], a[l] (the
-    logits in z[L]) and delta[L] in ``work``."""
+def build_start_step(T, act, loss):
+    """The start of a fused step, shared by the SGD step and the gradients step: ``start_step(x, targets,
+    params, work, plan) -> (summed loss, bad_row, serial, go)`` puts BLAS on one thread for small GEMMs
+    (``serial``, for ``restore_blas``), runs the forward pass and the loss, and leaves z[l], a[l] (the
+    logits in z[L]) and delta[L] in ``work``. When ``go`` is False (a label out of range, or a loss that
+    is not finite) BLAS is already restored and the step must return at once, changing nothing."""
     bias_act = named(elementwise.build_bias_act(T, act), act)
     bias_add = named(elementwise.build_bias_act(T, "identity"), "identity")
     loss_rows = named(losses.build_loss(T, losses.FORMS[loss]), loss)
     one = T(1)
+    register_blas_threads()  # before the step compiles or loads from the cache
 
-    def forward_loss(x, targets, params, work, plan):
+    def start_step(x, targets, params, work, plan):
         batch, depth = x.shape[0], plan.shape[0]
+        serial = serial_blas(batch, plan)
         for l in range(depth):
             n_in, n_out, w_at, b_at = plan[l, N_IN], plan[l, N_OUT], plan[l, W_AT], plan[l, B_AT]
             a_in = x if l == 0 else rows(work, plan[l - 1, A_AT], batch, n_in)
@@ -187,19 +191,39 @@ def build_forward_loss(T, act, loss):
 
         last = plan[depth - 1]
         delta = rows(work, last[DELTA_AT], batch, last[N_OUT])
-        return loss_rows(rows(work, last[Z_AT], batch, last[N_OUT]), targets, delta, one / T(batch))
+        total, bad_row = loss_rows(rows(work, last[Z_AT], batch, last[N_OUT]), targets, delta, one / T(batch))
+        go = bad_row < 0 and math.isfinite(total)
+        if not go:
+            restore_blas(serial)
+        return total, bad_row, serial, go
 
-    forward_loss.__qualname__ = f"forward_loss_{act}_{loss}"
-    return register_jitable(forward_loss)
+    start_step.__qualname__ = f"start_step_{act}_{loss}"
+    return register_jitable(start_step)
+
+
+@register_jitable
+def layer_views(x, work, plan, l):
+    """Layer l's sizes and backward views: (n_in, n_out, a[l-1] (x for l = 0), delta[l], g), g being
+    delta[l-1] before act' (an empty view for the input layer, which gets none)."""
+    batch, n_in, n_out = x.shape[0], plan[l, N_IN], plan[l, N_OUT]
+    a_in = x if l == 0 else rows(work, plan[l - 1, A_AT], batch, n_in)
+    g = rows(work, plan[l - 1, DELTA_AT], batch, n_in) if l > 0 else rows(work, 0, 0, n_in)
+    return n_in, n_out, a_in, rows(work, plan[l, DELTA_AT], batch, n_out), g
+
+
+@register_jitable
+def step_scratch(work, plan):
+    """(the last 2 * n_max elements of ``work``, n_max), n_max being the widest layer."""
+    n_max = max(plan[0, N_IN], plan[:, N_OUT].max())
+    return work[work.shape[0] - 2 * n_max:], n_max
 
 
 def build_sgd_step(T, act, loss):
     """The step for activation ``act`` on the hidden layers and the loss kernel ``loss`` on the last."""
-    forward_loss = build_forward_loss(T, act, loss)
+    start_step = build_start_step(T, act, loss)
     act_backward = named(elementwise.build_act_backward(T, act), act)
     act_backward_sums = named(elementwise.build_act_backward_sums(T, act), act)
     sgd = register_jitable(optimizers.build_sgd(T))
-    register_blas_threads()  # before the step compiles or loads from the cache
     zero, one = T(0), T(1)
 
     def sgd_step(x, targets, params, work, plan, lr):
@@ -210,21 +234,14 @@ def build_sgd_step(T, act, loss):
         plan: (L, 7) int64; lr: scalar of the dtype.
         """
         batch, depth = x.shape[0], plan.shape[0]
-        n_max = max(plan[0, N_IN], plan[:, N_OUT].max())
-        scratch = work[work.shape[0] - 2 * n_max:]
-        serial = serial_blas(batch, plan)
-        total, bad_row = forward_loss(x, targets, params, work, plan)
-        if bad_row >= 0 or not math.isfinite(total):
-            restore_blas(serial)
+        total, bad_row, serial, go = start_step(x, targets, params, work, plan)
+        if not go:
             return total, bad_row  # before any parameter changes
-
+        scratch, n_max = step_scratch(work, plan)
         for l in range(depth - 1, -1, -1):
-            n_in, n_out, w_at, b_at = plan[l, N_IN], plan[l, N_OUT], plan[l, W_AT], plan[l, B_AT]
-            a_in = x if l == 0 else rows(work, plan[l - 1, A_AT], batch, n_in)
-            delta = rows(work, plan[l, DELTA_AT], batch, n_out)
+            n_in, n_out, a_in, delta, g = layer_views(x, work, plan, l)
+            w_at, b_at = plan[l, W_AT], plan[l, B_AT]
             W, b = rows(params, w_at, n_out, n_in), params[b_at:b_at + n_out]
-            # delta[l-1] before act'; the input layer gets none (an empty view then)
-            g = rows(work, plan[l - 1, DELTA_AT], batch, n_in) if l > 0 else rows(work, 0, 0, n_in)
             if batch <= SMALL_BATCH:
                 small_update(W, b, delta, a_in, g, l > 0, lr)
             else:
@@ -250,9 +267,8 @@ def build_sgd_step(T, act, loss):
 def build_grads_step(T, act, loss):
     """Forward, loss and backward for activation ``act`` and loss kernel ``loss``, the gradients written
     into the flat ``grads`` buffer (the parameters' layout) for an optimizer's update kernel to apply."""
-    forward_loss = build_forward_loss(T, act, loss)
+    start_step = build_start_step(T, act, loss)
     act_backward_sums = named(elementwise.build_act_backward_sums(T, act), act)
-    register_blas_threads()  # before the step compiles or loads from the cache
 
     def grads_step(x, targets, params, grads, work, plan):
         """dJ/dW[l] and dJ/db[l] into ``grads`` at the parameters' offsets; returns (summed loss over the
@@ -261,21 +277,14 @@ def build_grads_step(T, act, loss):
         (B, n_L); params, grads: (P,); work: flat workspace; plan: (L, 7) int64.
         """
         batch, depth = x.shape[0], plan.shape[0]
-        n_max = max(plan[0, N_IN], plan[:, N_OUT].max())
-        scratch = work[work.shape[0] - 2 * n_max:]
-        serial = serial_blas(batch, plan)
-        total, bad_row = forward_loss(x, targets, params, work, plan)
-        if bad_row >= 0 or not math.isfinite(total):
-            restore_blas(serial)
+        total, bad_row, serial, go = start_step(x, targets, params, work, plan)
+        if not go:
             return total, bad_row  # before any gradient changes
-
+        scratch = step_scratch(work, plan)[0]
         for l in range(depth - 1, -1, -1):
-            n_in, n_out, w_at, b_at = plan[l, N_IN], plan[l, N_OUT], plan[l, W_AT], plan[l, B_AT]
-            a_in = x if l == 0 else rows(work, plan[l - 1, A_AT], batch, n_in)
-            delta = rows(work, plan[l, DELTA_AT], batch, n_out)
+            n_in, n_out, a_in, delta, g = layer_views(x, work, plan, l)
+            w_at, b_at = plan[l, W_AT], plan[l, B_AT]
             W, dW = rows(params, w_at, n_out, n_in), rows(grads, w_at, n_out, n_in)
-            # delta[l-1] before act'; the input layer gets none (an empty view then)
-            g = rows(work, plan[l - 1, DELTA_AT], batch, n_in) if l > 0 else rows(work, 0, 0, n_in)
             if batch <= SMALL_BATCH:
                 small_grads(W, dW, delta, a_in, g, l > 0)
             else:
