@@ -43,7 +43,7 @@ def pair(sizes, activation, loss, dtype, seed=3):
 
 @pytest.mark.parametrize("activation, loss, dtype", CASES)
 def test_fused_step_is_the_loop_and_the_reference(activation, loss, dtype, rng):
-    sizes = [7, 12, 9, 4]
+    sizes = [7, 11, 9, 4]  # 11 and 9 leave 3 and 1 rows after the blocks of four
     fused, loop = pair(sizes, activation, loss, dtype)
     assert fused.backend.fused_sgd_step(activation, "softmax_xent", dtype) is not None
     weights, biases = host_params(fused)
@@ -73,6 +73,18 @@ def test_inputs_in_another_form_are_converted(rng):
     for batch in (x[::2], np.asfortranarray(x[:5]), x[:5].tolist()):
         assert fused.train_step(batch, y[:5]) == pytest.approx(loop.train_step(batch, y[:5]), rel=1e-6)
     assert rel_err(fused.params, loop.params) <= TOLERANCE["float32"]
+
+
+def test_learning_rates_and_batch_sizes_that_change_between_steps(rng):
+    """train_step keeps the last learning rate as a scalar of the dtype and the last workspace: a new rate
+    (an int, a NumPy scalar, a rate seen before) or a new batch size must still be the one used."""
+    fused, loop = pair([6, 8, 3], "relu", "softmax_cross_entropy", "float32")
+    steps = [(1, 0.1), (1, 0.1), (1, 0.05), (12, 0.05), (1, 1), (12, np.float64(0.3)), (12, 0.1), (1, np.float32(0.1))]
+    for batch, lr in steps:
+        x = rng.standard_normal((batch, 6)).astype(np.float32)
+        y = rng.integers(0, 3, batch)
+        assert fused.train_step(x, y, lr) == pytest.approx(loop.train_step(x, y, lr), rel=1e-5)
+        assert rel_err(fused.params, loop.params) <= TOLERANCE["float32"]
 
 
 def test_plan_matches_the_parameter_views():

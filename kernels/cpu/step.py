@@ -75,24 +75,49 @@ def small_dense(a_in, W, z):
             z[i, j] = _dot(W[j], a, zero)
 
 
+@register_jitable
+def _outer_update(W, b, d, a, lr):
+    """Batch 1, no propagation: W -= lr * outer(d, a) and b -= lr * d, row by row.
+    W: (n_out, n_in); b, d: (n_out,); a: (n_in,)."""
+    for j in range(W.shape[0]):
+        step = lr * d[j]
+        row = W[j]
+        for k in range(row.shape[0]):
+            row[k] -= step * a[k]
+        b[j] -= step
+
+
+@register_jitable
+def _outer_update_propagate(W, b, d, a, g, lr):
+    """Batch 1: g = d @ W (the old W) and the update of ``_outer_update``, in one pass over each row
+    of W, which g reads before it changes. g: (n_in,)."""
+    g[:] = 0
+    for j in range(W.shape[0]):
+        dj = d[j]
+        step = lr * dj
+        row = W[j]
+        for k in range(row.shape[0]):
+            w = row[k]
+            g[k] += dj * w
+            row[k] = w - step * a[k]
+        b[j] -= step
+
+
 @fixed_identity
 @numba.njit(**SMALL_BATCH_JIT)
 def small_update(W, b, delta, a_in, g, propagate, lr):
     """g = delta @ W when ``propagate``, then W -= lr * delta.T @ a_in and b -= lr * sum(delta), in one
     pass over the rows of W. W: (n_out, n_in); b: (n_out,); delta: (B, n_out); a_in, g: (B, n_in)."""
+    if delta.shape[0] == 1:  # one-dimensional loops: at batch 1 the per-row overhead is what counts
+        if propagate:
+            _outer_update_propagate(W, b, delta[0], a_in[0], g[0], lr)
+        else:
+            _outer_update(W, b, delta[0], a_in[0], lr)
+        return
     if propagate:
         g[:] = 0
     for j in range(W.shape[0]):
         row = W[j]
-        if propagate and delta.shape[0] == 1:  # one pass over the row: g takes the old w, then w changes
-            d, g_0, a = delta[0, j], g[0], a_in[0]
-            step = lr * d
-            for k in range(row.shape[0]):
-                w = row[k]
-                g_0[k] += d * w
-                row[k] = w - step * a[k]
-            b[j] -= step
-            continue
         db = b.dtype.type(0)
         for i in range(delta.shape[0]):
             d = delta[i, j]
