@@ -1,4 +1,4 @@
-"""The Numba CPU backend ("numba"): BLAS GEMM through ``np.dot`` inside njit, Numba kernels for the rest.
+"""The Numba CPU backend ("numba"): BLAS GEMM called inside njit, Numba kernels for the rest.
 
 Every override keeps Backend's signature and runs the same shared ``check_*`` argument checks, so it
 refuses bad input with the same messages; the docstrings of Backend give the shapes and the semantics.
@@ -30,14 +30,14 @@ from deltaprop.kernels.plan import step_plan
 
 
 def _blas_operand(x):
-    """``x`` as Numba's np.dot passes it to BLAS without a copy: C-contiguous, or F-contiguous when 2-D."""
+    """``x`` as the gemm kernel passes it to BLAS without a copy: C-contiguous, or F-contiguous when 2-D."""
     if x.flags.c_contiguous or (x.ndim == 2 and x.flags.f_contiguous):
         return x
     return np.ascontiguousarray(x)
 
 
 def _blas_info() -> list[dict] | dict:
-    """The BLAS libraries loaded (Numba's np.dot calls SciPy's), with their thread counts."""
+    """The BLAS libraries loaded (the numba backend's GEMMs call ``gemm_blas``'s), with their thread counts."""
     import scipy.linalg.cython_blas  # noqa: F401  (load SciPy's BLAS so that it is listed)
 
     try:
@@ -112,12 +112,15 @@ class NumbaBackend(Backend):
     def describe(self) -> dict:
         import numba
 
+        from deltaprop.kernels.cpu.gemm import step_blas
+
         return {
             **super().describe(),
             "numba": numba.__version__,
             "threading_layer": numba.config.THREADING_LAYER,
             "numba_threads": numba.config.NUMBA_NUM_THREADS,
             "blas": _blas_info(),
+            "gemm_blas": step_blas()[0],  # whose BLAS the GEMMs call: "numpy" or "scipy"
         }
 
     # ---- kernels ----

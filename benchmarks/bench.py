@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, replace
 from functools import partial
 
-# Several BLAS users take turns in this process (NumPy's OpenBLAS, SciPy's that Numba calls, torch's):
+# Several BLAS users take turns in this process (NumPy's OpenBLAS, which numba's GEMMs call too, torch's):
 # an idle OpenBLAS worker spins for 2^28 cycles (~0.1 s) after each call, stealing the cores of whichever
 # library runs next, which slowed every subject here by up to 1.4x. 2^4 cycles lets workers sleep at
 # once. It must be set before NumPy loads OpenBLAS; a value the user set wins, and the report records it.

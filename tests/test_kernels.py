@@ -68,6 +68,17 @@ def test_gemm_batched(backend, dtype, rng, trans_a, trans_b, alpha, beta):
     assert rel_err(out, expected) <= tol(dtype)
 
 
+@pytest.mark.parametrize("trans_a", [False, True])
+@pytest.mark.parametrize("batched", [False, True])
+def test_gemm_does_not_read_out_when_beta_is_zero(backend, dtype, rng, trans_a, batched):
+    lead = (2,) if batched else ()
+    a = randn(rng, lead + ((13, 6) if trans_a else (6, 13)), dtype)
+    b = randn(rng, lead + (13, 5), dtype)
+    out = np.full(lead + (6, 5), np.nan, dtype)
+    backend.gemm(a, b, out, trans_a=trans_a, alpha=0.5)
+    assert rel_err(out, ref.gemm(a, b, None, trans_a, False, 0.5, 0.0)) <= tol(dtype)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("batched", [False, True])
 def test_gemm_layouts(backend, dtype, rng, layout, batched):

@@ -1,6 +1,6 @@
 """The whole SGD training step in one compiled call, for a network of any depth: forward, loss, backward
-and the update, with BLAS GEMMs (``np.dot(a, b, out)`` on views) and the same Numba kernels as the
-kernel-by-kernel loop, so that both paths compute the same function.
+and the update, with BLAS GEMMs (``gemm.gemm_into`` on views, NumPy's BLAS where it has one) and the same
+Numba kernels as the kernel-by-kernel loop, so that both paths compute the same function.
 
 Everything lives in flat buffers described by an int64 plan (``kernels.plan.step_plan``): one row per
 layer, (n_in, n_out, offset of W, offset of b in ``params``, offsets of z, a and delta in ``work``);
@@ -194,7 +194,7 @@ def build_start_step(T, act, loss):
     bias_act = named(elementwise.build_bias_act(T, act), act)
     bias_add = named(elementwise.build_bias_act(T, "identity"), "identity")
     loss_rows = named(losses.build_loss(T, losses.FORMS[loss]), loss)
-    one = T(1)
+    zero, one = T(0), T(1)
     register_blas_threads()  # before the step compiles or loads from the cache
 
     def start_step(x, targets, params, work, plan):
@@ -208,7 +208,7 @@ def build_start_step(T, act, loss):
             if batch <= SMALL_BATCH:
                 small_dense(a_in, W, z)
             else:
-                np.dot(a_in, W.T, z)
+                gemm_into(a_in, W.T, z, one, zero)
             if l < depth - 1:
                 bias_act(z, params[b_at:b_at + n_out], z, rows(work, plan[l, A_AT], batch, n_out))
             else:
@@ -271,7 +271,7 @@ def build_sgd_step(T, act, loss):
                 small_update(W, b, delta, a_in, g, l > 0, lr)
             else:
                 if l > 0:
-                    np.dot(delta, W, g)  # with the old W, updated just below
+                    gemm_into(delta, W, g, one, zero)  # with the old W, updated just below
                 gemm_into(delta.T, a_in, W, -lr, one)  # W -= lr * dW, dW = delta.T @ a never stored
                 db = scratch[:n_out]
                 if l == depth - 1:  # below the top, the act' pass of the layer above left db here
@@ -294,6 +294,7 @@ def build_grads_step(T, act, loss):
     into the flat ``grads`` buffer (the parameters' layout) for an optimizer's update kernel to apply."""
     start_step = build_start_step(T, act, loss)
     act_backward_sums = named(elementwise.build_act_backward_sums(T, act), act)
+    zero, one = T(0), T(1)
 
     def grads_step(x, targets, params, grads, work, plan):
         """dJ/dW[l] and dJ/db[l] into ``grads`` at the parameters' offsets; returns (summed loss over the
@@ -313,9 +314,9 @@ def build_grads_step(T, act, loss):
             if batch <= SMALL_BATCH:
                 small_grads(W, dW, delta, a_in, g, l > 0)
             else:
-                np.dot(delta.T, a_in, dW)  # dW = delta.T @ a[l-1]
+                gemm_into(delta.T, a_in, dW, one, zero)  # dW = delta.T @ a[l-1]
                 if l > 0:
-                    np.dot(delta, W, g)
+                    gemm_into(delta, W, g, one, zero)
             if l == depth - 1:  # below the top, the act' pass of the layer above wrote db
                 elementwise.column_sums(delta, grads[b_at:b_at + n_out], scratch[:n_out])
             if l > 0:  # delta[l-1] and db[l-1] in one pass
