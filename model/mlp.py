@@ -111,7 +111,8 @@ class MLP:
         self.dtype = resolve_dtype(dtype, self.backend.device)
         self.seed = seed
         self._layout = self._param_layout(self.sizes)
-        self.params = self.backend.asarray(self._initial_params(), self.dtype)
+        self.params = self.backend.empty(self.n_params, self.dtype)  # aligned, where the backend aligns
+        self.params[...] = self.backend.asarray(self._initial_params(), self.dtype)
         self.grads = self.backend.zeros(self.params.shape, self.dtype)
         self.weights, self.biases = self._views(self.params)
         self.grad_weights, self.grad_biases = self._views(self.grads)

@@ -43,7 +43,7 @@ def pair(sizes, activation, loss, dtype, seed=3):
 
 @pytest.mark.parametrize("activation, loss, dtype", CASES)
 def test_fused_step_is_the_loop_and_the_reference(activation, loss, dtype, rng):
-    sizes = [7, 11, 9, 4]  # 11 and 9 leave 3 and 1 rows after the blocks of four
+    sizes = [7, 11, 9, 4]  # blocks of eight rows with tails of 3, 1 and 4; odd widths for the row pairs
     fused, loop = pair(sizes, activation, loss, dtype)
     assert fused.backend.fused_sgd_step(activation, "softmax_xent", dtype) is not None
     weights, biases = host_params(fused)

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from conftest import rel_err, tol
 
+from deltaprop.backend import get_backend
+from deltaprop.backend.base import HOST_ALIGNMENT
 from deltaprop.kernels import reference as ref
 from deltaprop.kernels.activations import ACTIVATIONS
 
@@ -66,6 +68,18 @@ def test_gemm_batched(backend, dtype, rng, trans_a, trans_b, alpha, beta):
     expected = ref.gemm(a, b, out, trans_a, trans_b, alpha, beta)
     backend.gemm(a, b, out, trans_a, trans_b, alpha, beta)
     assert rel_err(out, expected) <= tol(dtype)
+
+
+@pytest.mark.parametrize("shape", [(0,), (3,), (5, 7), (2, 0, 3), (4, 3, 2)])
+def test_host_empty_and_zeros_are_aligned(shape):
+    backend = get_backend("numpy")
+    for dtype in ("float32", "float64", "int64"):
+        for _ in range(4):  # NumPy's own 16-byte alignment would pass one draw in four
+            empty, zeros = backend.empty(shape, dtype), backend.zeros(shape, dtype)
+            assert (empty.shape, empty.dtype, empty.flags.c_contiguous) == (shape, np.dtype(dtype), True)
+            assert zeros.shape == shape and not zeros.any()
+            if empty.size:  # an empty array points nowhere in particular
+                assert empty.ctypes.data % HOST_ALIGNMENT == 0 and zeros.ctypes.data % HOST_ALIGNMENT == 0
 
 
 @pytest.mark.parametrize("trans_a", [False, True])

@@ -7,6 +7,7 @@ import pytest
 from conftest import TOLERANCE, rel_err
 
 from deltaprop.backend import to_numpy
+from deltaprop.backend.base import HOST_ALIGNMENT
 from deltaprop.errors import NonFiniteLossError
 from deltaprop.kernels import reference
 from deltaprop.kernels.activations import ACTIVATIONS
@@ -100,7 +101,16 @@ def test_parameters_are_views_of_one_flat_buffer():
     assert net.n_params == 3 * 4 + 4 + 4 * 2 + 2 == net.params.size
     net.params[:] = np.arange(net.n_params)
     assert net.weights[0][0, 0] == 0 and net.biases[0][0] == 12 and net.weights[1][0, 0] == 16
-    assert all(W.base is net.params for W in net.weights)
+    assert all(np.shares_memory(W, net.params) for W in net.weights + net.biases)
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "numba"])
+def test_host_buffers_start_on_a_cache_line(backend_name, rng):
+    """Parameters, gradients and the workspace of the fused step are 64-byte aligned (NumPy gives 16)."""
+    net = MLP([5, 7, 3], backend=backend_name, seed=0)
+    net.train_step(rng.standard_normal((4, 5)).astype(np.float32), np.array([0, 1, 2, 0]))
+    buffers = [net.params, net.grads, *(ws.work for ws in net._workspaces.values())]
+    assert [b.ctypes.data % HOST_ALIGNMENT for b in buffers] == [0] * len(buffers)
 
 
 def test_same_seed_same_network_on_every_backend(backend_name):
