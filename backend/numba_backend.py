@@ -112,7 +112,7 @@ class NumbaBackend(Backend):
     def describe(self) -> dict:
         import numba
 
-        from deltaprop.kernels.cpu.gemm import step_blas
+        from deltaprop.kernels.cpu.gemm import gemm_blas
 
         return {
             **super().describe(),
@@ -120,7 +120,7 @@ class NumbaBackend(Backend):
             "threading_layer": numba.config.THREADING_LAYER,
             "numba_threads": numba.config.NUMBA_NUM_THREADS,
             "blas": _blas_info(),
-            "gemm_blas": step_blas()[0],  # whose BLAS the GEMMs call: "numpy" or "scipy"
+            "gemm_blas": gemm_blas()[0],  # whose BLAS the GEMMs call: "numpy" or "scipy"
         }
 
     # ---- kernels ----

@@ -420,3 +420,31 @@ def test_bad_loss_arguments(backend, dtype, loss):
         getattr(backend, loss)(_x(dtype), np.full((4, 3), 0.5, np.float16))
     with pytest.raises(ValueError, match=rf"{loss}: delta_out: expected shape \(4, 3\), got \(3, 4\)"):
         getattr(backend, loss)(_x(dtype), np.array([0, 1, 2, 0]), _x(dtype, (3, 4)))
+
+
+@pytest.mark.parametrize("library", ["numpy", "scipy"])
+@pytest.mark.parametrize("dtype_name", ["float32", "float64"])
+def test_both_blas_gemm_calls(library, dtype_name, rng):
+    """The numba kernels call NumPy's CBLAS where NumPy has it, else SciPy's through Numba's wrapper: both
+    calls, against the reference, for every operand layout, with beta 0 (out not read) and 1."""
+    numba = pytest.importorskip("numba")
+    from deltaprop.kernels.cpu.gemm import GEMM_INTO, gemm_blas
+
+    if library == "numpy" and gemm_blas()[0] != "numpy":
+        pytest.skip("this NumPy has no 64-bit CBLAS gemm")
+    gemm_into = GEMM_INTO[library]
+
+    @numba.njit
+    def call(a, b, out, alpha, beta):
+        gemm_into(a, b, out, alpha, beta)
+
+    dtype = np.dtype(dtype_name)
+    for a, b in [(randn(rng, (7, 5), dtype), randn(rng, (5, 3), dtype)),
+                 (randn(rng, (5, 7), dtype).T, randn(rng, (3, 5), dtype).T),
+                 (randn(rng, (1, 4), dtype), randn(rng, (4, 1), dtype))]:
+        shape = (a.shape[0], b.shape[1])
+        for beta in (0.0, 1.0):
+            start = randn(rng, shape, dtype) if beta else np.full(shape, np.nan, dtype)
+            out = start.copy()
+            call(a, b, out, dtype.type(-0.5), dtype.type(beta))
+            assert rel_err(out, ref.gemm(a, b, start, alpha=-0.5, beta=beta)) <= tol(dtype)

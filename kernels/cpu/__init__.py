@@ -11,9 +11,9 @@ compile time is paid once per machine. Importing this package compiles nothing.
 Why the closures hold only NumPy scalars and plain functions (made callable from jitted code with
 ``register_jitable``): Numba keys its on-disk cache of a closure on the pickled closure cells, with
 everything they reach, and a dispatcher or an intrinsic pickles with a per-process uuid, so the cache
-would miss in every new process. The few that closures do reach (``rows``, ``gemm_into``, the fused
-step's small-batch loops) are given a fixed identity (``common.fixed_identity``); a test loads a fused
-step from the cache in a second process.
+would miss in every new process. The few that closures do reach (``rows``, the ``gemm_into``
+intrinsics, the fused step's small-batch loops) are given a fixed identity (``common.fixed_identity``);
+a test loads a fused step from the cache in a second process.
 
 No kernel uses ``fastmath`` but the fused step's small-batch loops (see ``step.py``): reassociation would
 undo the compensated (Kahan) sums, and the elementwise kernels spend their time in libm calls that the

@@ -50,9 +50,10 @@ CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, CBLAS_TRANS = 101, 111, 112
 
 
 @functools.cache
-def step_blas() -> tuple[str, ctypes.CDLL]:
-    """("numpy" or "scipy", a handle whose dlsym finds that BLAS): the library of ``gemm_into`` and of
-    ``set_blas_threads``; NumPy's when it has a 64-bit CBLAS gemm for both dtypes."""
+def gemm_blas() -> tuple[str, ctypes.CDLL]:
+    """("numpy" or "scipy", a handle whose dlsym finds that BLAS): the library that the kernels' GEMMs
+    (``chosen_gemm_into``) and ``set_blas_threads`` call; NumPy's when it has a 64-bit CBLAS gemm for
+    both dtypes, whose symbols this registers."""
     numpy_core = getattr(np, "_core", None) or np.core  # NumPy 2 and 1.x
     handle = ctypes.CDLL(numpy_core._multiarray_umath.__file__)  # dlsym searches the libraries it links
     for names in NUMPY_CBLAS_GEMMS:
@@ -66,8 +67,8 @@ def step_blas() -> tuple[str, ctypes.CDLL]:
     return "scipy", ctypes.CDLL(cython_blas.__file__)
 
 
-def _cblas_gemm(context, builder, operands, arrays, m, n, k, alpha, beta):
-    """The codegen of ``gemm_into`` through NumPy's row-major CBLAS (``step_blas``)."""
+def _numpy_gemm(builder, operands, arrays, m, n, k, alpha, beta):
+    """One call of NumPy's row-major CBLAS gemm (registered by ``gemm_blas``)."""
     a, b, out = operands
     a_, b_, out_ = arrays
     enum, blasint, void_p, scalar = ir.IntType(32), ir.IntType(64), ir.IntType(8).as_pointer(), alpha.type
@@ -75,9 +76,8 @@ def _cblas_gemm(context, builder, operands, arrays, m, n, k, alpha, beta):
         enum, enum, enum, blasint, blasint, blasint, scalar, void_p, blasint, void_p, blasint, scalar, void_p,
         blasint]), CBLAS_GEMM_SYMBOL.format(str(out.dtype)))
 
-    def leading(n_rows_or_cols):  # BLAS refuses a leading dimension below 1, even for an empty matrix
-        return builder.select(builder.icmp_signed("<", n_rows_or_cols, n_rows_or_cols.type(1)),
-                              n_rows_or_cols.type(1), n_rows_or_cols)
+    def leading(size):  # BLAS refuses a leading dimension below 1, even for an empty matrix
+        return builder.select(builder.icmp_signed("<", size, size.type(1)), size.type(1), size)
 
     def operand(ty, array, rows, cols):
         # an F-contiguous (rows, cols) view is the transpose of a C (cols, rows) array
@@ -91,54 +91,74 @@ def _cblas_gemm(context, builder, operands, arrays, m, n, k, alpha, beta):
                         builder.bitcast(out_.data, void_p), leading(n)))
 
 
-@fixed_identity
-@intrinsic
-def gemm_into(typingctx, a, b, out, alpha, beta):
-    """out = alpha * a @ b + beta * out in one BLAS gemm call (with beta 0, out is only written).
+def _scipy_gemm(context, builder, operands, arrays, m, n, k, alpha, beta):
+    """One call of ``numba_xxgemm``, the wrapper of SciPy's BLAS that Numba's np.dot calls."""
+    a, b, out = operands
+    a_, b_, out_ = arrays
+    char, void_p, intp = ir.IntType(8), ir.IntType(8).as_pointer(), cgutils.intp_t
+    gemm = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
+        ir.IntType(32), [char, char, char, intp, intp, intp, void_p, void_p, intp, void_p, intp, void_p,
+                         void_p, intp]), "numba_xxgemm")
 
-    a: (m, k) and b: (k, n), each C- or F-contiguous (a transposed view of a C array is F); out: (m, n)
-    C-contiguous; alpha, beta: scalars of the arrays' dtype. Calls NumPy's CBLAS gemm or else the BLAS
-    wrapper that Numba's np.dot calls, ``numba_xxgemm`` (SciPy's BLAS) (``step_blas``), by name, so that
-    kernels using it still cache on disk.
-    """
-    operands = (a, b, out)
-    if not (all(isinstance(t, types.Array) and t.ndim == 2 and t.dtype == out.dtype for t in operands)
-            and a.layout in "CF" and b.layout in "CF" and out.layout == "C" and alpha == beta == out.dtype):
-        return None
-    library = step_blas()[0]
-    ensure_blas()
+    def operand(ty, array, rows, cols):
+        # BLAS is column-major: a C array is its own transpose there, so out.T = b.T @ a.T is computed
+        return (ir.Constant(char, ord("n" if ty.layout == "C" else "t")), cols if ty.layout == "C" else rows,
+                builder.bitcast(array.data, void_p))
 
-    def codegen(context, builder, signature, args):
-        a_, b_, out_ = arrays = [context.make_array(t)(context, builder, v) for t, v in zip(operands, args[:3])]
-        (m, k), (_, n) = cgutils.unpack_tuple(builder, a_.shape), cgutils.unpack_tuple(builder, b_.shape)
-        if library == "numpy":
-            _cblas_gemm(context, builder, operands, arrays, m, n, k, *args[3:])
+    trans_b, ld_b, data_b = operand(b, b_, k, n)
+    trans_a, ld_a, data_a = operand(a, a_, m, k)
+    slots = [builder.bitcast(cgutils.alloca_once_value(builder, v), void_p) for v in (alpha, beta)]
+    status = builder.call(gemm, (ir.Constant(char, ord(get_blas_kind(out.dtype))), trans_b, trans_a, n, m, k,
+                                 slots[0], data_b, ld_b, data_a, ld_a, slots[1],
+                                 builder.bitcast(out_.data, void_p), n))
+    check_blas_return(context, builder, status)
+
+
+def _gemm_into(library):
+    """The ``gemm_into`` intrinsic that calls ``library``'s BLAS ("numpy" or "scipy")."""
+
+    def gemm_into(typingctx, a, b, out, alpha, beta):
+        """out = alpha * a @ b + beta * out in one BLAS gemm call (with beta 0, out is only written).
+
+        a: (m, k) and b: (k, n), each C- or F-contiguous (a transposed view of a C array is F); out: (m, n)
+        C-contiguous; alpha, beta: scalars of the arrays' dtype. Calls the BLAS by a symbol's name, so
+        that kernels using it still cache on disk.
+        """
+        operands = (a, b, out)
+        if not (all(isinstance(t, types.Array) and t.ndim == 2 and t.dtype == out.dtype for t in operands)
+                and a.layout in "CF" and b.layout in "CF" and out.layout == "C" and alpha == beta == out.dtype):
+            return None
+        ensure_blas()
+        gemm_blas()  # NumPy's symbols, before a compile
+
+        def codegen(context, builder, signature, args):
+            arrays = [context.make_array(t)(context, builder, v) for t, v in zip(operands, args[:3])]
+            (m, k), (_, n) = (cgutils.unpack_tuple(builder, x.shape) for x in arrays[:2])
+            if library == "numpy":
+                _numpy_gemm(builder, operands, arrays, m, n, k, *args[3:])
+            else:
+                _scipy_gemm(context, builder, operands, arrays, m, n, k, *args[3:])
             return context.get_dummy_value()
-        char, void_p, intp = ir.IntType(8), ir.IntType(8).as_pointer(), cgutils.intp_t
-        gemm = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
-            ir.IntType(32), [char, char, char, intp, intp, intp, void_p, void_p, intp, void_p, intp, void_p,
-                             void_p, intp]), "numba_xxgemm")
 
-        def operand(ty, array, rows, cols):
-            # BLAS is column-major: a C array is its own transpose there, so out.T = b.T @ a.T is computed
-            return (ir.Constant(char, ord("n" if ty.layout == "C" else "t")), cols if ty.layout == "C" else rows,
-                    builder.bitcast(array.data, void_p))
+        return types.none(a, b, out, alpha, beta), codegen
 
-        trans_b, ld_b, data_b = operand(b, b_, k, n)
-        trans_a, ld_a, data_a = operand(a, a_, m, k)
-        slots = [builder.bitcast(cgutils.alloca_once_value(builder, v), void_p) for v in args[3:]]
-        status = builder.call(gemm, (ir.Constant(char, ord(get_blas_kind(out.dtype))), trans_b, trans_a, n, m, k,
-                                     slots[0], data_b, ld_b, data_a, ld_a, slots[1],
-                                     builder.bitcast(out_.data, void_p), n))
-        check_blas_return(context, builder, status)
-        return context.get_dummy_value()
+    gemm_into.__name__ = gemm_into.__qualname__ = f"gemm_into_{library}"  # each its own fixed identity
+    return fixed_identity(intrinsic(gemm_into))
 
-    return types.none(a, b, out, alpha, beta), codegen
+
+GEMM_INTO = {library: _gemm_into(library) for library in ("numpy", "scipy")}
+
+
+def chosen_gemm_into():
+    """``GEMM_INTO`` of ``gemm_blas``'s library. A builder binds it to a local name, so that it is a cell
+    of the kernel's closure: Numba keys its disk cache on the cells, so a kernel cached with one library
+    is not loaded in a process that has the other."""
+    return GEMM_INTO[gemm_blas()[0]]
 
 
 def build_gemm(T, trans_a, trans_b):
     op_a, op_b = OPS[trans_a], OPS[trans_b]
-    step_blas()  # registers NumPy's CBLAS symbols, before the kernel compiles or loads from the cache
+    gemm_into = chosen_gemm_into()  # and NumPy's symbols registered, before a load from the cache
 
     def gemm(a, b, out, alpha, beta):
         """out = alpha * op(a) @ op(b) + beta * out: 2-D, or for each matrix of 3-D stacks (s, ., .);
@@ -164,7 +184,7 @@ BLAS_THREAD_SETTERS = ("openblas_set_num_threads_local", "scipy_openblas_set_num
 @functools.cache
 def register_blas_threads() -> bool:
     """Registers ``BLAS_THREADS_SYMBOL``, the call that ``set_blas_threads`` makes, for the BLAS of the
-    fused steps (``step_blas``); True when that BLAS has one of ``BLAS_THREAD_SETTERS``, False when it
+    kernels' GEMMs (``gemm_blas``); True when that BLAS has one of ``BLAS_THREAD_SETTERS``, False when it
     has none and the symbol is libc's ``abs``, a call of the same type with no effect.
 
     A kernel calling ``set_blas_threads`` finds the symbol when it is compiled or loaded from the disk
@@ -172,7 +192,7 @@ def register_blas_threads() -> bool:
     cacheable. In OpenBLAS's pthreads builds the "local" setter is process-wide, so callers go through
     ``enter_serial_blas``/``leave_serial_blas``, which share the count between threads.
     """
-    blas = step_blas()[1]
+    blas = gemm_blas()[1]
     setter = next((getattr(blas, name) for name in BLAS_THREAD_SETTERS if hasattr(blas, name)), None)
     llvmlite.binding.add_symbol(BLAS_THREADS_SYMBOL, ctypes.cast(setter or ctypes.CDLL(None).abs, ctypes.c_void_p).value)
     llvmlite.binding.add_symbol(SERIAL_STATE_SYMBOL, ctypes.addressof(_SERIAL_STATE))

@@ -1,6 +1,6 @@
 """The whole SGD training step in one compiled call, for a network of any depth: forward, loss, backward
-and the update, with BLAS GEMMs (``gemm.gemm_into`` on views, NumPy's BLAS where it has one) and the same
-Numba kernels as the kernel-by-kernel loop, so that both paths compute the same function.
+and the update, with BLAS GEMMs (``gemm.chosen_gemm_into`` on views, NumPy's BLAS where it has one) and
+the same Numba kernels as the kernel-by-kernel loop, so that both paths compute the same function.
 
 Everything lives in flat buffers described by an int64 plan (``kernels.plan.step_plan``): one row per
 layer, (n_in, n_out, offset of W, offset of b in ``params``, offsets of z, a and delta in ``work``);
@@ -25,7 +25,7 @@ from numba.extending import register_jitable
 
 from deltaprop.kernels.cpu import elementwise, losses, optimizers
 from deltaprop.kernels.cpu.common import fixed_identity, rows
-from deltaprop.kernels.cpu.gemm import enter_serial_blas, gemm_into, leave_serial_blas, register_blas_threads
+from deltaprop.kernels.cpu.gemm import chosen_gemm_into, enter_serial_blas, leave_serial_blas, register_blas_threads
 from deltaprop.kernels.plan import A_AT, B_AT, DELTA_AT, N_IN, N_OUT, W_AT, Z_AT
 
 SMALL_BATCH = 8  # at most this many rows: the outer-product update fused with delta's propagation
@@ -228,6 +228,7 @@ def build_start_step(T, act, loss):
     bias_add = named(elementwise.build_bias_act(T, "identity"), "identity")
     loss_rows = named(losses.build_loss(T, losses.FORMS[loss]), loss)
     zero, one = T(0), T(1)
+    gemm_into = chosen_gemm_into()  # a closure cell: the BLAS is part of the cache key
     register_blas_threads()  # before the step compiles or loads from the cache
 
     def start_step(x, targets, params, work, plan):
@@ -283,6 +284,7 @@ def build_sgd_step(T, act, loss):
     act_backward_sums = named(elementwise.build_act_backward_sums(T, act), act)
     sgd = register_jitable(optimizers.build_sgd(T))
     zero, one = T(0), T(1)
+    gemm_into = chosen_gemm_into()
 
     def sgd_step(x, targets, params, work, plan, lr):
         """One SGD step; returns (summed loss over the batch, -1), or (0, row) for a label outside [0, C).
@@ -328,6 +330,7 @@ def build_grads_step(T, act, loss):
     start_step = build_start_step(T, act, loss)
     act_backward_sums = named(elementwise.build_act_backward_sums(T, act), act)
     zero, one = T(0), T(1)
+    gemm_into = chosen_gemm_into()
 
     def grads_step(x, targets, params, grads, work, plan):
         """dJ/dW[l] and dJ/db[l] into ``grads`` at the parameters' offsets; returns (summed loss over the
