@@ -324,11 +324,11 @@ class MLP:
                 and x.flags.c_contiguous and y.flags.c_contiguous):
             return False
         batch, n0 = x.shape
-        if batch == 0 or n0 != self.sizes[0] or len(y) != batch:
+        if batch == 0 or n0 != self.sizes[0]:
             return False
         if y.ndim == 1:
-            return y.dtype is _INT64
-        return y.dtype is self.dtype and y.shape == (batch, self.sizes[-1])
+            return len(y) == batch and y.dtype is _INT64
+        return y.dtype is self.dtype and y.shape == (batch, self.sizes[-1])  # a 0-d or 3-d y is not ready
 
     # ---- training, inference and checkpoints (model/training.py, model/io.py) ----
 

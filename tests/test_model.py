@@ -146,6 +146,7 @@ def net(backend_name):
         ((5, 4), np.array([0, 1, 2, 3, 1]), ValueError, r"labels in \[0, 2\], got 3"),
         ((5, 4), np.array([0, 1, -1, 2, 1]), ValueError, r"labels in \[0, 2\], got -1"),
         ((5, 4), np.array([0.0, 1.0, 2.0, 1.0, 0.0]), TypeError, r"y: expected int labels of shape \(5,\)"),
+        ((5, 4), np.array(1), ValueError, r"y: expected 5 rows"),  # a 0-d label: the conversion makes it (1,)
         ((5, 4), np.zeros((5, 2)), ValueError, r"targets: expected shape \(5, 3\), got \(5, 2\)"),
     ],
 )
