@@ -5,12 +5,18 @@ The repository root is this package; its folders are the subpackages:
     deltaprop.kernels      the math per device (reference NumPy, Numba CPU, CUDA C)
     deltaprop.backend      the Backend contract and its implementations
     deltaprop.model        the L-layer MLP and what trains it
-    deltaprop.benchmarks   the `deltaprop` command and the benchmark suites
+    deltaprop.benchmarks   measuring: the training-step timings, the parity check, the machine
+    deltaprop.cli          the `deltaprop` command (also `python -m deltaprop`)
 
 Importing deltaprop (or any subpackage) imports neither CuPy nor Numba and compiles nothing.
 """
 
-__version__ = "0.1.0"
+import importlib.metadata
+
+try:
+    __version__ = importlib.metadata.version("deltaprop")  # pyproject.toml's, the one source
+except importlib.metadata.PackageNotFoundError:  # a checkout on sys.path that was never installed
+    __version__ = "0+unknown"
 
 __all__ = ["__version__", "MLP", "get_backend", "available_backends", "use_backend"]
 

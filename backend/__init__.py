@@ -25,6 +25,7 @@ __all__ = [
     "Backend",
     "available_backends",
     "backend_status",
+    "environment_backend",
     "get_backend",
     "register_backend",
     "registered_backends",
@@ -86,9 +87,19 @@ def available_backends() -> list[str]:
     return [name for name in registered_backends() if backend_status(name)[0]]
 
 
+def environment_backend() -> str | None:
+    """The backend the environment variable DELTAPROP_BACKEND names, None when it is unset or empty; a
+    ValueError naming the variable and the valid values for anything else."""
+    value = os.environ.get("DELTAPROP_BACKEND") or None
+    if value is not None and value != "auto" and value not in _REGISTRY:
+        raise ValueError(f"environment variable DELTAPROP_BACKEND: expected 'auto' or one of "
+                         f"{sorted(_REGISTRY)}, got {value!r}")
+    return value
+
+
 def _resolve_auto() -> str:
     global _auto_logged
-    chosen = _current.get() or os.environ.get("DELTAPROP_BACKEND") or None
+    chosen = _current.get() or environment_backend()
     if chosen and chosen != "auto":
         return chosen
     reasons = []

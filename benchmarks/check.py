@@ -1,9 +1,9 @@
-"""`deltaprop check`: every kernel and a whole training step, on each usable backend, against the reference.
+"""The parity check behind `deltaprop check`: every kernel and a whole training step, on a backend, against the reference.
 
 Random inputs (never zeros) in each dtype the backend computes in; each row of the table is the
 norm-wise relative error of the backend's result against kernels/reference.py computed in float64
-from the same inputs, and passes when it is within the dtype's tolerance. Exit status 1 on any failure.
-This is the parity check between backends that users run on their own machine.
+from the same inputs, and passes when it is within the dtype's tolerance. This is the parity check
+between backends that users run on their own machine (the command is deltaprop.cli.check).
 """
 
 from __future__ import annotations
@@ -20,14 +20,6 @@ TOLERANCE = {"float64": 1e-12, "float32": 1e-5, "float16": 1e-2, "bfloat16": 1e-
 GEMM_TOLERANCE = {"float64": 1e-13}
 
 BATCH, WIDTH, CLASSES = 37, 65, 10
-
-
-def add_arguments(parser):
-    parser.add_argument("--backends", default=None,
-                        help="comma-separated backends to check (default: every usable one)")
-    parser.add_argument("--dtypes", default=None,
-                        help="comma-separated dtypes (default: every dtype each backend computes in)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
 
 
 def rel_err(actual, expected) -> float:
@@ -153,20 +145,3 @@ def check_backend(backend, dtype, seed=0):
             err = rel_err(actual, expected)
             rows.append((backend.name, dtype, what, err, tol, bool(err <= tol)))
     return rows
-
-
-def run(args) -> int:
-    from deltaprop.backend import available_backends, get_backend
-
-    names = args.backends.split(",") if args.backends else available_backends()
-    failures = 0
-    print(f"{'backend':<7} {'dtype':<8} {'kernel':<34} {'rel err':>11} {'tolerance':>9}  result")
-    for name in names:
-        backend = get_backend(name)
-        dtypes = args.dtypes.split(",") if args.dtypes else [d for d in backend.dtypes if DTYPES[d].numpy is not None]
-        for dtype in dtypes:
-            for be_name, dt, what, err, tol, ok in check_backend(backend, dtype, args.seed):
-                failures += not ok
-                print(f"{be_name:<7} {dt:<8} {what:<34} {err:>11.2e} {tol:>9.0e}  {'pass' if ok else 'FAIL'}")
-    print(f"{'all passed' if not failures else f'{failures} FAILED'} on {', '.join(names)}")
-    return 1 if failures else 0

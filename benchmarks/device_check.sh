@@ -53,7 +53,7 @@ exit $rc'
 XDIST=()
 "$PYTHON" -c "import xdist" 2>/dev/null && XDIST=(-n 4)
 # the command, whichever way the package got installed
-DELTAPROP=("$PYTHON" -m deltaprop.benchmarks.cli)
+DELTAPROP=("$PYTHON" -m deltaprop)
 
 stage nvidia-smi 10 nvidia-smi
 stage install 30 "$PYTHON" -m pip install --no-deps --no-build-isolation -e .

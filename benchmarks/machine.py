@@ -40,20 +40,19 @@ def usable_cores() -> int:
 def blas() -> list[dict]:
     """The BLAS libraries loaded in this process: [{name, version, threads, architecture}].
 
-    From threadpoolctl when it is installed (it reads the thread counts at run time); else NumPy's build
-    configuration, which knows no thread count (threads None).
+    From threadpoolctl, which reads the thread counts at run time; for a BLAS it does not know, NumPy's
+    build configuration names the library (threads None).
     """
     import numpy as np  # the BLAS numpy loads is the one the CPU backends call
+    from threadpoolctl import threadpool_info
 
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
-        config = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
-        return [{"name": config.get("name"), "version": config.get("version"), "threads": None,
-                 "architecture": None}]
-    return [{"name": pool["internal_api"], "version": pool.get("version"), "threads": pool["num_threads"],
-             "architecture": pool.get("architecture")}
-            for pool in threadpool_info() if pool["user_api"] == "blas"]
+    pools = [{"name": pool["internal_api"], "version": pool.get("version"), "threads": pool["num_threads"],
+              "architecture": pool.get("architecture")}
+             for pool in threadpool_info() if pool["user_api"] == "blas"]
+    if pools:
+        return pools
+    config = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+    return [{"name": config.get("name"), "version": config.get("version"), "threads": None, "architecture": None}]
 
 
 def cpu_threads() -> int:

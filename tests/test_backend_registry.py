@@ -23,7 +23,7 @@ from deltaprop.errors import BackendUnavailableError
 def test_import_loads_neither_numba_nor_cupy_nor_compiles():
     code = (
         "import sys, deltaprop, deltaprop.model, deltaprop.backend, deltaprop.kernels.activations, "
-        "deltaprop.kernels.reference, deltaprop.benchmarks.cli\n"
+        "deltaprop.kernels.reference, deltaprop.cli\n"
         "heavy = [m for m in ('numba', 'cupy', 'scipy', 'torch', 'jax', 'matplotlib') if m in sys.modules]\n"
         "print(','.join(heavy))"
     )

@@ -18,7 +18,7 @@ import pytest
 
 from deltaprop.backend import Backend, available_backends, backend_status
 from deltaprop.benchmarks import bench, machine, peers
-from deltaprop.benchmarks.cli import main
+from deltaprop.cli import main
 from deltaprop.benchmarks.timing import HostClock, Timed, Timing, interleave
 from deltaprop.benchmarks.workload import PRESETS, host_batch, kernel_calls, step_flops
 from deltaprop.model import MLP
@@ -107,6 +107,16 @@ def test_table_has_a_row_per_subject_and_batch_and_the_footnote(quick_run):
     assert "the input gets no gradient" in out
     assert "GEMM peak, cpu" in out
     assert "each kernel alone" in out
+
+
+def test_header_names_each_blas_library_and_its_thread_count(quick_run):
+    from threadpoolctl import threadpool_info
+
+    header = quick_run[1].splitlines()[1]
+    pools = [pool for pool in threadpool_info() if pool["user_api"] == "blas"]
+    assert pools, "threadpoolctl sees no BLAS in a process that has loaded NumPy"
+    for pool in pools:
+        assert f"{pool['internal_api']} {pool['version']} ({pool['num_threads']} threads)" in header
 
 
 def test_kernels_cover_every_call_of_a_step(quick_run):
@@ -210,8 +220,10 @@ def test_machine_facts():
     assert facts["versions"]["numpy"] == np.__version__
 
 
-def test_blas_without_threadpoolctl_comes_from_numpy(monkeypatch):
-    monkeypatch.setitem(sys.modules, "threadpoolctl", None)
+def test_blas_threadpoolctl_does_not_know_comes_from_numpy(monkeypatch):
+    import threadpoolctl
+
+    monkeypatch.setattr(threadpoolctl, "threadpool_info", lambda: [])
     (entry,) = machine.blas()
     assert entry["name"] and entry["threads"] is None
     assert machine.cpu_threads() == machine.usable_cores()

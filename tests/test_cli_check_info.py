@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from deltaprop.backend import Backend, available_backends, register_backend
-from deltaprop.benchmarks.cli import main
+from deltaprop.cli import main
 
 
 def test_check_passes_on_every_usable_backend(capsys):
@@ -43,9 +43,16 @@ def test_check_fails_a_wrong_kernel_and_exits_1(capsys):
     assert all(float(row[-3]) > 1e-12 for row in failed)
 
 
-def test_check_refuses_an_unknown_backend():
-    with pytest.raises(ValueError, match="backend: expected 'auto' or one of"):
-        main(["check", "--backends", "tpu"])
+def test_check_refuses_an_unknown_backend(capsys):
+    assert main(["check", "--backends", "tpu"]) == 2
+    assert capsys.readouterr().err == ("deltaprop check: error: --backends: backend: expected 'auto' or one of "
+                                       "['cupy', 'numba', 'numpy'], got 'tpu'\n")
+
+
+def test_check_refuses_a_dtype_the_backend_does_not_compute_in(capsys):
+    assert main(["check", "--backends", "numpy", "--dtypes", "float16"]) == 2
+    assert capsys.readouterr().err == ("deltaprop check: error: --dtypes: expected dtypes among "
+                                       "['float32', 'float64'] for backend numpy, got 'float16'\n")
 
 
 def test_info_names_every_backend_and_why(capsys):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from deltaprop.backend import to_numpy
-from deltaprop.benchmarks.cli import main
+from deltaprop.cli import main
 from deltaprop.model import MLP
 
 pytest.importorskip("sklearn")
@@ -116,7 +116,7 @@ BAD_FLAGS = {
                                    r"--sizes: expected 64 inputs and 10 outputs for this data \(like 64,128,10\), got 64,32,5"),
     "unknown backend": (["--dataset", "digits", "--backend", "tpu"], r"backend: expected 'auto' or one of .*got 'tpu'"),
     "save into a missing directory": (["--dataset", "digits", "--save", "/no/such/dir/net.npz"],
-                                      r"--save: expected a file in an existing directory, got '/no/such/dir/net.npz'"),
+                                      r"argument --save: expected a file in an existing folder, got '/no/such/dir/net.npz'"),
 }
 
 
@@ -152,7 +152,8 @@ def test_diverging_fit_exits_1_with_one_line(tmp_path, capsys):
 
 
 def test_unknown_flag_from_the_shell_exits_2_with_one_line():
-    result = subprocess.run([sys.executable, "-m", "deltaprop.benchmarks.cli", "train", "--dataset", "digits",
+    result = subprocess.run([sys.executable, "-m", "deltaprop", "train", "--dataset", "digits",
                              "--bogus"], capture_output=True, text=True)
     assert result.returncode == 2
-    assert result.stderr.splitlines() == ["deltaprop: error: unrecognized arguments: --bogus (see deltaprop --help)"]
+    assert result.stderr.splitlines() == ["deltaprop train: error: unrecognized arguments: --bogus "
+                                          "(see deltaprop train --help)"]

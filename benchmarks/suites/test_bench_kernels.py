@@ -1,7 +1,7 @@
 """pytest-benchmark: each kernel call of an ``mlp`` training step alone, per usable backend and batch size.
 
-    pytest benchmarks/ --benchmark-only        time them
-    pytest benchmarks/ --benchmark-disable     run each once (CI: they cannot rot)
+    pytest benchmarks/suites --benchmark-only        time them
+    pytest benchmarks/suites --benchmark-disable     run each once (CI: they cannot rot)
 """
 
 import functools

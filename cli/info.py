@@ -6,6 +6,8 @@ import os
 import platform
 import sys
 
+from deltaprop.cli import UsageError
+
 
 def add_arguments(parser):
     parser.add_argument("--load", action="store_true",
@@ -13,13 +15,17 @@ def add_arguments(parser):
 
 
 def facts(load=False) -> dict:
-    """Everything `deltaprop info` prints, as a dict."""
+    """Everything `deltaprop info` prints, as a dict; a UsageError when DELTAPROP_BACKEND names no backend."""
     import numpy as np
 
     from deltaprop import __version__
+    from deltaprop.backend import backend_status, environment_backend, get_backend, registered_backends
     from deltaprop.benchmarks import machine
-    from deltaprop.backend import backend_status, get_backend, registered_backends
 
+    try:
+        chosen = environment_backend()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     backends = {}
     for name in registered_backends():
         ok, why = backend_status(name)
@@ -42,11 +48,13 @@ def facts(load=False) -> dict:
         "numba": numba_facts,
         "blas": machine.blas(),
         "backends": backends,
-        "DELTAPROP_BACKEND": os.environ.get("DELTAPROP_BACKEND"),
+        "DELTAPROP_BACKEND": chosen,
     }
 
 
 def run(args) -> int:
+    from deltaprop.benchmarks.report import blas_threads
+
     f = facts(load=args.load)
     print(f"deltaprop {f['deltaprop']}  python {f['python']}  numpy {f['numpy']}  on {f['platform']}")
     print(f"cpus: {f['cpu_count']}")
@@ -54,8 +62,8 @@ def run(args) -> int:
     print(f"numba: {numba['version'] or 'not importable: ' + numba['error']}"
           + (f" ({numba['threads']} threads, cache {numba['cache_dir']})" if numba["version"] else ""))
     for pool in f["blas"]:
-        threads = "thread count unknown (install threadpoolctl)" if pool["threads"] is None else f"{pool['threads']} threads"
-        print(f"blas: {pool['name']} {pool['version'] or ''} ({threads}, {pool['architecture'] or 'architecture unknown'})")
+        print(f"blas: {pool['name']} {pool['version'] or ''} ({blas_threads(pool)}, "
+              f"{pool['architecture'] or 'architecture unknown'})")
     print("backends:")
     for name, status in f["backends"].items():
         print(f"  {name:<6} {'usable' if status['usable'] else 'unusable: ' + status['why_not']}")

@@ -1,7 +1,7 @@
 """pytest-benchmark: one training step (``MLP.train_step``) per usable backend, preset and batch size.
 
-    pytest benchmarks/ --benchmark-only        time them
-    pytest benchmarks/ --benchmark-disable     run each once (CI: they cannot rot)
+    pytest benchmarks/suites --benchmark-only        time them
+    pytest benchmarks/suites --benchmark-disable     run each once (CI: they cannot rot)
 """
 
 import pytest

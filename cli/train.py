@@ -7,13 +7,15 @@
 Every dataset is split into 75% training and 25% test samples, stratified, with random_state 0. Digits
 pixels are scaled by 1/16 into [0, 1]; other data is used as it is. Labels may be any integers; they
 are numbered 0..C-1 in sorted order. Prints one line per epoch, then the test accuracy and the wall
-time of the fit. A bad file or a bad flag prints one line "deltaprop train: error: ..." to stderr and
-exits with status 2; a diverging fit (non-finite loss) exits with status 1.
+time of the fit. Needs scikit-learn (the split, and the digits): pip install 'deltaprop[train]'. A bad
+file, flag or missing package prints one line "deltaprop train: error: ..." to stderr and exits with
+status 2, before any training; a diverging fit (non-finite loss) exits with status 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import time
@@ -22,7 +24,8 @@ import zipfile
 
 import numpy as np
 
-from deltaprop.errors import BackendUnavailableError, NonFiniteLossError
+from deltaprop.cli import UsageError, output_file
+from deltaprop.errors import NonFiniteLossError
 from deltaprop.kernels.activations import ACTIVATIONS
 from deltaprop.model.optim import OPTIMIZERS
 
@@ -31,7 +34,7 @@ SPLIT_SEED = 0
 DEFAULT_HIDDEN = (128, 128)
 
 
-class DataError(ValueError):
+class DataError(UsageError):
     """The data file or the flags cannot give a training set; the message is the one line to print."""
 
 
@@ -80,7 +83,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--seed", type=int, default=0, help="initialisation and shuffling (default: 0)")
     parser.add_argument("--patience", type=_positive_int, help="early stopping on the training loss")
-    parser.add_argument("--save", metavar="FILE.npz", help="write the trained network here")
+    parser.add_argument("--save", type=output_file, metavar="FILE.npz", help="write the trained network here")
 
 
 # ---- data -----------------------------------------------------------------------------------------
@@ -189,16 +192,17 @@ def _print_epoch(epochs):
 def _train(args):
     from deltaprop.model import MLP
 
+    if importlib.util.find_spec("sklearn") is None:
+        raise UsageError("needs scikit-learn (the digits and the test split), which is not installed: "
+                         "pip install 'deltaprop[train]'")
     source = "digits" if args.dataset else args.data
     X, y = _load_digits() if args.dataset else _load_file(args.data)
     X, y, classes = _checked(X, y, source)
     X_train, X_test, y_train, y_test = _split(X, y, source)
-    if args.save and not os.path.isdir(os.path.dirname(os.path.abspath(args.save))):
-        raise DataError(f"--save: expected a file in an existing directory, got {args.save!r}")
     try:
         net = MLP(_sizes_for(args, X.shape[1], len(classes)), activation=args.activation,
                   backend=args.backend, dtype=args.dtype, seed=args.seed)
-    except (BackendUnavailableError, TypeError, ValueError) as e:
+    except (TypeError, ValueError) as e:
         raise DataError(str(e)) from None
     print(f"{source}: {len(y_train)} training and {len(y_test)} test samples, {X.shape[1]} features, "
           f"{len(classes)} classes; {net!r}", flush=True)
@@ -220,9 +224,6 @@ def _train(args):
 def run(args) -> int:
     try:
         _train(args)
-    except DataError as e:
-        print(f"deltaprop train: error: {e}", file=sys.stderr)
-        return 2
     except NonFiniteLossError as e:
         print(f"deltaprop train: error: training diverged: {e}; try a smaller --lr", file=sys.stderr)
         return 1
