@@ -17,9 +17,16 @@ import contextvars
 import importlib
 import logging
 import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from deltaprop.backend.base import Backend
 from deltaprop.errors import BackendUnavailableError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from deltaprop.arrays import Array
 
 __all__ = [
     "Backend",
@@ -36,7 +43,7 @@ __all__ = [
 log = logging.getLogger("deltaprop")
 
 # name -> "module:Class" (imported on first use, so that importing deltaprop loads neither Numba nor CuPy)
-_REGISTRY: dict[str, str | type] = {
+_REGISTRY: dict[str, str | type[Backend]] = {
     "numpy": "deltaprop.backend.base:Backend",
     "numba": "deltaprop.backend.numba_backend:NumbaBackend",
     "cupy": "deltaprop.backend.cupy_backend:CupyBackend",
@@ -48,7 +55,7 @@ _current: contextvars.ContextVar[str | None] = contextvars.ContextVar("deltaprop
 _auto_logged = False
 
 
-def register_backend(name: str, backend: str | type) -> None:
+def register_backend(name: str, backend: str | type[Backend]) -> None:
     """Register a Backend subclass (or "module:Class" to import lazily) under ``name``."""
     if not isinstance(name, str) or not name or name == "auto":
         raise ValueError(f"register_backend: name: expected a non-empty string other than 'auto', got {name!r}")
@@ -56,7 +63,7 @@ def register_backend(name: str, backend: str | type) -> None:
     _instances.pop(name, None)
 
 
-def _backend_class(name: str) -> type:
+def _backend_class(name: str) -> type[Backend]:
     entry = _REGISTRY[name]
     if isinstance(entry, str):
         module, _, cls = entry.partition(":")
@@ -102,7 +109,7 @@ def _resolve_auto() -> str:
     chosen = _current.get() or environment_backend()
     if chosen and chosen != "auto":
         return chosen
-    reasons = []
+    reasons: list[str] = []
     for name in _AUTO_ORDER:
         ok, why = backend_status(name)
         if ok:
@@ -132,7 +139,7 @@ def get_backend(name: str | Backend | None = "auto") -> Backend:
 
 
 @contextlib.contextmanager
-def use_backend(name: str):
+def use_backend(name: str) -> Iterator[Backend]:
     """Within the block, "auto" (and MLP's default) means ``name``; scoped to this context (thread/task)."""
     backend = get_backend(name)  # fail at the door, not at first use
     token = _current.set(backend.name)
@@ -142,7 +149,7 @@ def use_backend(name: str):
         _current.reset(token)
 
 
-def to_numpy(x):
+def to_numpy(x: Array) -> np.ndarray:
     """Any array of any backend (NumPy, CuPy, or a DLPack producer) as a NumPy array on the host."""
     if hasattr(x, "get") and type(x).__module__.startswith("cupy"):
         return x.get()

@@ -11,8 +11,13 @@ helpers below, which every backend shares, so that each backend refuses bad inpu
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from types import ModuleType
+from typing import Any
+
 import numpy as np
 
+from deltaprop.arrays import Array, ArrayInput, DTypeLike, FusedStep
 from deltaprop.kernels.activations import get_activation
 from deltaprop.kernels.dtypes import SUPPORTED, dtypes_for, resolve_dtype
 
@@ -150,7 +155,7 @@ class Backend:
         return True, ""
 
     @property
-    def xp(self):
+    def xp(self) -> ModuleType:
         """The array module of this backend's arrays (numpy, cupy)."""
         return np
 
@@ -159,17 +164,17 @@ class Backend:
         """The dtype names this backend computes in (from the dtype table)."""
         return dtypes_for(self.device)
 
-    def asarray(self, x, dtype=None):
+    def asarray(self, x: ArrayInput, dtype: DTypeLike | None = None) -> Array:
         """``x`` as a C-contiguous array of this backend in ``dtype`` (copied only where it must be)."""
         if not isinstance(x, np.ndarray) and hasattr(x, "__dlpack__"):
             x = np.from_dlpack(x)  # zero-copy from any CPU DLPack producer (torch, jax)
         return np.ascontiguousarray(x, dtype=dtype)
 
-    def to_numpy(self, x) -> np.ndarray:
+    def to_numpy(self, x: Array) -> np.ndarray:
         """``x`` as a NumPy array on the host."""
         return np.asarray(x)
 
-    def empty(self, shape, dtype):
+    def empty(self, shape: int | tuple[int, ...], dtype: DTypeLike) -> Array:
         """An uninitialised C-contiguous array whose data starts at a multiple of ``HOST_ALIGNMENT`` bytes."""
         dtype = np.dtype(dtype)
         size = int(np.prod(shape)) * dtype.itemsize
@@ -177,7 +182,7 @@ class Backend:
         start = -raw.ctypes.data % HOST_ALIGNMENT
         return raw[start:start + size].view(dtype).reshape(shape)
 
-    def zeros(self, shape, dtype):
+    def zeros(self, shape: int | tuple[int, ...], dtype: DTypeLike) -> Array:
         out = self.empty(shape, dtype)
         out[...] = 0
         return out
@@ -185,15 +190,15 @@ class Backend:
     def synchronize(self) -> None:
         """Wait until every kernel launched so far has finished (a no-op on the CPU)."""
 
-    def warmup(self, dtypes=None) -> float:
+    def warmup(self, dtypes: Iterable[str] | None = None) -> float:
         """Compile every kernel for ``dtypes`` (default: all of ``self.dtypes``) up front; returns seconds spent."""
         return 0.0
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         """Facts about this backend for `deltaprop info` and benchmark reports."""
         return {"name": self.name, "device": self.device, "numpy": np.__version__}
 
-    def fused_sgd_step(self, activation, loss, dtype):
+    def fused_sgd_step(self, activation: str, loss: str, dtype: DTypeLike) -> FusedStep:
         """A compiled whole SGD training step, or None: then the model runs its kernel-by-kernel loop.
 
         activation: the hidden layers' activation; loss: the loss kernel's name ("softmax_xent",
@@ -208,7 +213,7 @@ class Backend:
         """
         return None
 
-    def fused_grads_step(self, activation, loss, dtype):
+    def fused_grads_step(self, activation: str, loss: str, dtype: DTypeLike) -> FusedStep:
         """A compiled forward + loss + backward that writes the gradients, or None: then the model runs
         its kernel-by-kernel loop.
 
@@ -223,7 +228,8 @@ class Backend:
 
     # ---- kernels ----
 
-    def gemm(self, a, b, out=None, trans_a=False, trans_b=False, alpha=1.0, beta=0.0):
+    def gemm(self, a: Array, b: Array, out: Array | None = None, trans_a: bool = False, trans_b: bool = False,
+             alpha: float = 1.0, beta: float = 0.0) -> Array:
         """out = alpha * op(a) @ op(b) + beta * out, where op(x) is x or its transpose.
 
         a: (m, k) or (k, m) when trans_a; b: (k, n) or (n, k) when trans_b; out: (m, n).
@@ -247,7 +253,8 @@ class Backend:
                 out[...] = product
         return out
 
-    def bias_act(self, acc, b, act, z_out=None, a_out=None):
+    def bias_act(self, acc: Array, b: Array, act: str, z_out: Array | None = None,
+                 a_out: Array | None = None) -> tuple[Array, Array]:
         """z = acc + b (b broadcast over rows); a = act(z). Returns (z, a).
 
         acc: (B, n); b: (n,); z_out, a_out: (B, n) or None. z_out may be acc itself (in place).
@@ -262,12 +269,12 @@ class Backend:
         a_out[...] = a
         return z, a_out
 
-    def act_backward(self, g, z, act, out=None):
+    def act_backward(self, g: Array, z: Array, act: str, out: Array | None = None) -> Array:
         """out = g * act'(z), elementwise. g, z, out: (B, n); out may be g (in place)."""
         check_rows("act_backward", self.device, g, z=z, out=out)
         return np.multiply(g, get_activation(act).derivative(z), out=out)
 
-    def softmax(self, z, out=None):
+    def softmax(self, z: Array, out: Array | None = None) -> Array:
         """Row-wise softmax, stable for any finite z. z, out: (B, C)."""
         check_rows("softmax", self.device, z, out=out)
         out = np.subtract(z, z.max(axis=1, keepdims=True), out=out)
@@ -275,7 +282,7 @@ class Backend:
         out /= out.sum(axis=1, keepdims=True)
         return out
 
-    def softmax_xent(self, z, labels, delta_out=None, scale=None):
+    def softmax_xent(self, z: Array, labels: Array, delta_out: Array | None = None, scale: float | None = None) -> float:
         """Softmax cross-entropy: returns the mean loss over the batch as a float, and writes
         delta = (softmax(z) - onehot(labels)) * scale (scale defaults to 1/B) into delta_out.
 
@@ -288,7 +295,7 @@ class Backend:
         log_softmax = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
         return self._loss_result(-(t * log_softmax).sum(), np.exp(log_softmax), t, delta_out, scale)
 
-    def sigmoid_xent(self, z, targets, delta_out=None, scale=None):
+    def sigmoid_xent(self, z: Array, targets: Array, delta_out: Array | None = None, scale: float | None = None) -> float:
         """Multi-label sigmoid cross-entropy: returns the mean over the batch of the summed element
         losses, and writes delta = (sigmoid(z) - targets) * scale (default 1/B).
 
@@ -299,7 +306,8 @@ class Backend:
         total = (np.maximum(z, 0) - t * z + np.log1p(np.exp(-np.abs(z)))).sum()
         return self._loss_result(total, get_activation("sigmoid").forward(z), t, delta_out, scale)
 
-    def squared_error(self, y_hat, targets, delta_out=None, scale=None):
+    def squared_error(self, y_hat: Array, targets: Array, delta_out: Array | None = None,
+                      scale: float | None = None) -> float:
         """Returns the mean over the batch of 1/2 ||y_hat - targets||^2, and writes
         delta = (y_hat - targets) * scale (default 1/B).
 
@@ -309,7 +317,7 @@ class Backend:
         diff = y_hat - t
         return self._loss_result(0.5 * (diff * diff).sum(), y_hat, t, delta_out, scale)
 
-    def bias_grad(self, delta, out=None):
+    def bias_grad(self, delta: Array, out: Array | None = None) -> Array:
         """Column sums: out[j] = sum_i delta[i, j]. delta: (B, n); out: (n,)."""
         check_matrix("bias_grad", "delta", delta)
         check_shape("bias_grad", "out", out, (delta.shape[1],))
@@ -318,7 +326,7 @@ class Backend:
 
     # ---- optimizer updates: one pass over the flat parameter buffer, in place (PyTorch's formulas) ----
 
-    def sgd_update(self, params, grads, lr, weight_decay=0.0):
+    def sgd_update(self, params: Array, grads: Array, lr: float, weight_decay: float = 0.0) -> None:
         """params -= lr * (grads + weight_decay * params). params, grads: flat (P,) buffers."""
         dtype = check_flat("sgd_update", self.device, params=params, grads=grads)
         lr, weight_decay = dtype.type(lr), dtype.type(weight_decay)
@@ -326,7 +334,8 @@ class Backend:
             params *= 1 - lr * weight_decay
         params -= lr * grads
 
-    def momentum_update(self, params, grads, velocity, lr, momentum=0.9, nesterov=False, weight_decay=0.0):
+    def momentum_update(self, params: Array, grads: Array, velocity: Array, lr: float, momentum: float = 0.9,
+                        nesterov: bool = False, weight_decay: float = 0.0) -> None:
         """SGD with momentum as torch.optim.SGD (dampening 0); velocity starts at zeros.
 
         g = grads + weight_decay * params; velocity = momentum * velocity + g;
@@ -339,8 +348,9 @@ class Backend:
         velocity += g
         params -= lr * (g + mu * velocity if nesterov else velocity)
 
-    def adam_update(self, params, grads, m, v, step, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
-                    weight_decay=0.0, decoupled=False):
+    def adam_update(self, params: Array, grads: Array, m: Array, v: Array, step: int, lr: float = 1e-3,
+                    beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
+                    decoupled: bool = False) -> None:
         """Adam (decoupled=False, L2 added to the gradient) or AdamW (decoupled=True), as torch.optim.
 
         step is the 1-based count of this update (for the bias corrections); m, v start at zeros.
@@ -367,7 +377,8 @@ class Backend:
 
     # ---- the loss kernels share their checks and their NumPy body ----
 
-    def check_loss_args(self, kernel, z, targets, delta_out, scale):
+    def check_loss_args(self, kernel: str, z: Array, targets: Array, delta_out: Array | None,
+                        scale: float | None) -> tuple[str, Any]:
         """The shared checks of the loss kernels; returns (kind of targets, scale as z's dtype)."""
         check_rows(kernel, self.device, z, delta_out=delta_out)
         kind = check_targets(kernel, z, targets)

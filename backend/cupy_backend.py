@@ -464,7 +464,8 @@ class Outputs:
     ``write_back`` copies into it once the kernel has run."""
 
     def __init__(self, backend: CupyBackend, kernel: str):
-        self._backend, self._kernel, self._copies = backend, kernel, []
+        self._backend, self._kernel = backend, kernel
+        self._copies: list[tuple] = []
 
     def buffer(self, name, array, read=False):
         """The device array the kernel writes for ``array``; ``read``: the kernel also reads its values."""

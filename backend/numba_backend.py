@@ -36,14 +36,11 @@ def _blas_operand(x):
     return np.ascontiguousarray(x)
 
 
-def _blas_info() -> list[dict] | dict:
+def _blas_info() -> list[dict]:
     """The BLAS libraries loaded (the numba backend's GEMMs call ``gemm_blas``'s), with their thread counts."""
     import scipy.linalg.cython_blas  # noqa: F401  (load SciPy's BLAS so that it is listed)
+    from threadpoolctl import threadpool_info
 
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
-        return np.show_config(mode="dicts")["Build Dependencies"]["blas"]
     keys = ("internal_api", "version", "num_threads", "threading_layer", "architecture", "filepath")
     return [{k: lib.get(k) for k in keys} for lib in threadpool_info() if lib.get("user_api") == "blas"]
 

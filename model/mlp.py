@@ -17,10 +17,13 @@ workspace per batch size, so that ``train_step`` allocates nothing after its fir
 from __future__ import annotations
 
 import math
+import os
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from math import isfinite
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -32,6 +35,11 @@ from deltaprop.kernels.dtypes import resolve_dtype
 from deltaprop.kernels.plan import A_AT, DELTA_AT, Z_AT, step_plan
 from deltaprop.model import io, training
 from deltaprop.model.losses import get_loss
+
+if TYPE_CHECKING:
+    from deltaprop.arrays import Array, ArrayInput, DTypeLike
+    from deltaprop.backend import Backend
+    from deltaprop.model.optim import Optimizer
 
 _INT64 = np.dtype(np.int64)
 _NDARRAY = np.ndarray
@@ -51,7 +59,7 @@ class ForwardCache:
     z: list
 
     @property
-    def logits(self):
+    def logits(self) -> Array:
         return self.z[-1]
 
 
@@ -102,8 +110,8 @@ class MLP:
     backend.
     """
 
-    def __init__(self, sizes, activation="relu", loss="softmax_cross_entropy", backend="auto",
-                 dtype="float32", seed=0):
+    def __init__(self, sizes: Sequence[int], activation: str = "relu", loss: str = "softmax_cross_entropy",
+                 backend: str | Backend | None = "auto", dtype: DTypeLike = "float32", seed: int = 0) -> None:
         self.sizes = _check_sizes(sizes)
         self.activation = get_activation(activation).name
         self.loss = get_loss(loss).name
@@ -118,7 +126,8 @@ class MLP:
         self.grad_weights, self.grad_biases = self._views(self.grads)
         self._workspaces: OrderedDict[int, _Workspace] = OrderedDict()
         self._recent_workspace = None  # the last one used: a step at the same batch size skips the LRU bookkeeping
-        self._lr, self._lr_scalar = None, None  # the last learning rate and it as a scalar of the dtype
+        self._lr: float | None = None  # the last learning rate, and it as a scalar of the dtype
+        self._lr_scalar: np.floating | None = None
         self.optimizer = None  # the Optimizer of the last fit (or of a loaded checkpoint), with its state
 
     # ---- layout and initialisation ----
@@ -207,7 +216,7 @@ class MLP:
 
     # ---- the loop ----
 
-    def forward(self, x) -> ForwardCache:
+    def forward(self, x: ArrayInput) -> ForwardCache:
         """Runs the layers on x (B, n0); returns the ForwardCache of z[l] and a[l] (logits = z[L])."""
         return self._forward(self._inputs(x))
 
@@ -222,7 +231,7 @@ class MLP:
                 be.bias_act(z, b, "identity", z_out=z, a_out=z)  # the logits; the loss applies the output map
         return ForwardCache(a=inputs, z=ws.z)
 
-    def backward(self, cache: ForwardCache, y) -> float:
+    def backward(self, cache: ForwardCache, y: ArrayInput) -> float:
         """From a forward pass's cache and the targets, writes dJ/dW and dJ/db into ``self.grads``
         (views: ``grad_weights``, ``grad_biases``); returns the mean loss over the batch."""
         x = cache.a[0]
@@ -240,7 +249,7 @@ class MLP:
                 be.act_backward(ws.delta[l - 1], cache.z[l - 1], self.activation, out=ws.delta[l - 1])
         return loss
 
-    def loss_and_grads(self, x, y):
+    def loss_and_grads(self, x: ArrayInput, y: ArrayInput) -> tuple[float, list[tuple[Array, Array]]]:
         """The mean loss and [(dW[l], db[l])] for l = 1..L, fresh arrays shaped like W[l] and b[l]."""
         loss = self._loss_grads(x, y)[0]
         return loss, [(dW.copy(), db.copy()) for dW, db in zip(self.grad_weights, self.grad_biases)]
@@ -264,7 +273,7 @@ class MLP:
     # train_step runs the backend's fused step where it has one; False forces the kernel-by-kernel loop
     use_fused_step = True
 
-    def train_step(self, x, y, lr=0.01) -> float:
+    def train_step(self, x: ArrayInput, y: ArrayInput, lr: float = 0.01) -> float:
         """Forward, loss, backward and a plain SGD update (params -= lr * grads) in one call.
 
         Returns the mean loss before the update. Raises NonFiniteLossError, leaving the parameters
@@ -332,8 +341,11 @@ class MLP:
 
     # ---- training, inference and checkpoints (model/training.py, model/io.py) ----
 
-    def fit(self, X, y, epochs=10, batch_size=32, optimizer=None, lr=None, schedule=None, validation_data=None,
-            patience=None, shuffle=True, seed=None, progress=None, callback=None) -> training.History:
+    def fit(self, X: ArrayInput, y: ArrayInput, epochs: int = 10, batch_size: int = 32,
+            optimizer: str | Optimizer | None = None, lr: float | None = None, schedule: Any = None,
+            validation_data: tuple[ArrayInput, ArrayInput] | None = None, patience: int | None = None,
+            shuffle: bool = True, seed: int | None = None, progress: bool | None = None,
+            callback: Callable[[int, dict[str, float]], object] | None = None) -> training.History:
         """Trains on X (N, n0) and y (int labels (N,) or targets (N, n_L)) by minibatches; returns a History.
 
         optimizer: "adam", "adamw", "sgd", "momentum" (torch.optim's defaults; ``lr`` overrides the
@@ -350,24 +362,24 @@ class MLP:
                             schedule=schedule, validation_data=validation_data, patience=patience,
                             shuffle=shuffle, seed=seed, progress=progress, callback=callback)
 
-    def predict(self, X, chunk_size=training.DEFAULT_CHUNK):
+    def predict(self, X: ArrayInput, chunk_size: int = training.DEFAULT_CHUNK) -> Array:
         """Class labels (N,) for softmax cross-entropy, 0/1 (N, n_L) for sigmoid cross-entropy, outputs
         (N, n_L) for mse; arrays of the backend, computed chunk by chunk."""
         return training.predict(self, X, chunk_size)
 
-    def predict_proba(self, X, chunk_size=training.DEFAULT_CHUNK):
+    def predict_proba(self, X: ArrayInput, chunk_size: int = training.DEFAULT_CHUNK) -> Array:
         """The loss's output map of the logits (softmax, sigmoid or identity), (N, n_L) on the backend."""
         return training.predict_proba(self, X, chunk_size)
 
-    def evaluate(self, X, y, chunk_size=training.DEFAULT_CHUNK) -> training.Evaluation:
+    def evaluate(self, X: ArrayInput, y: ArrayInput, chunk_size: int = training.DEFAULT_CHUNK) -> training.Evaluation:
         """(loss, accuracy) over X (N, n0) and y; accuracy is None for mse."""
         return training.evaluate(self, X, y, chunk_size)
 
-    def save(self, path) -> None:
+    def save(self, path: str | os.PathLike[str]) -> None:
         """Writes the network and its optimizer state to ``path`` (.npz), atomically."""
         io.save(self, path)
 
     @classmethod
-    def load(cls, path, backend="auto") -> MLP:
+    def load(cls, path: str | os.PathLike[str], backend: str | Backend | None = "auto") -> MLP:
         """The network saved at ``path``, on ``backend``; CheckpointError if the file is not a valid checkpoint."""
         return io.load(cls, path, backend=backend)

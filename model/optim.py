@@ -18,8 +18,19 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from deltaprop.arrays import Array
+    from deltaprop.backend import Backend
 
 # ---- learning-rate schedules ----------------------------------------------------------------------
+
+
+class Schedule(Protocol):
+    """What a learning-rate schedule object has: the factor of the base rate at update ``step``."""
+
+    def factor(self, step: int, total_steps: int | None = None) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -79,7 +90,7 @@ class WarmupCosine:
 SCHEDULES: dict[str, type] = {cls.name: cls for cls in (Constant, StepDecay, WarmupCosine)}
 
 
-def get_schedule(schedule=None, **options):
+def get_schedule(schedule: Schedule | str | None = None, **options: float) -> Schedule:
     """A schedule from its name (with ``options`` for its fields), or a schedule passed through; None is constant."""
     if schedule is None:
         schedule = "constant"
@@ -119,7 +130,7 @@ class Optimizer(ABC):
     name = ""
     defaults: dict = {}
 
-    def __init__(self, lr=None, schedule=None, **hyper):
+    def __init__(self, lr: float | None = None, schedule: Schedule | str | None = None, **hyper: float) -> None:
         unknown = sorted(set(hyper) - set(self.defaults))
         if unknown:
             raise TypeError(f"{self.name}: unknown hyper-parameter(s) {unknown}; expected some of {sorted(self.defaults)}")
@@ -134,7 +145,7 @@ class Optimizer(ABC):
         self.step_count = 0
         self.total_steps = None  # the updates the caller plans (for a cosine schedule without its own)
         self.state: dict = {}
-        self.backend = None
+        self.backend: Backend | None = None  # set by bind
 
     def _check_hyper(self):
         """Subclass hook: cross-field checks of ``self.hyper``."""
@@ -143,7 +154,7 @@ class Optimizer(ABC):
         """Names of the flat state buffers this optimizer keeps beside the parameters."""
         return ()
 
-    def bind(self, backend, params) -> Optimizer:
+    def bind(self, backend: Backend, params: Array) -> Optimizer:
         """Allocates zeroed state buffers shaped like ``params`` (flat (P,)) on ``backend``, unless the
         ones already held match in shape and dtype (then the state carries on). Returns self."""
         self.backend = backend
@@ -157,7 +168,7 @@ class Optimizer(ABC):
         """The learning rate the next update uses."""
         return self.hyper["lr"] * self.schedule.factor(self.step_count, self.total_steps)
 
-    def step(self, params, grads) -> None:
+    def step(self, params: Array, grads: Array) -> None:
         """One update of ``params`` from ``grads`` (flat (P,) buffers of the bound backend), in place."""
         if self.backend is None:
             raise RuntimeError(f"{self.name}: call bind(backend, params) before step()")
@@ -185,7 +196,7 @@ class SGD(Optimizer):
             raise ValueError(f"{self.name}: nesterov: expected momentum > 0 with nesterov=True, "
                              f"got momentum={self.hyper['momentum']!r}")
 
-    def state_names(self):
+    def state_names(self) -> tuple[str, ...]:
         return ("velocity",) if self.hyper["momentum"] else ()
 
     def _update(self, params, grads, lr):
@@ -211,7 +222,7 @@ class Adam(Optimizer):
     defaults = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0}
     decoupled = False
 
-    def state_names(self):
+    def state_names(self) -> tuple[str, ...]:
         return ("m", "v")
 
     def _update(self, params, grads, lr):
@@ -232,7 +243,8 @@ class AdamW(Adam):
 OPTIMIZERS: dict[str, type[Optimizer]] = {cls.name: cls for cls in (SGD, Momentum, Adam, AdamW)}
 
 
-def get_optimizer(optimizer, lr=None, schedule=None) -> Optimizer:
+def get_optimizer(optimizer: str | Optimizer, lr: float | None = None,
+                  schedule: Schedule | str | None = None) -> Optimizer:
     """A new optimizer from its name (``lr`` and ``schedule`` apply), or an Optimizer passed through
     (then ``lr`` and ``schedule`` must be None: they belong to the Optimizer already)."""
     if isinstance(optimizer, Optimizer):

@@ -235,7 +235,7 @@ def fit(net, X, y, epochs=10, batch_size=32, optimizer=None, lr=None, schedule=N
     if validation_data is not None:
         if not (isinstance(validation_data, (tuple, list)) and len(validation_data) == 2):
             raise TypeError(f"validation_data: expected a pair (X_val, y_val), got {type(validation_data).__name__}")
-        X_val, y_val = _dataset(net, *validation_data, name="validation_data X")
+        X_val, y_val = _dataset(net, validation_data[0], validation_data[1], name="validation_data X")
     if optimizer is None and lr is None and schedule is None and net.optimizer is not None:
         optimizer = net.optimizer  # carry on with the state of the last fit (or of a loaded checkpoint)
     optimizer = get_optimizer("adam" if optimizer is None else optimizer, lr, schedule)
