@@ -282,7 +282,8 @@ class Backend:
         out /= out.sum(axis=1, keepdims=True)
         return out
 
-    def softmax_xent(self, z: Array, labels: Array, delta_out: Array | None = None, scale: float | None = None) -> float:
+    def softmax_xent(self, z: Array, labels: Array, delta_out: Array | None = None,
+                     scale: float | None = None) -> float:
         """Softmax cross-entropy: returns the mean loss over the batch as a float, and writes
         delta = (softmax(z) - onehot(labels)) * scale (scale defaults to 1/B) into delta_out.
 
@@ -295,7 +296,8 @@ class Backend:
         log_softmax = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
         return self._loss_result(-(t * log_softmax).sum(), np.exp(log_softmax), t, delta_out, scale)
 
-    def sigmoid_xent(self, z: Array, targets: Array, delta_out: Array | None = None, scale: float | None = None) -> float:
+    def sigmoid_xent(self, z: Array, targets: Array, delta_out: Array | None = None,
+                     scale: float | None = None) -> float:
         """Multi-label sigmoid cross-entropy: returns the mean over the batch of the summed element
         losses, and writes delta = (sigmoid(z) - targets) * scale (default 1/B).
 

@@ -1,4 +1,4 @@
-"""The parity check behind `deltaprop check`: every kernel and a whole training step, on a backend, against the reference.
+"""The parity check behind `deltaprop check`: every kernel and a whole training step against the reference.
 
 Random inputs (never zeros) in each dtype the backend computes in; each row of the table is the
 norm-wise relative error of the backend's result against kernels/reference.py computed in float64
