@@ -1,4 +1,4 @@
-"""The digits fit of issue 4 timed beside its peers, with one recipe, in one process, one run each.
+"""The digits fit of `deltaprop train` timed beside its peers, with one recipe, in one process, one run each.
 
     python -m deltaprop.benchmarks.fit_digits_peers [--backends numpy,numba] [--json FILE]
 
@@ -11,12 +11,13 @@ decay), minibatches of 32 reshuffled every epoch, 40 epochs, float32. Peers:
     sklearn      MLPClassifier(solver="adam", alpha=0, batch_size=32, max_iter=40, run for all 40 epochs)
 
 Wall time covers the training loop only (not data loading, not evaluation). Prints a table and
-optionally writes JSON. Timing a shared or busy machine is noisy: run it on a quiet one.
+optionally writes JSON. Timing a shared or busy machine is noisy: run it on a quiet one. Needs
+scikit-learn and PyTorch: pip install 'deltaprop[train,peers]'.
 """
 
 from __future__ import annotations
 
-import argparse
+import importlib.util
 import json
 import time
 import warnings
@@ -89,13 +90,22 @@ def fit_sklearn(X_train, X_test, y_train, y_test):
 
 
 def main(argv=None) -> int:
-    from deltaprop.backend import available_backends
+    from deltaprop.backend import available_backends, backend_status, registered_backends
+    from deltaprop.cli import OneLineErrorParser, output_file
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineErrorParser(prog="python -m deltaprop.benchmarks.fit_digits_peers",
+                                description=__doc__.splitlines()[0])
     parser.add_argument("--backends", default=",".join(b for b in available_backends() if b != "cupy"),
                         help="comma-separated deltaprop backends (default: the CPU ones usable here)")
-    parser.add_argument("--json", metavar="FILE", help="also write the results here")
+    parser.add_argument("--json", type=output_file, metavar="FILE", help="also write the results here")
     args = parser.parse_args(argv)
+    missing = [name for module, name in (("sklearn", "scikit-learn"), ("torch", "PyTorch"))
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        parser.error(f"needs {' and '.join(missing)}, not installed: pip install 'deltaprop[train,peers]'")
+    for name in args.backends.split(","):
+        if name not in registered_backends() or not backend_status(name)[0]:
+            parser.error(f"--backends: expected backends usable here among {available_backends()}, got {name!r}")
     data = digits_split()
     runs = {f"deltaprop[{name}]": (lambda name=name: fit_deltaprop(name, *data)) for name in args.backends.split(",")}
     runs |= {"torch (CPU loop)": lambda: fit_torch(*data), "sklearn MLPClassifier": lambda: fit_sklearn(*data)}
