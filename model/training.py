@@ -201,7 +201,7 @@ def _progress_bar(progress, epochs):
         progress = sys.stderr.isatty()
     if not progress:
         return None
-    from tqdm import tqdm  # imported only when a bar is shown
+    from tqdm.auto import tqdm  # imported only when a bar is shown; a widget in notebooks
 
     return tqdm(total=epochs, unit="epoch", file=sys.stderr, dynamic_ncols=True)
 

@@ -79,7 +79,8 @@ def test_the_package_installs_over_itself_plain_editable_plain(source, tmp_path)
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     python = venv / "bin" / "python"
-    # the first use runs in a folder of its own, so that `deltaprop` cannot come from the current folder
+    # each import runs in a folder of its own, so that `deltaprop` cannot come from the current folder;
+    # NUMBA_CACHE_DIR keeps Numba's cache files out of site-packages/deltaprop, which pip does not remove
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba-cache"), "PYTHONPATH": ""}
     use = ("import deltaprop, deltaprop.kernels.activations, numpy as np; from deltaprop.model import MLP; "
            "net = MLP([4, 3], backend='numba', seed=0); "
