@@ -19,8 +19,10 @@ def overrides(cls):
 
 
 def _signature(attribute):
+    """[(name, kind, default)] per parameter: the base's annotations hold for an override that leaves them out."""
     function = attribute.fget if isinstance(attribute, property) else attribute
-    return inspect.signature(getattr(function, "__func__", function))
+    parameters = inspect.signature(getattr(function, "__func__", function)).parameters.values()
+    return [(p.name, p.kind, p.default) for p in parameters]
 
 
 @pytest.mark.parametrize("name", [n for n in available_backends() if n != "numpy"])

@@ -174,7 +174,8 @@ def test_every_kernel_is_overridden_with_the_base_signature():
     kernels = (set(KERNELS) | set(LIBRARY_KERNELS)) & set(vars(Backend))
     for name in sorted(kernels) + ["check_loss_args"]:
         assert name in vars(CupyBackend), name
-        assert inspect.signature(getattr(CupyBackend, name)) == inspect.signature(getattr(Backend, name)), name
+        override, base = (inspect.signature(getattr(cls, name)).parameters.values() for cls in (CupyBackend, Backend))
+        assert [(p.name, p.kind, p.default) for p in override] == [(p.name, p.kind, p.default) for p in base], name
 
 
 def test_blas_layout_refuses_what_no_leading_dimension_describes():
