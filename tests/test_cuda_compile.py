@@ -11,8 +11,8 @@ from deltaprop.kernels.activations import ACTIVATIONS
 from deltaprop.kernels.cuda import loader
 from deltaprop.kernels.dtypes import DTYPES
 
-# Backend members that are not kernels: the lifecycle, the arrays, and the shared loss checks
-NOT_KERNELS = {"asarray", "to_numpy", "empty", "zeros", "synchronize", "warmup", "describe", "check_loss_args",
+# Backend members that are not kernels: the lifecycle and the arrays
+NOT_KERNELS = {"asarray", "to_numpy", "empty", "zeros", "synchronize", "warmup", "describe",
                "fused_sgd_step", "fused_grads_step"}  # capabilities: None where a backend has no fused step
 CONTRACT_KERNELS = {
     name for name, member in vars(Backend).items()
@@ -83,15 +83,6 @@ def test_the_activation_functors_come_from_the_activation_table():
     for name, activation in ACTIVATIONS.items():
         assert f"struct act_{name} " in functors
         assert activation.cuda_forward in functors and activation.cuda_derivative in functors
-
-
-@pytest.mark.parametrize(
-    ("cols", "team"),
-    [(1, ("GroupTeam<1>", 1)), (10, ("GroupTeam<16>", 16)), (32, ("GroupTeam<32>", 32)),
-     (33, ("GroupTeam<32>", 32)), (1024, ("GroupTeam<32>", 32)), (1025, ("BlockTeam", 0))],
-)
-def test_row_team_by_row_length(cols, team):
-    assert loader.row_team(cols) == team
 
 
 def test_the_ptxas_report_is_parsed_per_entry():
