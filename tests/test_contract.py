@@ -129,18 +129,18 @@ def _foreign_case(kernel, rng):
     x, w, b, flat = rng.standard_normal((5, 4)), rng.standard_normal((3, 4)), rng.standard_normal(4), rng.random(6)
     labels = np.array([0, 3, 1, 2, 3])
     calls = {
-        "gemm": lambda be, on: (be.gemm(on(x), on(w), trans_b=True, alpha=0.5),),
-        "bias_act": lambda be, on: be.bias_act(on(x), on(b), "silu"),
-        "act_backward": lambda be, on: (be.act_backward(on(x), on(x[::-1].copy()), "gelu"),),
-        "softmax": lambda be, on: (be.softmax(on(x)),),
-        "softmax_xent": lambda be, on: _loss(be, on, "softmax_xent", x, labels),
-        "sigmoid_xent": lambda be, on: _loss(be, on, "sigmoid_xent", x, labels),
-        "squared_error": lambda be, on: _loss(be, on, "squared_error", x, labels),
-        "bias_grad": lambda be, on: (be.bias_grad(on(x)),),
-        "sgd_update": lambda be, on: _update(be, on, flat, lambda p, g, s: be.sgd_update(p, g, 0.1, 0.01), 0),
-        "momentum_update": lambda be, on: _update(
-            be, on, flat, lambda p, g, s: be.momentum_update(p, g, *s, 0.1, nesterov=True), 1),
-        "adam_update": lambda be, on: _update(be, on, flat, lambda p, g, s: be.adam_update(p, g, *s, 2, 0.1), 2),
+        "gemm": lambda backend, on: (backend.gemm(on(x), on(w), trans_b=True, alpha=0.5),),
+        "bias_act": lambda backend, on: backend.bias_act(on(x), on(b), "silu"),
+        "act_backward": lambda backend, on: (backend.act_backward(on(x), on(x[::-1].copy()), "gelu"),),
+        "softmax": lambda backend, on: (backend.softmax(on(x)),),
+        "softmax_xent": lambda backend, on: _loss(backend, on, "softmax_xent", x, labels),
+        "sigmoid_xent": lambda backend, on: _loss(backend, on, "sigmoid_xent", x, labels),
+        "squared_error": lambda backend, on: _loss(backend, on, "squared_error", x, labels),
+        "bias_grad": lambda backend, on: (backend.bias_grad(on(x)),),
+        "sgd_update": lambda backend, on: _update(backend, on, flat, lambda p, g, s: backend.sgd_update(p, g, 0.1, 0.01), 0),
+        "momentum_update": lambda backend, on: _update(
+            backend, on, flat, lambda p, g, s: backend.momentum_update(p, g, *s, 0.1, nesterov=True), 1),
+        "adam_update": lambda backend, on: _update(backend, on, flat, lambda p, g, s: backend.adam_update(p, g, *s, 2, 0.1), 2),
     }
     return calls[kernel](ForeignBackend(), ForeignArray), calls[kernel](Backend(), np.array)
 

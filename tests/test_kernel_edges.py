@@ -233,17 +233,17 @@ def test_bias_grad(name, dtype):
 
 
 UPDATES = {  # name -> (backend call, reference call, names of the state buffers)
-    "sgd": (lambda be, p, g, s, k: be.sgd_update(p, g, 0.1, weight_decay=0.01),
+    "sgd": (lambda backend, p, g, s, k: backend.sgd_update(p, g, 0.1, weight_decay=0.01),
             lambda p, g, s, k: (reference.sgd_update(p, g, 0.1, weight_decay=0.01),), ()),
-    "momentum": (lambda be, p, g, s, k: be.momentum_update(p, g, *s, 0.1, momentum=0.9, weight_decay=0.01),
+    "momentum": (lambda backend, p, g, s, k: backend.momentum_update(p, g, *s, 0.1, momentum=0.9, weight_decay=0.01),
                  lambda p, g, s, k: reference.momentum_update(p, g, *s, 0.1, momentum=0.9, weight_decay=0.01),
                  ("velocity",)),
-    "nesterov": (lambda be, p, g, s, k: be.momentum_update(p, g, *s, 0.1, momentum=0.9, nesterov=True),
+    "nesterov": (lambda backend, p, g, s, k: backend.momentum_update(p, g, *s, 0.1, momentum=0.9, nesterov=True),
                  lambda p, g, s, k: reference.momentum_update(p, g, *s, 0.1, momentum=0.9, nesterov=True),
                  ("velocity",)),
-    "adam": (lambda be, p, g, s, k: be.adam_update(p, g, *s, k, lr=0.01, weight_decay=0.01),
+    "adam": (lambda backend, p, g, s, k: backend.adam_update(p, g, *s, k, lr=0.01, weight_decay=0.01),
              lambda p, g, s, k: reference.adam_update(p, g, *s, k, lr=0.01, weight_decay=0.01), ("m", "v")),
-    "adamw": (lambda be, p, g, s, k: be.adam_update(p, g, *s, k, lr=0.01, weight_decay=0.01, decoupled=True),
+    "adamw": (lambda backend, p, g, s, k: backend.adam_update(p, g, *s, k, lr=0.01, weight_decay=0.01, decoupled=True),
               lambda p, g, s, k: reference.adam_update(p, g, *s, k, lr=0.01, weight_decay=0.01, decoupled=True),
               ("m", "v")),
 }
