@@ -196,11 +196,7 @@ class Backend:
         summing to 1); delta_out: (B, C) or None (then delta is computed and dropped). Uses the row
         max (log-sum-exp), so it is stable for any finite z and never takes log(0).
         """
-        xp = self.xp
-        targets, scale = self._loss_targets("softmax_xent", z, labels, delta_out, scale)
-        shifted = z - z.max(axis=1, keepdims=True)
-        log_softmax = shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
-        return self._loss_result(-(targets * log_softmax).sum(), xp.exp(log_softmax), targets, delta_out, scale)
+        return self._loss("softmax_xent", z, labels, delta_out, scale)
 
     def sigmoid_xent(self, z, targets, delta_out=None, scale=None):
         """Multi-label sigmoid cross-entropy: returns the mean over the batch of the summed element
@@ -208,11 +204,7 @@ class Backend:
 
         z: (B, C) logits; targets: (B, C) in [0, 1], or int labels (B,) taken as one-hot rows.
         """
-        xp = self.xp
-        targets, scale = self._loss_targets("sigmoid_xent", z, targets, delta_out, scale)
-        # -[t log s + (1 - t) log(1 - s)] = max(z, 0) - t z + log(1 + exp(-|z|)), stable for any finite z
-        total = (xp.maximum(z, 0) - targets * z + xp.log1p(xp.exp(-xp.abs(z)))).sum()
-        return self._loss_result(total, get_activation("sigmoid").forward(z), targets, delta_out, scale)
+        return self._loss("sigmoid_xent", z, targets, delta_out, scale)
 
     def squared_error(self, y_hat, targets, delta_out=None, scale=None):
         """Returns the mean over the batch of 1/2 ||y_hat - targets||^2, and writes
@@ -220,9 +212,7 @@ class Backend:
 
         y_hat: (B, C) network outputs (identity output map); targets: (B, C), or int labels (B,) as one-hot.
         """
-        targets, scale = self._loss_targets("squared_error", y_hat, targets, delta_out, scale, z_name="y_hat")
-        diff = y_hat - targets
-        return self._loss_result(0.5 * (diff * diff).sum(), y_hat, targets, delta_out, scale)
+        return self._loss("squared_error", y_hat, targets, delta_out, scale, z_name="y_hat")
 
     def bias_grad(self, delta, out=None):
         """Column sums: out[j] = sum_i delta[i, j]. delta: (B, n); out: (n,)."""
@@ -275,22 +265,39 @@ class Backend:
         bias1, bias2 = map(scalar, adam_bias_corrections(step, beta1, beta2))
         params -= (lr / bias1) * m / (self.xp.sqrt(v / bias2) + eps)
 
-    # ---- the loss kernels share their checks and their body ----
+    # ---- the loss kernels' one body: a backend with loss kernels of its own overrides ``_loss`` ----
 
-    def _loss_targets(self, kernel, z, targets, delta_out, scale, z_name="z"):
-        """Checked targets as a (B, C) matrix (one-hot for labels), and the scale in z's dtype."""
+    def _loss(self, kernel, z, targets, delta_out, scale, z_name="z"):
+        """Loss ``kernel`` ("softmax_xent", ...) on z (B, C), named ``z_name`` in messages: checks the
+        arguments, writes delta = (y_hat - targets) * scale into delta_out, returns the mean loss."""
+        xp = self.xp
         kind, scale = check_loss(kernel, self.device, z, targets, delta_out, scale, z_name)
-        if kind == "matrix":
-            return targets, z.dtype.type(scale)
-        check_label_range(kernel, targets, z.shape[1], self.xp)
-        onehot = self.xp.zeros_like(z)
-        onehot[self.xp.arange(z.shape[0]), targets] = 1
-        return onehot, z.dtype.type(scale)
-
-    @staticmethod
-    def _loss_result(total, y_hat, targets, delta_out, scale):
-        """Writes delta = (y_hat - targets) * scale; returns the mean loss over the batch."""
+        if kind == "labels":
+            check_label_range(kernel, targets, z.shape[1], xp)
+            onehot = xp.zeros_like(z)
+            onehot[xp.arange(z.shape[0]), targets] = 1
+            targets = onehot
+        total, y_hat = getattr(self, f"_{kernel}_terms")(z, targets)  # the terms of each loss, just below
         if delta_out is not None:
             delta_out[...] = y_hat - targets
-            delta_out *= scale
-        return float(total) / y_hat.shape[0]
+            delta_out *= z.dtype.type(scale)
+        return float(total) / z.shape[0]
+
+    def _softmax_xent_terms(self, z, targets):
+        """(the loss summed over the batch, softmax(z)); the row max keeps exp from overflowing."""
+        xp = self.xp
+        shifted = z - z.max(axis=1, keepdims=True)
+        log_softmax = shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
+        return -(targets * log_softmax).sum(), xp.exp(log_softmax)
+
+    def _sigmoid_xent_terms(self, z, targets):
+        """(the loss summed over the batch, sigmoid(z))."""
+        xp = self.xp
+        # -[t log s + (1 - t) log(1 - s)] = max(z, 0) - t z + log(1 + exp(-|z|)), stable for any finite z
+        total = (xp.maximum(z, 0) - targets * z + xp.log1p(xp.exp(-xp.abs(z)))).sum()
+        return total, get_activation("sigmoid").forward(z)
+
+    def _squared_error_terms(self, y_hat, targets):
+        """(the loss summed over the batch, y_hat)."""
+        diff = y_hat - targets
+        return 0.5 * (diff * diff).sum(), y_hat

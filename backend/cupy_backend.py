@@ -31,15 +31,7 @@ import time
 import numpy as np
 
 from deltaprop.backend.base import Backend, adam_bias_corrections
-from deltaprop.backend.checks import (
-    check_adam,
-    check_bias_grad,
-    check_flat,
-    check_gemm,
-    check_label_range,
-    check_loss,
-    check_rows,
-)
+from deltaprop.backend import checks
 from deltaprop.backend.cupy_outputs import Outputs, on_device
 from deltaprop.errors import NonFiniteInputError
 from deltaprop.kernels.activations import get_activation
@@ -195,7 +187,7 @@ class CupyBackend(Backend):
     def gemm(self, a, b, out=None, trans_a=False, trans_b=False, alpha=1.0, beta=0.0):
         """cuBLAS (gemmStridedBatchedEx; a 2-D product is a stack of one). Transposed and other strided
         views on the device are read in place through cuBLAS's transpose flags and leading dimensions."""
-        shape = check_gemm(a, b, out, trans_a, trans_b, self.device)
+        shape = checks.check_gemm(a, b, out, trans_a, trans_b, self.device)
         a, b = self._device("gemm", "a", a), self._device("gemm", "b", b)
         outputs = Outputs(self.xp, "gemm")
         if out is None:
@@ -232,7 +224,7 @@ class CupyBackend(Backend):
         )
 
     def bias_act(self, acc, b, act, z_out=None, a_out=None):
-        dtype = check_rows("bias_act", self.device, b, acc=acc, z_out=z_out, a_out=a_out)
+        dtype = checks.check_rows("bias_act", self.device, b, acc=acc, z_out=z_out, a_out=a_out)
         get_activation(act)
         acc, b = self._input("bias_act", "acc", acc), self._input("bias_act", "b", b)
         outputs = Outputs(self.xp, "bias_act")
@@ -240,12 +232,13 @@ class CupyBackend(Backend):
         a_out, a = outputs.output("a_out", a_out, acc.shape, dtype)
         rows, cols = acc.shape
         self._launch("bias_act", dtype, (launch.activation_functor(act),),
-                     launch.bias_act_launch(rows, cols, self.max_blocks), (acc, b, z, a, np.int64(rows), np.int64(cols)))
+                     launch.bias_act_launch(rows, cols, self.max_blocks),
+                     (acc, b, z, a, np.int64(rows), np.int64(cols)))
         outputs.write_back()
         return z_out, a_out
 
     def act_backward(self, g, z, act, out=None):
-        dtype = check_rows("act_backward", self.device, g=g, z=z, out=out)
+        dtype = checks.check_rows("act_backward", self.device, g=g, z=z, out=out)
         get_activation(act)
         g, z = self._input("act_backward", "g", g), self._input("act_backward", "z", z)
         outputs = Outputs(self.xp, "act_backward")
@@ -256,7 +249,7 @@ class CupyBackend(Backend):
         return out
 
     def softmax(self, z, out=None):
-        dtype = check_rows("softmax", self.device, z=z, out=out)
+        dtype = checks.check_rows("softmax", self.device, z=z, out=out)
         z = self._input("softmax", "z", z)
         outputs = Outputs(self.xp, "softmax")
         out, result = outputs.output("out", out, z.shape, dtype)
@@ -266,17 +259,8 @@ class CupyBackend(Backend):
         outputs.write_back()
         return out
 
-    def softmax_xent(self, z, labels, delta_out=None, scale=None):
-        return self._loss("softmax_xent", z, labels, delta_out, scale)
-
-    def sigmoid_xent(self, z, targets, delta_out=None, scale=None):
-        return self._loss("sigmoid_xent", z, targets, delta_out, scale)
-
-    def squared_error(self, y_hat, targets, delta_out=None, scale=None):
-        return self._loss("squared_error", y_hat, targets, delta_out, scale, z_name="y_hat")
-
     def bias_grad(self, delta, out=None):
-        dtype = check_bias_grad(self.device, delta, out)
+        dtype = checks.check_bias_grad(self.device, delta, out)
         delta = self._input("bias_grad", "delta", delta)
         rows, cols = delta.shape
         outputs = Outputs(self.xp, "bias_grad")
@@ -287,7 +271,7 @@ class CupyBackend(Backend):
         return out
 
     def sgd_update(self, params, grads, lr, weight_decay=0.0):
-        dtype = check_flat("sgd_update", self.device, params=params, grads=grads)
+        dtype = checks.check_flat("sgd_update", self.device, params=params, grads=grads)
         scalar = _accum_scalar(dtype)
         outputs = Outputs(self.xp, "sgd_update")
         p = outputs.buffer("params", params, read=True)
@@ -297,7 +281,7 @@ class CupyBackend(Backend):
         outputs.write_back()
 
     def momentum_update(self, params, grads, velocity, lr, momentum=0.9, nesterov=False, weight_decay=0.0):
-        dtype = check_flat("momentum_update", self.device, params=params, grads=grads, velocity=velocity)
+        dtype = checks.check_flat("momentum_update", self.device, params=params, grads=grads, velocity=velocity)
         scalar = _accum_scalar(dtype)
         outputs = Outputs(self.xp, "momentum_update")
         p, v = outputs.buffer("params", params, read=True), outputs.buffer("velocity", velocity, read=True)
@@ -309,7 +293,7 @@ class CupyBackend(Backend):
 
     def adam_update(self, params, grads, m, v, step, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
                     weight_decay=0.0, decoupled=False):
-        dtype = check_adam(self.device, params, grads, m, v, step)
+        dtype = checks.check_adam(self.device, params, grads, m, v, step)
         scalar = _accum_scalar(dtype)
         outputs = Outputs(self.xp, "adam_update")
         p = outputs.buffer("params", params, read=True)
@@ -329,7 +313,7 @@ class CupyBackend(Backend):
 
         The label range is checked only after a NaN loss (see the module docstring), finiteness only
         with ``check_inputs``."""
-        kind, scale = check_loss(kernel, self.device, z, targets, delta_out, scale, z_name)
+        kind, scale = checks.check_loss(kernel, self.device, z, targets, delta_out, scale, z_name)
         if self.check_inputs and not bool(self._cupy.get_array_module(z).isfinite(z).all()):
             raise NonFiniteInputError(f"{kernel}: {z_name}: expected finite values, got NaN or infinity")
         dtype, accum = z.dtype, _accum_scalar(z.dtype)
@@ -349,5 +333,5 @@ class CupyBackend(Backend):
         outputs.write_back()
         value = float(loss)
         if math.isnan(value) and kind == "labels":
-            check_label_range(kernel, targets, cols, self._cupy)
+            checks.check_label_range(kernel, targets, cols, self._cupy)
         return value

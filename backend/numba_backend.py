@@ -14,15 +14,7 @@ import time
 import numpy as np
 
 from deltaprop.backend.base import Backend, adam_bias_corrections
-from deltaprop.backend.checks import (
-    check_adam,
-    check_bias_grad,
-    check_flat,
-    check_gemm,
-    check_label_range,
-    check_loss,
-    check_rows,
-)
+from deltaprop.backend import checks
 from deltaprop.kernels.activations import ACTIVATIONS, get_activation
 from deltaprop.kernels.dtypes import resolve_dtype
 from deltaprop.kernels.layout import Layout
@@ -125,7 +117,7 @@ class NumbaBackend(Backend):
     # ---- kernels ----
 
     def gemm(self, a, b, out=None, trans_a=False, trans_b=False, alpha=1.0, beta=0.0):
-        shape = check_gemm(a, b, out, trans_a, trans_b, self.device)
+        shape = checks.check_gemm(a, b, out, trans_a, trans_b, self.device)
         if out is None:
             out, beta = np.empty(shape, dtype=a.dtype), 0.0
         result = out if out.flags.c_contiguous else np.ascontiguousarray(out)  # BLAS writes C order
@@ -137,7 +129,7 @@ class NumbaBackend(Backend):
         return out
 
     def bias_act(self, acc, b, act, z_out=None, a_out=None):
-        check_rows("bias_act", self.device, b, acc=acc, z_out=z_out, a_out=a_out)
+        checks.check_rows("bias_act", self.device, b, acc=acc, z_out=z_out, a_out=a_out)
         get_activation(act)  # an unknown name raises with the list of known ones
         z = np.empty(acc.shape, acc.dtype) if z_out is None else z_out
         a = np.empty(acc.shape, acc.dtype) if a_out is None else a_out  # may be z: an in-place activation
@@ -145,45 +137,36 @@ class NumbaBackend(Backend):
         return z, a
 
     def act_backward(self, g, z, act, out=None):
-        check_rows("act_backward", self.device, g=g, z=z, out=out)
+        checks.check_rows("act_backward", self.device, g=g, z=z, out=out)
         get_activation(act)
         out = np.empty(g.shape, g.dtype) if out is None else out
         self._kernel("act_backward", g.dtype, act)(g, z, out)
         return out
 
     def softmax(self, z, out=None):
-        check_rows("softmax", self.device, z=z, out=out)
+        checks.check_rows("softmax", self.device, z=z, out=out)
         out = np.empty(z.shape, z.dtype) if out is None else out
         self._kernel("softmax", z.dtype)(z, out)
         return out
 
-    def softmax_xent(self, z, labels, delta_out=None, scale=None):
-        return self._loss("softmax_xent", z, labels, delta_out, scale)
-
-    def sigmoid_xent(self, z, targets, delta_out=None, scale=None):
-        return self._loss("sigmoid_xent", z, targets, delta_out, scale)
-
-    def squared_error(self, y_hat, targets, delta_out=None, scale=None):
-        return self._loss("squared_error", y_hat, targets, delta_out, scale, z_name="y_hat")
-
     def bias_grad(self, delta, out=None):
-        check_bias_grad(self.device, delta, out)
+        checks.check_bias_grad(self.device, delta, out)
         out = np.empty(delta.shape[1], delta.dtype) if out is None else out
         self._kernel("bias_grad", delta.dtype)(delta, out)
         return out
 
     def sgd_update(self, params, grads, lr, weight_decay=0.0):
-        scalar = check_flat("sgd_update", self.device, params=params, grads=grads).type
+        scalar = checks.check_flat("sgd_update", self.device, params=params, grads=grads).type
         self._kernel("sgd_update", params.dtype)(params, grads, scalar(lr), scalar(weight_decay))
 
     def momentum_update(self, params, grads, velocity, lr, momentum=0.9, nesterov=False, weight_decay=0.0):
-        scalar = check_flat("momentum_update", self.device, params=params, grads=grads, velocity=velocity).type
+        scalar = checks.check_flat("momentum_update", self.device, params=params, grads=grads, velocity=velocity).type
         kernel = self._kernel("momentum_update", params.dtype)
         kernel(params, grads, velocity, scalar(lr), scalar(momentum), bool(nesterov), scalar(weight_decay))
 
     def adam_update(self, params, grads, m, v, step, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
                     weight_decay=0.0, decoupled=False):
-        scalar = check_adam(self.device, params, grads, m, v, step).type
+        scalar = checks.check_adam(self.device, params, grads, m, v, step).type
         bias1, bias2 = map(scalar, adam_bias_corrections(step, beta1, beta2))
         kernel = self._kernel("adam_update", params.dtype)
         kernel(params, grads, m, v, scalar(lr), scalar(beta1), scalar(beta2), scalar(eps), scalar(weight_decay),
@@ -191,9 +174,9 @@ class NumbaBackend(Backend):
 
     def _loss(self, kernel, z, targets, delta_out, scale, z_name="z"):
         """The shared checks (the label range is checked inside the kernel), the kernel, the mean loss."""
-        scale = z.dtype.type(check_loss(kernel, self.device, z, targets, delta_out, scale, z_name)[1])
+        scale = z.dtype.type(checks.check_loss(kernel, self.device, z, targets, delta_out, scale, z_name)[1])
         delta = np.empty(z.shape, z.dtype) if delta_out is None else delta_out
         total, bad_row = self._kernel(kernel, z.dtype)(z, targets, delta, scale)
         if bad_row >= 0:  # the kernel found a label outside [0, C) and wrote nothing
-            check_label_range(kernel, targets, z.shape[1])  # raises the message every backend gives
+            checks.check_label_range(kernel, targets, z.shape[1])  # raises the message every backend gives
         return float(total) / z.shape[0]

@@ -7,6 +7,7 @@ import os
 import pytest
 
 from deltaprop.backend.base import Backend
+from deltaprop.errors import KernelCompileError
 from deltaprop.kernels.activations import ACTIVATIONS
 from deltaprop.kernels.cuda import loader
 from deltaprop.kernels.dtypes import DTYPES
@@ -114,3 +115,18 @@ def test_vector_loads_are_counted_per_ptx_entry():
 }
 """
     assert loader.count_vector_loads(ptx) == {"_Z1kIfEvPT_x": 2, "_Z1kIdEvPT_x": 1}
+
+
+def test_an_unknown_instantiation_is_a_kernel_compile_error():
+    with pytest.raises(KernelCompileError, match=r"CUDA kernel 'bias_act': expected one of its instantiations "
+                                                 r"\(\('act_identity',\).*, got \('act_swish',\)"):
+        loader.Modules().function("bias_act", "float32", "act_swish")
+
+
+def test_a_source_that_does_not_compile_is_a_kernel_compile_error_with_nvrtc_log(monkeypatch):
+    missing = nvrtc_missing()
+    if missing:
+        pytest.skip(f"NVRTC is not installed here ({missing})")
+    monkeypatch.setattr(loader, "module_source", lambda source: "this is not C++;")
+    with pytest.raises(KernelCompileError, match=r"(?s)optim.cu for float32 on sm_90 does not compile:\n.*error"):
+        loader.compile_module("optim.cu", "float32", "90")

@@ -343,8 +343,8 @@ def build_grads_step(T, act, loss):
                 elementwise.column_sums(delta, grads[b_at:b_at + n_out], scratch[:n_out])
             if l > 0:  # delta[l-1] and db[l-1] in one pass
                 b_below = offsets[l - 1, B_AT]
-                act_backward_sums(g, matrix_at(work, offsets[l - 1, Z_AT], batch, n_in), g, grads[b_below:b_below + n_in],
-                                  scratch[:n_in])
+                z_below = matrix_at(work, offsets[l - 1, Z_AT], batch, n_in)
+                act_backward_sums(g, z_below, g, grads[b_below:b_below + n_in], scratch[:n_in])
         restore_blas(serial)
         return total, bad_row
 

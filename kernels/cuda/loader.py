@@ -127,7 +127,8 @@ class Modules:
             if variant not in entry.variants:
                 raise KernelCompileError(
                     f"CUDA kernel {kernel!r}: expected one of its instantiations {entry.variants}, got {variant}")
-            self._functions[key] = self._get_function(entry.source, dtype, entry.name_expression(DTYPES[dtype].ctype, variant))
+            expression = entry.name_expression(DTYPES[dtype].ctype, variant)
+            self._functions[key] = self._get_function(entry.source, dtype, expression)
         return self._functions[key]
 
     def module(self, source: str, dtype: str):
