@@ -140,7 +140,3 @@ def check_adam(device, params, grads, m, v, step):
         raise ValueError(f"adam_update: step: expected the 1-based update count (>= 1), got {step}")
     return dtype
 
-
-def adam_bias_corrections(step, beta1, beta2) -> tuple[float, float]:
-    """Adam's bias corrections (1 - beta1**step, 1 - beta2**step), in float64."""
-    return 1 - float(beta1) ** int(step), 1 - float(beta2) ** int(step)
