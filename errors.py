@@ -13,5 +13,17 @@ class CheckpointError(DeltapropError, ValueError):
     """A checkpoint file is truncated, corrupt, foreign or does not match what was asked for."""
 
 
-class NonFiniteLossError(DeltapropError, FloatingPointError):
+class NonFiniteError(DeltapropError, FloatingPointError):
+    """NaN or infinity where finite values are required."""
+
+
+class NonFiniteLossError(NonFiniteError):
     """The loss became NaN or infinite (a diverging learning rate, or NaN in the inputs)."""
+
+
+class NonFiniteInputError(NonFiniteError, ValueError):
+    """An input array holds NaN or infinity (raised where a backend is asked to check its inputs)."""
+
+
+class KernelCompileError(DeltapropError, RuntimeError):
+    """A compiled kernel cannot be built: its source does not compile, or no instantiation matches."""

@@ -1,12 +1,13 @@
-"""The backend contract, and its NumPy implementation: the reference backend ("numpy").
+"""The backend contract, and its reference implementation ("numpy"), written against ``self.xp``.
 
-Every kernel is a method whose docstring gives the shapes and the semantics. A subclass (numba, cupy)
-overrides only what it accelerates and keeps each signature exactly; ``tests/test_contract.py`` checks
-that. Kernels take ``out=`` buffers so that a training step allocates nothing after its first call;
-where ``out`` is None a new array is returned.
+Every kernel is a method whose docstring gives the shapes and the semantics. The bodies use only
+``self.xp`` (NumPy here), so a backend on another array module with NumPy's API (CuPy) gets a working
+implementation of every kernel from this class and overrides only what it accelerates, keeping each
+signature exactly (``tests/test_contract.py`` checks both). Kernels take ``out=`` buffers so that a
+training step allocates nothing after its first call; where ``out`` is None a new array is returned.
 
-Argument checks that are cheap (shapes, dtypes, ranks) run on every call through the ``check_*``
-helpers below, which every backend shares, so that each backend refuses bad input with the same message.
+The argument checks live in ``backend/checks.py``, one function per check, and every backend runs the
+same ones, so that each refuses bad input with the same message.
 """
 
 from __future__ import annotations
@@ -18,120 +19,26 @@ from typing import Any
 import numpy as np
 
 from deltaprop.arrays import Array, ArrayInput, DTypeLike, FusedStep
+from deltaprop.backend.checks import (
+    check_adam,
+    check_bias_grad,
+    check_flat,
+    check_gemm,
+    check_label_range,
+    check_loss,
+    check_rows,
+)
 from deltaprop.kernels.activations import get_activation
-from deltaprop.kernels.dtypes import SUPPORTED, dtypes_for, resolve_dtype
+from deltaprop.kernels.dtypes import dtypes_for
 
-# Host buffers start on a cache line. NumPy aligns to 16 bytes only, and a 64-128-128-10 step at batch 1
-# on numba ran 16% slower with its parameters 16 bytes past a 32-byte boundary (AVX2 loads of W's rows
-# then straddle cache lines): which one a process got made the step's speed differ from run to run.
+# Host buffers start on a cache line: the vector loads of a row of W then never straddle two lines,
+# whatever address the allocator returned (NumPy aligns to 16 bytes only).
 HOST_ALIGNMENT = 64
 
-# ---- the shared argument checks ----------------------------------------------------------------------
 
-
-def _shape(x):
-    return tuple(int(s) for s in x.shape)
-
-
-def check_dtypes(kernel, device, **arrays):
-    """All named arrays share one dtype that ``device`` computes in; returns it."""
-    first_name = next(iter(arrays))
-    dtype = arrays[first_name].dtype
-    if dtype not in SUPPORTED[device]:
-        resolve_dtype(dtype, device, f"{kernel}: {first_name}")  # raises, naming what is supported
-    for name, a in arrays.items():
-        if a is not None and a.dtype is not dtype and a.dtype != dtype:  # `is` first: dtypes are singletons
-            raise TypeError(f"{kernel}: {name}: expected dtype {dtype} (the dtype of {first_name}), got {a.dtype}")
-    return dtype
-
-
-def check_shape(kernel, name, array, expected):
-    """``array.shape == expected`` (a tuple), else a ValueError naming both."""
-    if array is not None and array.shape != expected:
-        raise ValueError(f"{kernel}: {name}: expected shape {tuple(expected)}, got {_shape(array)}")
-
-
-def check_matrix(kernel, name, array, batch_ok=False):
-    """``array`` is 2-D (or 3-D when ``batch_ok``) with no empty axis."""
-    ranks = (2, 3) if batch_ok else (2,)
-    if array.ndim not in ranks:
-        expected = "a 2-D matrix or a 3-D stack of them" if batch_ok else "a 2-D (batch, features) array"
-        raise ValueError(f"{kernel}: {name}: expected {expected}, got shape {_shape(array)}")
-    if 0 in array.shape:
-        raise ValueError(f"{kernel}: {name}: expected a non-empty array, got shape {_shape(array)}")
-
-
-def check_gemm(a, b, out, trans_a, trans_b, device):
-    """The shape of ``out`` = op(a) @ op(b); checks ranks, inner sizes and dtypes."""
-    check_matrix("gemm", "a", a, batch_ok=True)
-    check_matrix("gemm", "b", b, batch_ok=True)
-    if a.ndim != b.ndim:
-        raise ValueError(f"gemm: a and b: expected the same rank, got shapes {_shape(a)} and {_shape(b)}")
-    m, k = (a.shape[-1], a.shape[-2]) if trans_a else (a.shape[-2], a.shape[-1])
-    kb, n = (b.shape[-1], b.shape[-2]) if trans_b else (b.shape[-2], b.shape[-1])
-    if k != kb:
-        raise ValueError(
-            f"gemm: inner sizes of op(a) and op(b) must agree, got op(a) {(m, k)} and op(b) {(kb, n)}"
-            f" (a {_shape(a)}, trans_a={trans_a}; b {_shape(b)}, trans_b={trans_b})"
-        )
-    lead = ()
-    if a.ndim == 3:
-        if a.shape[0] != b.shape[0]:
-            raise ValueError(f"gemm: a and b: expected the same stack size, got {a.shape[0]} and {b.shape[0]}")
-        lead = (int(a.shape[0]),)
-    shape = lead + (int(m), int(n))
-    check_shape("gemm", "out", out, shape)
-    check_dtypes("gemm", device, a=a, b=b, out=out)
-    return shape
-
-
-def check_rows(kernel, device, x, b=None, **outs):
-    """x is (B, n) and non-empty; b is (n,); every out is (B, n); one dtype for all."""
-    check_matrix(kernel, "x" if kernel != "bias_act" else "acc", x)
-    if b is not None:
-        check_shape(kernel, "b", b, (x.shape[1],))
-    for name, out in outs.items():
-        check_shape(kernel, name, out, x.shape)
-    return check_dtypes(kernel, device, x=x, b=b, **outs)
-
-
-def check_targets(kernel, z, targets):
-    """``targets`` is an int label vector (B,) with labels in [0, C), or a float (B, C) target matrix."""
-    batch, classes = _shape(z)
-    kind = targets.dtype.kind
-    if targets.ndim == 1 and kind in "iu":
-        if targets.shape[0] != batch:
-            raise ValueError(f"{kernel}: labels: expected {batch} labels (one per row of z), got {targets.shape[0]}")
-        return "labels"
-    if targets.ndim == 2 and kind == "f":
-        check_shape(kernel, "targets", targets, (batch, classes))
-        if targets.dtype != z.dtype:
-            raise TypeError(f"{kernel}: targets: expected dtype {z.dtype} (the dtype of z), got {targets.dtype}")
-        return "matrix"
-    raise TypeError(
-        f"{kernel}: labels: expected integer class labels of shape ({batch},) or a {z.dtype} target matrix"
-        f" of shape {(batch, classes)}, got {targets.dtype} of shape {_shape(targets)}"
-    )
-
-
-def check_label_range(kernel, labels, classes, xp=np):
-    """Every label in [0, classes). A full pass over the labels: cheap on a CPU, a sync on a GPU."""
-    low, high = int(xp.min(labels)), int(xp.max(labels))
-    if low < 0 or high >= classes:
-        bad = low if low < 0 else high
-        raise ValueError(f"labels: expected class labels in [0, {classes - 1}], got {bad}")
-
-
-def check_flat(kernel, device, **buffers):
-    """Flat parameter-shaped buffers: 1-D, one size, one dtype."""
-    named = list(buffers.items())
-    first_name, first = named[0]
-    for name, a in named:
-        if a.ndim != 1:
-            raise ValueError(f"{kernel}: {name}: expected a 1-D flat buffer, got shape {_shape(a)}")
-        if a.shape != first.shape:
-            raise ValueError(f"{kernel}: {name}: expected shape {_shape(first)} (that of {first_name}), got {_shape(a)}")
-    return check_dtypes(kernel, device, **buffers)
+def adam_bias_corrections(step, beta1, beta2) -> tuple[float, float]:
+    """Adam's bias corrections (1 - beta1**step, 1 - beta2**step) in float64, for every backend."""
+    return 1 - float(beta1) ** int(step), 1 - float(beta2) ** int(step)
 
 
 # ---- the contract ---------------------------------------------------------------------------------
@@ -166,16 +73,18 @@ class Backend:
 
     def asarray(self, x: ArrayInput, dtype: DTypeLike | None = None) -> Array:
         """``x`` as a C-contiguous array of this backend in ``dtype`` (copied only where it must be)."""
-        if not isinstance(x, np.ndarray) and hasattr(x, "__dlpack__"):
-            x = np.from_dlpack(x)  # zero-copy from any CPU DLPack producer (torch, jax)
-        return np.ascontiguousarray(x, dtype=dtype)
+        xp = self.xp
+        if not isinstance(x, xp.ndarray) and hasattr(x, "__dlpack__"):
+            x = xp.from_dlpack(x)  # zero-copy from a DLPack producer on this backend's device (torch, jax)
+        return xp.ascontiguousarray(x, dtype=dtype)
 
     def to_numpy(self, x: Array) -> np.ndarray:
         """``x`` as a NumPy array on the host."""
         return np.asarray(x)
 
     def empty(self, shape: int | tuple[int, ...], dtype: DTypeLike) -> Array:
-        """An uninitialised C-contiguous array whose data starts at a multiple of ``HOST_ALIGNMENT`` bytes."""
+        """An uninitialised C-contiguous host array whose data starts at a multiple of ``HOST_ALIGNMENT``
+        bytes (a backend whose arrays live elsewhere overrides this)."""
         dtype = np.dtype(dtype)
         size = int(np.prod(shape)) * dtype.itemsize
         raw = np.empty(size + HOST_ALIGNMENT, np.uint8)
@@ -183,6 +92,7 @@ class Backend:
         return raw[start:start + size].view(dtype).reshape(shape)
 
     def zeros(self, shape: int | tuple[int, ...], dtype: DTypeLike) -> Array:
+        """``empty``, filled with zeros."""
         out = self.empty(shape, dtype)
         out[...] = 0
         return out
@@ -203,11 +113,12 @@ class Backend:
 
         activation: the hidden layers' activation; loss: the loss kernel's name ("softmax_xent",
         "sigmoid_xent", "squared_error"); dtype: the arrays' dtype. The callable,
-        ``step(x, targets, params, work, plan, lr) -> (summed loss, bad_row)``, computes the same
+        ``step(x, targets, params, work, offsets, lr) -> (summed loss, bad_row)``, computes the same
         function as forward, the loss kernel, backward and ``sgd_update`` (the gradients themselves are
         never stored): x (B, n0) C-contiguous; targets int64 labels (B,) or (B, n_L); params the flat
-        (P,) parameter buffer; work a flat workspace and plan its layout, from
-        ``deltaprop.kernels.plan.step_plan(sizes, B)``; lr a scalar of the dtype. It returns the loss
+        (P,) parameter buffer; work the flat (``layout.work_size``,) workspace and offsets
+        ``layout.offsets`` of the network's ``deltaprop.kernels.layout.Layout(sizes, B)``; lr a scalar
+        of the dtype. It returns the loss
         summed over the batch and -1, or 0 and the first row whose label is outside [0, n_L); it changes
         nothing when a label is out of range or the loss is not finite.
         """
@@ -217,7 +128,7 @@ class Backend:
         """A compiled forward + loss + backward that writes the gradients, or None: then the model runs
         its kernel-by-kernel loop.
 
-        Arguments as for ``fused_sgd_step``. The callable, ``step(x, targets, params, grads, work, plan)
+        Arguments as for ``fused_sgd_step``. The callable, ``step(x, targets, params, grads, work, offsets)
         -> (summed loss, bad_row)``, computes the same function as forward, the loss kernel and backward:
         dJ/dW[l] and dJ/db[l] go into the flat (P,) ``grads`` buffer at the parameters' offsets, for an
         optimizer's update kernel to apply; the logits are left in the workspace's z[L]. It returns the
@@ -236,15 +147,16 @@ class Backend:
         3-D arguments are a stack of independent products (strided-batched): a (s, m, k), b (s, k, n),
         out (s, m, n). beta is ignored when out is None. Transposed views are never copied.
         """
+        xp = self.xp
         shape = check_gemm(a, b, out, trans_a, trans_b, self.device)
-        op_a = np.swapaxes(a, -1, -2) if trans_a else a
-        op_b = np.swapaxes(b, -1, -2) if trans_b else b
+        op_a = xp.swapaxes(a, -1, -2) if trans_a else a
+        op_b = xp.swapaxes(b, -1, -2) if trans_b else b
         if out is None:
-            out, beta = np.empty(shape, dtype=a.dtype), 0.0
+            out, beta = xp.empty(shape, dtype=a.dtype), 0.0
         if beta == 0.0 and alpha == 1.0:
-            np.matmul(op_a, op_b, out=out)
+            xp.matmul(op_a, op_b, out=out)
         else:
-            product = np.matmul(op_a, op_b)
+            product = xp.matmul(op_a, op_b)
             product *= a.dtype.type(alpha)
             if beta != 0.0:
                 out *= a.dtype.type(beta)
@@ -260,9 +172,9 @@ class Backend:
         acc: (B, n); b: (n,); z_out, a_out: (B, n) or None. z_out may be acc itself (in place).
         a_out may be z_out (an in-place activation); without a_out, a is a new array.
         """
-        check_rows("bias_act", self.device, acc, b, z_out=z_out, a_out=a_out)
+        check_rows("bias_act", self.device, b, acc=acc, z_out=z_out, a_out=a_out)
         activation = get_activation(act)
-        z = np.add(acc, b, out=z_out)
+        z = self.xp.add(acc, b, out=z_out)
         a = activation.forward(z)
         if a_out is None:
             return z, a
@@ -271,14 +183,15 @@ class Backend:
 
     def act_backward(self, g: Array, z: Array, act: str, out: Array | None = None) -> Array:
         """out = g * act'(z), elementwise. g, z, out: (B, n); out may be g (in place)."""
-        check_rows("act_backward", self.device, g, z=z, out=out)
-        return np.multiply(g, get_activation(act).derivative(z), out=out)
+        check_rows("act_backward", self.device, g=g, z=z, out=out)
+        return self.xp.multiply(g, get_activation(act).derivative(z), out=out)
 
     def softmax(self, z: Array, out: Array | None = None) -> Array:
         """Row-wise softmax, stable for any finite z. z, out: (B, C)."""
-        check_rows("softmax", self.device, z, out=out)
-        out = np.subtract(z, z.max(axis=1, keepdims=True), out=out)
-        np.exp(out, out=out)
+        xp = self.xp
+        check_rows("softmax", self.device, z=z, out=out)
+        out = xp.subtract(z, z.max(axis=1, keepdims=True), out=out)
+        xp.exp(out, out=out)
         out /= out.sum(axis=1, keepdims=True)
         return out
 
@@ -291,10 +204,7 @@ class Backend:
         summing to 1); delta_out: (B, C) or None (then delta is computed and dropped). Uses the row
         max (log-sum-exp), so it is stable for any finite z and never takes log(0).
         """
-        t, scale = self._loss_targets("softmax_xent", z, labels, delta_out, scale)
-        shifted = z - z.max(axis=1, keepdims=True)
-        log_softmax = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-        return self._loss_result(-(t * log_softmax).sum(), np.exp(log_softmax), t, delta_out, scale)
+        return self._loss("softmax_xent", z, labels, delta_out, scale)
 
     def sigmoid_xent(self, z: Array, targets: Array, delta_out: Array | None = None,
                      scale: float | None = None) -> float:
@@ -303,10 +213,7 @@ class Backend:
 
         z: (B, C) logits; targets: (B, C) in [0, 1], or int labels (B,) taken as one-hot rows.
         """
-        t, scale = self._loss_targets("sigmoid_xent", z, targets, delta_out, scale)
-        # -[t log s + (1 - t) log(1 - s)] = max(z, 0) - t z + log(1 + exp(-|z|)), stable for any finite z
-        total = (np.maximum(z, 0) - t * z + np.log1p(np.exp(-np.abs(z)))).sum()
-        return self._loss_result(total, get_activation("sigmoid").forward(z), t, delta_out, scale)
+        return self._loss("sigmoid_xent", z, targets, delta_out, scale)
 
     def squared_error(self, y_hat: Array, targets: Array, delta_out: Array | None = None,
                       scale: float | None = None) -> float:
@@ -315,23 +222,19 @@ class Backend:
 
         y_hat: (B, C) network outputs (identity output map); targets: (B, C), or int labels (B,) as one-hot.
         """
-        t, scale = self._loss_targets("squared_error", y_hat, targets, delta_out, scale)
-        diff = y_hat - t
-        return self._loss_result(0.5 * (diff * diff).sum(), y_hat, t, delta_out, scale)
+        return self._loss("squared_error", y_hat, targets, delta_out, scale, z_name="y_hat")
 
     def bias_grad(self, delta: Array, out: Array | None = None) -> Array:
         """Column sums: out[j] = sum_i delta[i, j]. delta: (B, n); out: (n,)."""
-        check_matrix("bias_grad", "delta", delta)
-        check_shape("bias_grad", "out", out, (delta.shape[1],))
-        check_dtypes("bias_grad", self.device, delta=delta, out=out)
-        return np.sum(delta, axis=0, out=out)
+        check_bias_grad(self.device, delta, out)
+        return self.xp.sum(delta, axis=0, out=out)
 
     # ---- optimizer updates: one pass over the flat parameter buffer, in place (PyTorch's formulas) ----
 
     def sgd_update(self, params: Array, grads: Array, lr: float, weight_decay: float = 0.0) -> None:
         """params -= lr * (grads + weight_decay * params). params, grads: flat (P,) buffers."""
-        dtype = check_flat("sgd_update", self.device, params=params, grads=grads)
-        lr, weight_decay = dtype.type(lr), dtype.type(weight_decay)
+        scalar = check_flat("sgd_update", self.device, params=params, grads=grads).type
+        lr, weight_decay = scalar(lr), scalar(weight_decay)
         if weight_decay:
             params *= 1 - lr * weight_decay
         params -= lr * grads
@@ -343,8 +246,8 @@ class Backend:
         g = grads + weight_decay * params; velocity = momentum * velocity + g;
         params -= lr * (g + momentum * velocity if nesterov else velocity). All flat (P,) buffers.
         """
-        dtype = check_flat("momentum_update", self.device, params=params, grads=grads, velocity=velocity)
-        lr, mu, wd = dtype.type(lr), dtype.type(momentum), dtype.type(weight_decay)
+        scalar = check_flat("momentum_update", self.device, params=params, grads=grads, velocity=velocity).type
+        lr, mu, wd = scalar(lr), scalar(momentum), scalar(weight_decay)
         g = grads + wd * params if wd else grads
         velocity *= mu
         velocity += g
@@ -360,47 +263,54 @@ class Backend:
         v = b2 v + (1 - b2) g^2, params -= lr / (1 - b1^step) * m / (sqrt(v / (1 - b2^step)) + eps).
         All flat (P,) buffers.
         """
-        dtype = check_flat("adam_update", self.device, params=params, grads=grads, m=m, v=v)
-        if int(step) < 1:
-            raise ValueError(f"adam_update: step: expected the 1-based update count (>= 1), got {step}")
-        t = dtype.type
-        lr, b1, b2, eps, wd = t(lr), t(beta1), t(beta2), t(eps), t(weight_decay)
+        scalar = check_adam(self.device, params, grads, m, v, step).type
+        lr, b1, b2, eps, wd = scalar(lr), scalar(beta1), scalar(beta2), scalar(eps), scalar(weight_decay)
         g = grads
         if wd and decoupled:
             params *= 1 - lr * wd
         elif wd:
             g = grads + wd * params
         m *= b1
-        m += t(1 - float(beta1)) * g  # 1 - beta in float64 first: 1 - float32(0.999) is 1.3e-5 off
+        m += scalar(1 - float(beta1)) * g  # 1 - beta in float64 first: 1 - float32(0.999) is 1.3e-5 off
         v *= b2
-        v += t(1 - float(beta2)) * g * g
-        bias1, bias2 = t(1 - float(beta1) ** int(step)), t(1 - float(beta2) ** int(step))
-        params -= (lr / bias1) * m / (np.sqrt(v / bias2) + eps)
+        v += scalar(1 - float(beta2)) * g * g
+        bias1, bias2 = map(scalar, adam_bias_corrections(step, beta1, beta2))
+        params -= (lr / bias1) * m / (self.xp.sqrt(v / bias2) + eps)
 
-    # ---- the loss kernels share their checks and their NumPy body ----
+    # ---- the loss kernels' one body: a backend with loss kernels of its own overrides ``_loss`` ----
 
-    def check_loss_args(self, kernel: str, z: Array, targets: Array, delta_out: Array | None,
-                        scale: float | None) -> tuple[str, Any]:
-        """The shared checks of the loss kernels; returns (kind of targets, scale as z's dtype)."""
-        check_rows(kernel, self.device, z, delta_out=delta_out)
-        kind = check_targets(kernel, z, targets)
+    def _loss(self, kernel: str, z: Array, targets: Array, delta_out: Array | None, scale: float | None,
+              z_name: str = "z") -> float:
+        """Loss ``kernel`` ("softmax_xent", ...) on z (B, C), named ``z_name`` in messages: checks the
+        arguments, writes delta = (y_hat - targets) * scale into delta_out, returns the mean loss."""
+        xp = self.xp
+        kind, scale = check_loss(kernel, self.device, z, targets, delta_out, scale, z_name)
         if kind == "labels":
-            check_label_range(kernel, targets, z.shape[1], self.xp)
-        return kind, z.dtype.type(1.0 / z.shape[0] if scale is None else scale)
-
-    def _loss_targets(self, kernel, z, targets, delta_out, scale):
-        """Checked targets as a (B, C) matrix (one-hot for labels), and the scale in z's dtype."""
-        kind, scale = self.check_loss_args(kernel, z, targets, delta_out, scale)
-        if kind == "matrix":
-            return targets, scale
-        onehot = np.zeros_like(z)
-        onehot[np.arange(z.shape[0]), targets] = 1
-        return onehot, scale
-
-    @staticmethod
-    def _loss_result(total, y_hat, t, delta_out, scale):
-        """Writes delta = (y_hat - t) * scale; returns the mean loss over the batch."""
+            check_label_range(kernel, targets, z.shape[1], xp)
+            onehot = xp.zeros_like(z)
+            onehot[xp.arange(z.shape[0]), targets] = 1
+            targets = onehot
+        total, y_hat = getattr(self, f"_{kernel}_terms")(z, targets)  # the terms of each loss, just below
         if delta_out is not None:
-            np.subtract(y_hat, t, out=delta_out)
-            delta_out *= scale
-        return float(total) / y_hat.shape[0]
+            delta_out[...] = y_hat - targets
+            delta_out *= z.dtype.type(scale)
+        return float(total) / z.shape[0]
+
+    def _softmax_xent_terms(self, z, targets):
+        """(the loss summed over the batch, softmax(z)); the row max keeps exp from overflowing."""
+        xp = self.xp
+        shifted = z - z.max(axis=1, keepdims=True)
+        log_softmax = shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
+        return -(targets * log_softmax).sum(), xp.exp(log_softmax)
+
+    def _sigmoid_xent_terms(self, z, targets):
+        """(the loss summed over the batch, sigmoid(z))."""
+        xp = self.xp
+        # -[t log s + (1 - t) log(1 - s)] = max(z, 0) - t z + log(1 + exp(-|z|)), stable for any finite z
+        total = (xp.maximum(z, 0) - targets * z + xp.log1p(xp.exp(-xp.abs(z)))).sum()
+        return total, get_activation("sigmoid").forward(z)
+
+    def _squared_error_terms(self, y_hat, targets):
+        """(the loss summed over the batch, y_hat)."""
+        diff = y_hat - targets
+        return 0.5 * (diff * diff).sum(), y_hat

@@ -1,7 +1,7 @@
 """The Numba CPU backend ("numba"): BLAS GEMM called inside njit, Numba kernels for the rest.
 
-Every override keeps Backend's signature and runs the same shared ``check_*`` argument checks, so it
-refuses bad input with the same messages; the docstrings of Backend give the shapes and the semantics.
+Every override keeps Backend's signature and runs the same argument checks (``backend/checks.py``), so
+it refuses bad input with the same messages; the docstrings of Backend give the shapes and the semantics.
 Importing this module imports no Numba and compiles nothing: Numba loads when the backend is made, and
 each kernel compiles (or loads from Numba's on-disk cache) on first use or in ``warmup``.
 """
@@ -13,20 +13,11 @@ import time
 
 import numpy as np
 
-from deltaprop.backend.base import (
-    Backend,
-    check_dtypes,
-    check_flat,
-    check_gemm,
-    check_label_range,
-    check_matrix,
-    check_rows,
-    check_shape,
-    check_targets,
-)
+from deltaprop.backend.base import Backend, adam_bias_corrections
+from deltaprop.backend import checks
 from deltaprop.kernels.activations import ACTIVATIONS, get_activation
 from deltaprop.kernels.dtypes import resolve_dtype
-from deltaprop.kernels.plan import step_plan
+from deltaprop.kernels.layout import Layout
 
 
 def _blas_operand(x):
@@ -90,13 +81,13 @@ class NumbaBackend(Backend):
 
     def _warm_step(self, dtype):
         """Compiles the fused steps that benchmarks train (relu, softmax cross-entropy, int labels)."""
-        plan, work_size = step_plan([4, 4, 4], 4)
-        params = np.full(2 * 4 * (4 + 1), 0.1, dtype)
+        layout = Layout([4, 4, 4], 4)
+        params = np.full(layout.n_params, 0.1, dtype)
+        x, labels = np.ones((4, 4), dtype), np.zeros(4, np.int64)
         step = self.fused_sgd_step("relu", "softmax_xent", dtype)
-        step(np.ones((4, 4), dtype), np.zeros(4, np.int64), params, np.empty(work_size, dtype), plan, dtype.type(0.1))
+        step(x, labels, params, np.empty(layout.work_size, dtype), layout.offsets, dtype.type(0.1))
         grads_step = self.fused_grads_step("relu", "softmax_xent", dtype)
-        grads_step(np.ones((4, 4), dtype), np.zeros(4, np.int64), params, np.empty_like(params),
-                   np.empty(work_size, dtype), plan)
+        grads_step(x, labels, params, np.empty_like(params), np.empty(layout.work_size, dtype), layout.offsets)
 
     def fused_sgd_step(self, activation, loss, dtype):
         get_activation(activation)
@@ -123,7 +114,7 @@ class NumbaBackend(Backend):
     # ---- kernels ----
 
     def gemm(self, a, b, out=None, trans_a=False, trans_b=False, alpha=1.0, beta=0.0):
-        shape = check_gemm(a, b, out, trans_a, trans_b, self.device)
+        shape = checks.check_gemm(a, b, out, trans_a, trans_b, self.device)
         if out is None:
             out, beta = np.empty(shape, dtype=a.dtype), 0.0
         result = out if out.flags.c_contiguous else np.ascontiguousarray(out)  # BLAS writes C order
@@ -135,7 +126,7 @@ class NumbaBackend(Backend):
         return out
 
     def bias_act(self, acc, b, act, z_out=None, a_out=None):
-        check_rows("bias_act", self.device, acc, b, z_out=z_out, a_out=a_out)
+        checks.check_rows("bias_act", self.device, b, acc=acc, z_out=z_out, a_out=a_out)
         get_activation(act)  # an unknown name raises with the list of known ones
         z = np.empty(acc.shape, acc.dtype) if z_out is None else z_out
         a = np.empty(acc.shape, acc.dtype) if a_out is None else a_out  # may be z: an in-place activation
@@ -143,60 +134,46 @@ class NumbaBackend(Backend):
         return z, a
 
     def act_backward(self, g, z, act, out=None):
-        check_rows("act_backward", self.device, g, z=z, out=out)
+        checks.check_rows("act_backward", self.device, g=g, z=z, out=out)
         get_activation(act)
         out = np.empty(g.shape, g.dtype) if out is None else out
         self._kernel("act_backward", g.dtype, act)(g, z, out)
         return out
 
     def softmax(self, z, out=None):
-        check_rows("softmax", self.device, z, out=out)
+        checks.check_rows("softmax", self.device, z=z, out=out)
         out = np.empty(z.shape, z.dtype) if out is None else out
         self._kernel("softmax", z.dtype)(z, out)
         return out
 
-    def softmax_xent(self, z, labels, delta_out=None, scale=None):
-        return self._loss("softmax_xent", z, labels, delta_out, scale)
-
-    def sigmoid_xent(self, z, targets, delta_out=None, scale=None):
-        return self._loss("sigmoid_xent", z, targets, delta_out, scale)
-
-    def squared_error(self, y_hat, targets, delta_out=None, scale=None):
-        return self._loss("squared_error", y_hat, targets, delta_out, scale)
-
     def bias_grad(self, delta, out=None):
-        check_matrix("bias_grad", "delta", delta)
-        check_shape("bias_grad", "out", out, (delta.shape[1],))
-        check_dtypes("bias_grad", self.device, delta=delta, out=out)
+        checks.check_bias_grad(self.device, delta, out)
         out = np.empty(delta.shape[1], delta.dtype) if out is None else out
         self._kernel("bias_grad", delta.dtype)(delta, out)
         return out
 
     def sgd_update(self, params, grads, lr, weight_decay=0.0):
-        t = check_flat("sgd_update", self.device, params=params, grads=grads).type
-        self._kernel("sgd_update", params.dtype)(params, grads, t(lr), t(weight_decay))
+        scalar = checks.check_flat("sgd_update", self.device, params=params, grads=grads).type
+        self._kernel("sgd_update", params.dtype)(params, grads, scalar(lr), scalar(weight_decay))
 
     def momentum_update(self, params, grads, velocity, lr, momentum=0.9, nesterov=False, weight_decay=0.0):
-        t = check_flat("momentum_update", self.device, params=params, grads=grads, velocity=velocity).type
+        scalar = checks.check_flat("momentum_update", self.device, params=params, grads=grads, velocity=velocity).type
         kernel = self._kernel("momentum_update", params.dtype)
-        kernel(params, grads, velocity, t(lr), t(momentum), bool(nesterov), t(weight_decay))
+        kernel(params, grads, velocity, scalar(lr), scalar(momentum), bool(nesterov), scalar(weight_decay))
 
     def adam_update(self, params, grads, m, v, step, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
                     weight_decay=0.0, decoupled=False):
-        t = check_flat("adam_update", self.device, params=params, grads=grads, m=m, v=v).type
-        if int(step) < 1:
-            raise ValueError(f"adam_update: step: expected the 1-based update count (>= 1), got {step}")
-        bias1, bias2 = t(1 - float(beta1) ** int(step)), t(1 - float(beta2) ** int(step))
+        scalar = checks.check_adam(self.device, params, grads, m, v, step).type
+        bias1, bias2 = map(scalar, adam_bias_corrections(step, beta1, beta2))
         kernel = self._kernel("adam_update", params.dtype)
-        kernel(params, grads, m, v, t(lr), t(beta1), t(beta2), t(eps), t(weight_decay), bool(decoupled), bias1, bias2)
+        kernel(params, grads, m, v, scalar(lr), scalar(beta1), scalar(beta2), scalar(eps), scalar(weight_decay),
+               bool(decoupled), bias1, bias2, scalar(1 - float(beta1)), scalar(1 - float(beta2)))
 
-    def _loss(self, kernel, z, targets, delta_out, scale):
+    def _loss(self, kernel, z, targets, delta_out, scale, z_name="z"):
         """The shared checks (the label range is checked inside the kernel), the kernel, the mean loss."""
-        check_rows(kernel, self.device, z, delta_out=delta_out)
-        check_targets(kernel, z, targets)
-        scale = z.dtype.type(1.0 / z.shape[0] if scale is None else scale)
+        scale = z.dtype.type(checks.check_loss(kernel, self.device, z, targets, delta_out, scale, z_name)[1])
         delta = np.empty(z.shape, z.dtype) if delta_out is None else delta_out
         total, bad_row = self._kernel(kernel, z.dtype)(z, targets, delta, scale)
         if bad_row >= 0:  # the kernel found a label outside [0, C) and wrote nothing
-            check_label_range(kernel, targets, z.shape[1])  # raises the message every backend gives
+            checks.check_label_range(kernel, targets, z.shape[1])  # raises the message every backend gives
         return float(total) / z.shape[0]

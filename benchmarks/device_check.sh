@@ -5,11 +5,10 @@
 #
 #     OUT=/path/to/report bash benchmarks/device_check.sh      (PYTHON defaults to python3)
 #
-# Made for the H200 machine: no network, CuPy 14, numba, numpy, pytest, torch already installed.
-# Each stage runs under its own time limit (together under 5 minutes); a stage that fails or runs out
-# of time is recorded and the next one runs. Only two files land in $OUT (the device tool brings back
-# at most eight): device_check.json, which sums it all up with each stage's output and the benchmark
-# reports, and logs.tar.gz with the full logs.
+# It needs no network: CuPy, numba, numpy, pytest and torch must be installed already. Each stage runs
+# under its own time limit; a stage that fails or runs out of time is recorded and the next one runs.
+# Two files land in $OUT: device_check.json, which sums it all up with each stage's output and the
+# benchmark reports, and logs.tar.gz with the full logs.
 
 set -u
 OUT=${OUT:?set OUT to the folder that receives the report}

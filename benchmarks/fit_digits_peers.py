@@ -1,4 +1,4 @@
-"""The digits fit of `deltaprop train` timed beside its peers, with one recipe, in one process, one run each.
+"""The digits fit timed beside its peers (PyTorch, scikit-learn), one recipe, in one process, one run each.
 
     python -m deltaprop.benchmarks.fit_digits_peers [--backends numpy,numba] [--json FILE]
 

@@ -3,9 +3,10 @@
 Each entry holds the formulas of act(z) and act'(z) three times, once per way a backend spells them:
 
 - ``forward`` / ``derivative``: NumPy array functions (the reference, and the NumPy backend);
-- ``scalar(T)``: a factory returning ``(f, df)``, plain-Python scalar functions that use only ``math``
-  and constants made with ``T`` (``numpy.float32`` or ``numpy.float64``), so that Numba compiles them
-  without promoting float32 to float64;
+- ``scalar(T, jitable)``: a factory returning ``(f, df)``, plain-Python scalar functions that use only
+  ``math`` and constants made with ``T`` (``numpy.float32`` or ``numpy.float64``), so that Numba compiles
+  them without promoting float32 to float64; a helper they share (the stable sigmoid) is passed through
+  ``jitable`` (Numba's ``register_jitable``; the identity for plain Python);
 - ``cuda``: C++ expressions of ``z`` in the compute type ``T``, with ``C(x)`` a constant of that type
   (``kernels/cuda`` turns each into a device functor).
 
@@ -32,7 +33,7 @@ class Activation:
     name: str
     forward: Callable[[np.ndarray], np.ndarray]
     derivative: Callable[[np.ndarray], np.ndarray]
-    scalar: Callable[[type], tuple[Callable, Callable]]
+    scalar: Callable[[type, Callable], tuple[Callable, Callable]]
     cuda_forward: str
     cuda_derivative: str
     init: str  # "he" for the ReLU family, "xavier" for saturating or linear units
@@ -44,8 +45,10 @@ def _erf(x):
     return erf(x)
 
 
+# The stable sigmoid, once per spelling: exp of a non-positive number only, so no overflow for any finite z.
+
+
 def _sigmoid(z):
-    # exp of a non-positive number only: no overflow for any finite z.
     e = np.exp(-np.abs(z))
     return np.where(z >= 0, 1 / (1 + e), e / (1 + e)).astype(z.dtype, copy=False)
 
@@ -86,7 +89,17 @@ def _softplus(z):
 # ---- scalar spellings (compiled by Numba per dtype T) ---------------------------------------------
 
 
-def _identity_scalar(T):
+def _stable_sigmoid(T, jitable):
+    zero, one = T(0), T(1)
+
+    def sigmoid(z):
+        e = math.exp(-abs(z))
+        return one / (one + e) if z >= zero else e / (one + e)
+
+    return jitable(sigmoid)
+
+
+def _identity_scalar(T, jitable):
     one = T(1)
 
     def f(z):
@@ -98,7 +111,7 @@ def _identity_scalar(T):
     return f, df
 
 
-def _relu_scalar(T):
+def _relu_scalar(T, jitable):
     zero, one = T(0), T(1)
 
     def f(z):
@@ -110,7 +123,7 @@ def _relu_scalar(T):
     return f, df
 
 
-def _leaky_relu_scalar(T):
+def _leaky_relu_scalar(T, jitable):
     zero, one, slope = T(0), T(1), T(LEAKY_SLOPE)
 
     def f(z):
@@ -122,24 +135,21 @@ def _leaky_relu_scalar(T):
     return f, df
 
 
-def _sigmoid_scalar(T):
-    zero, one = T(0), T(1)
+def _sigmoid_scalar(T, jitable):
+    one = T(1)
+    sigmoid = _stable_sigmoid(T, jitable)
 
     def f(z):
-        if z >= zero:
-            return one / (one + math.exp(-z))
-        e = math.exp(z)
-        return e / (one + e)
+        return sigmoid(z)
 
     def df(z):
-        e = math.exp(-abs(z))
-        s = one / (one + e) if z >= zero else e / (one + e)
+        s = sigmoid(z)
         return s * (one - s)
 
     return f, df
 
 
-def _tanh_scalar(T):
+def _tanh_scalar(T, jitable):
     one = T(1)
 
     def f(z):
@@ -152,7 +162,7 @@ def _tanh_scalar(T):
     return f, df
 
 
-def _gelu_scalar(T):
+def _gelu_scalar(T, jitable):
     half, one, inv_sqrt2, inv_sqrt2pi = T(0.5), T(1), T(INV_SQRT_2), T(INV_SQRT_2PI)
 
     def f(z):
@@ -164,7 +174,7 @@ def _gelu_scalar(T):
     return f, df
 
 
-def _gelu_tanh_scalar(T):
+def _gelu_tanh_scalar(T, jitable):
     half, one, three = T(0.5), T(1), T(3)
     k, c = T(SQRT_2_OVER_PI), T(GELU_TANH_CUBIC)
 
@@ -178,36 +188,34 @@ def _gelu_tanh_scalar(T):
     return f, df
 
 
-def _silu_scalar(T):
-    zero, one = T(0), T(1)
+def _silu_scalar(T, jitable):
+    one = T(1)
+    sigmoid = _stable_sigmoid(T, jitable)
 
     def f(z):
-        e = math.exp(-abs(z))
-        s = one / (one + e) if z >= zero else e / (one + e)
-        return z * s
+        return z * sigmoid(z)
 
     def df(z):
-        e = math.exp(-abs(z))
-        s = one / (one + e) if z >= zero else e / (one + e)
+        s = sigmoid(z)
         return s * (one + z * (one - s))
 
     return f, df
 
 
-def _softplus_scalar(T):
-    zero, one = T(0), T(1)
+def _softplus_scalar(T, jitable):
+    zero = T(0)
+    sigmoid = _stable_sigmoid(T, jitable)
 
     def f(z):
         return (z if z > zero else zero) + math.log1p(math.exp(-abs(z)))
 
     def df(z):
-        e = math.exp(-abs(z))
-        return one / (one + e) if z >= zero else e / (one + e)
+        return sigmoid(z)
 
     return f, df
 
 
-def _elu_scalar(T):
+def _elu_scalar(T, jitable):
     zero, one = T(0), T(1)
 
     def f(z):

@@ -1,7 +1,10 @@
 """The dtype table: which element types each kind of device computes in, and how each spells them.
 
 ``ctype`` is the CUDA C++ storage type, ``accum_ctype`` the type a CUDA kernel computes and accumulates
-in (float for the 16-bit types), ``devices`` the kinds of backend device that support the dtype.
+in (float for the 16-bit types), ``devices`` the kinds of backend device that support the dtype, and
+``tolerance`` the relative error (``reference.relative_error``) that a kernel's result may have against
+the float64 reference on the same inputs: the one bound the tests and ``deltaprop check`` hold every
+backend to (the 16-bit types compute in float32 but store 8 to 11 bits).
 bfloat16 has no NumPy type of its own: ``ml_dtypes`` registers one (CuPy 14 stores bfloat16 arrays with it),
 imported only when bfloat16 is asked for.
 """
@@ -21,6 +24,7 @@ class DType:
     ctype: str
     accum_ctype: str
     devices: tuple[str, ...]
+    tolerance: float
     extension: str | None = None  # the module that registers the NumPy type where NumPy has none
 
     def numpy_dtype(self) -> np.dtype | None:
@@ -37,10 +41,10 @@ class DType:
 DTYPES: dict[str, DType] = {
     d.name: d
     for d in (
-        DType("float32", np.dtype(np.float32), "float", "float", ("cpu", "cuda")),
-        DType("float64", np.dtype(np.float64), "double", "double", ("cpu", "cuda")),
-        DType("float16", np.dtype(np.float16), "__half", "float", ("cuda",)),
-        DType("bfloat16", None, "__nv_bfloat16", "float", ("cuda",), extension="ml_dtypes"),
+        DType("float32", np.dtype(np.float32), "float", "float", ("cpu", "cuda"), 1e-5),
+        DType("float64", np.dtype(np.float64), "double", "double", ("cpu", "cuda"), 1e-12),
+        DType("float16", np.dtype(np.float16), "__half", "float", ("cuda",), 1e-2),
+        DType("bfloat16", None, "__nv_bfloat16", "float", ("cuda",), 1e-2, extension="ml_dtypes"),
     )
 }
 
@@ -72,6 +76,11 @@ def resolve_dtype(dtype, device: str = "cpu", argument: str = "dtype") -> np.dty
     if found is None:
         raise TypeError(f"{argument}: expected one of {list(dtypes_for(device))} on {device}, got {_name(dtype)}")
     return found
+
+
+def tolerance(dtype) -> float:
+    """The dtype table's relative-error bound for ``dtype`` (a name, NumPy dtype or type)."""
+    return DTYPES[_name(dtype)].tolerance
 
 
 def _name(dtype) -> str:

@@ -26,6 +26,21 @@ def f64(x):
     return np.asarray(x, dtype=np.float64)
 
 
+def relative_error(result, expected) -> float:
+    """max|result - expected| / max|expected| (the absolute error where expected is all zeros), in float64.
+
+    Norm-wise (the max norm), because an elementwise ratio is meaningless where the exact value crosses
+    zero (act'(z) of gelu and silu, the columns of a GEMM). ``result`` and ``expected`` are host arrays of
+    one shape; the dtype table's ``tolerance`` bounds this.
+    """
+    result, expected = f64(result), f64(expected)
+    if result.shape != expected.shape:
+        raise ValueError(f"relative_error: result: expected shape {expected.shape} (that of expected), got {result.shape}")
+    scale = np.max(np.abs(expected), initial=0.0)
+    error = float(np.max(np.abs(result - expected), initial=0.0))
+    return error / scale if scale > 0 else error
+
+
 # ---- the kernels, one function each ----------------------------------------------------------------
 
 

@@ -28,11 +28,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from deltaprop.backend import get_backend
-from deltaprop.backend.base import check_label_range, check_shape
+from deltaprop.backend.checks import check_label_range, check_shape
 from deltaprop.errors import NonFiniteLossError
 from deltaprop.kernels.activations import get_activation
 from deltaprop.kernels.dtypes import resolve_dtype
-from deltaprop.kernels.plan import A_AT, DELTA_AT, Z_AT, step_plan
+from deltaprop.kernels.layout import Layout
 from deltaprop.model import io, training
 from deltaprop.model.losses import get_loss
 
@@ -65,19 +65,14 @@ class ForwardCache:
 
 class _Workspace:
     """Buffers for one batch size: z[l] and delta[l] (B, n_l) for every layer, a[l] for the hidden ones,
-    views of one flat buffer ``work`` laid out by ``plan`` (what a backend's fused step reads)."""
+    views of one flat buffer ``work`` at the offsets of ``layout`` (what a backend's fused step reads)."""
 
     def __init__(self, backend, sizes, batch, dtype):
         self.batch = batch
-        self.plan, work_size = step_plan(sizes, batch)
-        self.work = backend.empty(work_size, dtype)
-
-        def views(column, layers):
-            return [self.work[at:at + batch * n].reshape(batch, n) for at, n in zip(self.plan[:, column], layers)]
-
-        self.z = views(Z_AT, sizes[1:])
-        self.a = views(A_AT, sizes[1:-1])
-        self.delta = views(DELTA_AT, sizes[1:])
+        layout = Layout(sizes, batch)
+        self.offsets = layout.offsets
+        self.work = backend.empty(layout.work_size, dtype)
+        self.z, self.a, self.delta = layout.z(self.work), layout.a(self.work), layout.delta(self.work)
 
 
 def _finite(loss):
@@ -134,17 +129,12 @@ class MLP:
 
     @staticmethod
     def _param_layout(sizes):
-        """[(offset of W[l], offset of b[l], end)] per layer, in the flat buffer."""
-        layout, offset = [], 0
-        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
-            bias_at = offset + fan_out * fan_in
-            layout.append((offset, bias_at, bias_at + fan_out))
-            offset = bias_at + fan_out
-        return layout
+        """The network's Layout: where W[l] and b[l] live in the flat buffer."""
+        return Layout(sizes)
 
     @property
     def n_params(self) -> int:
-        return self._layout[-1][2]
+        return self._layout.n_params
 
     @property
     def depth(self) -> int:
@@ -152,21 +142,19 @@ class MLP:
         return len(self.sizes) - 1
 
     def _views(self, flat):
-        weights = [flat[w:b].reshape(n_out, n_in)
-                   for (w, b, _), n_in, n_out in zip(self._layout, self.sizes[:-1], self.sizes[1:])]
-        biases = [flat[b:end] for (_, b, end) in self._layout]
-        return weights, biases
+        return self._layout.weights(flat), self._layout.biases(flat)
 
     def _initial_params(self):
         rng = np.random.default_rng(self.seed)
         flat = np.zeros(self.n_params)
         scheme = get_activation(self.activation).init
-        for (w, b, _), fan_in, fan_out in zip(self._layout, self.sizes[:-1], self.sizes[1:]):
+        for W in self._layout.weights(flat):
+            fan_out, fan_in = W.shape
             if scheme == "he":
-                flat[w:b] = rng.normal(0.0, math.sqrt(2.0 / fan_in), fan_out * fan_in)
+                W[...] = rng.normal(0.0, math.sqrt(2.0 / fan_in), W.shape)
             else:
                 limit = math.sqrt(6.0 / (fan_in + fan_out))
-                flat[w:b] = rng.uniform(-limit, limit, fan_out * fan_in)
+                W[...] = rng.uniform(-limit, limit, W.shape)
         return flat
 
     def __repr__(self):
@@ -268,7 +256,7 @@ class MLP:
             return self._backward(cache, self._targets(y, x.shape[0])), cache.logits
         x, y = self._fused_inputs(x, y, "loss_and_grads")
         ws = self._workspace(len(x))
-        return self._fused_loss(*step(x, y, self.params, self.grads, ws.work, ws.plan), y), ws.z[-1]
+        return self._fused_loss(*step(x, y, self.params, self.grads, ws.work, ws.offsets), y), ws.z[-1]
 
     # train_step runs the backend's fused step where it has one; False forces the kernel-by-kernel loop
     use_fused_step = True
@@ -292,7 +280,7 @@ class MLP:
         ws = self._workspace(len(x))
         if lr != self._lr:  # the scalar costs ~0.3 µs to make; a fixed or stepwise lr makes it once
             self._lr, self._lr_scalar = lr, self.dtype.type(lr)
-        total, bad_row = step(x, y, self.params, ws.work, ws.plan, self._lr_scalar)
+        total, bad_row = step(x, y, self.params, ws.work, ws.offsets, self._lr_scalar)
         if bad_row < 0:
             loss = total / len(x)
             if isfinite(loss):

@@ -1,4 +1,4 @@
-"""Fixtures shared by the tests: the backends usable here × the dtypes, and an honest error measure.
+"""Fixtures shared by the tests: the backends usable here × the dtypes (helpers.py holds shared functions).
 
 Tests parametrized over ``backend_name`` run on every backend present: numpy and numba always (they are
 hard dependencies: one that cannot load fails the test rather than skipping it), cupy when a CUDA
@@ -9,16 +9,10 @@ device, so CPU CI runs everything else.
 import numpy as np
 import pytest
 
-from deltaprop.backend import backend_status, get_backend, to_numpy
+from deltaprop.backend import backend_status, get_backend
 
 CPU_BACKENDS = ("numpy", "numba")
 GPU_BACKENDS = ("cupy",)
-# DESIGN.md: float64 <= 1e-12 relative for elementwise kernels; float32 <= 1e-5 (norm-wise for GEMM results)
-TOLERANCE = {"float32": 1e-5, "float64": 1e-12}
-
-
-def tol(dtype) -> float:
-    return TOLERANCE[np.dtype(dtype).name]
 
 
 def gpu_usable() -> bool:
@@ -57,17 +51,3 @@ def pytest_collection_modifyitems(config, items):
         if skip_gpu and "gpu" in item.keywords:
             item.add_marker(skip_gpu)
 
-
-def rel_err(result, expected) -> float:
-    """Norm-wise relative error max|result - expected| / max|expected| (absolute where expected is all 0).
-
-    Norm-wise, because an elementwise ratio is meaningless where the exact value crosses zero
-    (act'(z) of gelu and silu, the columns of a GEMM); nothing is widened to make a case pass.
-    ``result`` may live on any backend's device.
-    """
-    result = np.asarray(to_numpy(result), np.float64)
-    expected = np.asarray(expected, np.float64)
-    assert result.shape == expected.shape, f"shape {result.shape} != expected {expected.shape}"
-    scale = np.max(np.abs(expected), initial=0.0)
-    error = np.max(np.abs(result - expected), initial=0.0)
-    return error / scale if scale > 0 else error

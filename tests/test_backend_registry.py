@@ -57,8 +57,8 @@ def test_auto_without_a_gpu_is_numba_or_numpy(monkeypatch):
 def test_use_backend_is_scoped(monkeypatch):
     monkeypatch.setenv("DELTAPROP_BACKEND", "numba" if backend_status("numba")[0] else "numpy")
     outside = get_backend().name
-    with use_backend("numpy") as be:
-        assert be.name == "numpy" and get_backend().name == "numpy"
+    with use_backend("numpy") as backend:
+        assert backend.name == "numpy" and get_backend().name == "numpy"
         assert deltaprop.MLP([2, 2], seed=0).backend.name == "numpy"
     assert get_backend().name == outside
 

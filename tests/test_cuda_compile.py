@@ -7,12 +7,13 @@ import os
 import pytest
 
 from deltaprop.backend.base import Backend
+from deltaprop.errors import KernelCompileError
 from deltaprop.kernels.activations import ACTIVATIONS
 from deltaprop.kernels.cuda import loader
 from deltaprop.kernels.dtypes import DTYPES
 
-# Backend members that are not kernels: the lifecycle, the arrays, and the shared loss checks
-NOT_KERNELS = {"asarray", "to_numpy", "empty", "zeros", "synchronize", "warmup", "describe", "check_loss_args",
+# Backend members that are not kernels: the lifecycle and the arrays
+NOT_KERNELS = {"asarray", "to_numpy", "empty", "zeros", "synchronize", "warmup", "describe",
                "fused_sgd_step", "fused_grads_step"}  # capabilities: None where a backend has no fused step
 CONTRACT_KERNELS = {
     name for name, member in vars(Backend).items()
@@ -85,15 +86,6 @@ def test_the_activation_functors_come_from_the_activation_table():
         assert activation.cuda_forward in functors and activation.cuda_derivative in functors
 
 
-@pytest.mark.parametrize(
-    ("cols", "team"),
-    [(1, ("GroupTeam<1>", 1)), (10, ("GroupTeam<16>", 16)), (32, ("GroupTeam<32>", 32)),
-     (33, ("GroupTeam<32>", 32)), (1024, ("GroupTeam<32>", 32)), (1025, ("BlockTeam", 0))],
-)
-def test_row_team_by_row_length(cols, team):
-    assert loader.row_team(cols) == team
-
-
 def test_the_ptxas_report_is_parsed_per_entry():
     log = """ptxas info    : Compiling entry function '_Z1kIfEvPT_x' for 'sm_90'
 ptxas info    : Function properties for _Z1kIfEvPT_x
@@ -123,3 +115,18 @@ def test_vector_loads_are_counted_per_ptx_entry():
 }
 """
     assert loader.count_vector_loads(ptx) == {"_Z1kIfEvPT_x": 2, "_Z1kIdEvPT_x": 1}
+
+
+def test_an_unknown_instantiation_is_a_kernel_compile_error():
+    with pytest.raises(KernelCompileError, match=r"CUDA kernel 'bias_act': expected one of its instantiations "
+                                                 r"\(\('act_identity',\).*, got \('act_swish',\)"):
+        loader.Modules().function("bias_act", "float32", "act_swish")
+
+
+def test_a_source_that_does_not_compile_is_a_kernel_compile_error_with_nvrtc_log(monkeypatch):
+    missing = nvrtc_missing()
+    if missing:
+        pytest.skip(f"NVRTC is not installed here ({missing})")
+    monkeypatch.setattr(loader, "module_source", lambda source: "this is not C++;")
+    with pytest.raises(KernelCompileError, match=r"(?s)optim.cu for float32 on sm_90 does not compile:\n.*error"):
+        loader.compile_module("optim.cu", "float32", "90")

@@ -13,16 +13,23 @@ import tracemalloc
 import numba
 import numpy as np
 import pytest
-from conftest import TOLERANCE, rel_err
-from test_model import host_params, targets_for
+from helpers import host_params, rel_err, targets_for, tol
 
 from deltaprop.backend import get_backend
 from deltaprop.errors import NonFiniteLossError
 from deltaprop.kernels import reference
 from deltaprop.kernels.activations import ACTIVATIONS
-from deltaprop.kernels.cpu.gemm import enter_serial_blas, leave_serial_blas, register_blas_threads, set_blas_threads
-from deltaprop.kernels.cpu.step import SERIAL_BLAS_BELOW, SMALL_BATCH, restore_blas, serial_blas
-from deltaprop.kernels.plan import B_AT, W_AT, step_plan
+from deltaprop.kernels.cpu.blas_threads import (
+    SERIAL_BLAS_BELOW,
+    enter_serial_blas,
+    leave_serial_blas,
+    register_blas_threads,
+    restore_blas,
+    serial_blas,
+    set_blas_threads,
+)
+from deltaprop.kernels.cpu.step import SMALL_BATCH, largest_gemm
+from deltaprop.kernels.layout import Layout
 from deltaprop.model import LOSSES, MLP
 
 BATCHES = (1, SMALL_BATCH, SMALL_BATCH + 5)  # the outer-product update, at its limit, and the GEMM path
@@ -56,7 +63,7 @@ def test_fused_step_is_the_loop_and_the_reference(activation, loss, dtype, rng):
     fused_losses = [fused.train_step(x, y, lr=0.1) for x, y in batches]
     loop_losses = [loop.train_step(x, y, lr=0.1) for x, y in batches]
     ref_w, ref_b, ref_losses = reference.sgd_steps(weights, biases, batches, activation, loss, 0.1)
-    tolerance = TOLERANCE[dtype]
+    tolerance = tol(dtype)
     np.testing.assert_allclose(fused_losses, ref_losses, rtol=tolerance * 10)
     np.testing.assert_allclose(fused_losses, loop_losses, rtol=tolerance * 10)
     for params, expected in ((fused.weights, ref_w), (fused.biases, ref_b), (fused.weights, loop.weights),
@@ -72,7 +79,7 @@ def test_inputs_in_another_form_are_converted(rng):
     y = rng.integers(0, 3, 10).astype(np.int32)
     for batch in (x[::2], np.asfortranarray(x[:5]), x[:5].tolist()):
         assert fused.train_step(batch, y[:5]) == pytest.approx(loop.train_step(batch, y[:5]), rel=1e-6)
-    assert rel_err(fused.params, loop.params) <= TOLERANCE["float32"]
+    assert rel_err(fused.params, loop.params) <= tol("float32")
 
 
 def test_learning_rates_and_batch_sizes_that_change_between_steps(rng):
@@ -84,16 +91,25 @@ def test_learning_rates_and_batch_sizes_that_change_between_steps(rng):
         x = rng.standard_normal((batch, 6)).astype(np.float32)
         y = rng.integers(0, 3, batch)
         assert fused.train_step(x, y, lr) == pytest.approx(loop.train_step(x, y, lr), rel=1e-5)
-        assert rel_err(fused.params, loop.params) <= TOLERANCE["float32"]
+        assert rel_err(fused.params, loop.params) <= tol("float32")
 
 
-def test_plan_matches_the_parameter_views():
+def test_layout_offsets_match_the_parameter_and_workspace_views():
+    """The offsets a compiled step reads and the views the model uses are one layout."""
     net = MLP([6, 5, 4, 3], backend="numpy", seed=0)
-    plan, work_size = step_plan(net.sizes, 7)
-    for l, (W, b) in enumerate(zip(net.weights, net.biases)):
-        assert np.shares_memory(W, net.params[plan[l, W_AT]:plan[l, B_AT]])
-        assert b.__array_interface__["data"][0] == net.params[plan[l, B_AT]:].__array_interface__["data"][0]
-    assert work_size == 7 * (5 + 4 + 3) * 2 + 7 * (5 + 4) + 2 * 6
+    layout = Layout(net.sizes, 7)
+    assert layout.n_params == net.n_params == 6 * 5 + 5 + 5 * 4 + 4 + 4 * 3 + 3
+    for row, W, b in zip(layout.offsets.tolist(), net.weights, net.biases):
+        n_in, n_out, w_at, b_at = row[:4]
+        assert W.shape == (n_out, n_in)
+        assert W.__array_interface__["data"][0] == net.params[w_at:].__array_interface__["data"][0]
+        assert b.__array_interface__["data"][0] == net.params[b_at:].__array_interface__["data"][0]
+    assert layout.work_size == 7 * (5 + 4 + 3) * 2 + 7 * (5 + 4) + 2 * 6
+    work = np.arange(layout.work_size, dtype=np.float64)
+    views = layout.z(work) + layout.a(work) + layout.delta(work) + [layout.scratch(work)]
+    assert [v.shape for v in views] == [(7, 5), (7, 4), (7, 3), (7, 5), (7, 4), (7, 5), (7, 4), (7, 3), (12,)]
+    covered = np.concatenate([v.ravel() for v in views])
+    assert np.array_equal(np.sort(covered), work)  # every element in exactly one view
 
 
 def test_numpy_backend_has_no_fused_step():
@@ -155,7 +171,7 @@ def test_fused_grads_are_the_loop_and_the_reference(activation, loss, dtype, rng
     fused, loop = pair(sizes, activation, loss, dtype)
     assert fused.backend.fused_grads_step(activation, "softmax_xent", dtype) is not None
     weights, biases = host_params(fused)
-    tolerance = TOLERANCE[dtype]
+    tolerance = tol(dtype)
     for batch in GRADS_BATCHES:
         y = targets_for(loss, rng, batch, sizes[-1])
         y = y.astype(dtype) if y.ndim == 2 else y
@@ -180,7 +196,7 @@ def test_fit_with_the_fused_grads_is_the_loop(rng):
     y = rng.integers(0, 3, 45)
     fused, loop = pair([6, 10, 3], "relu", "softmax_cross_entropy", "float32")
     histories = [net.fit(x, y, epochs=3, batch_size=16, optimizer="adam", progress=False) for net in (fused, loop)]
-    assert rel_err(fused.params, loop.params) <= 10 * TOLERANCE["float32"]
+    assert rel_err(fused.params, loop.params) <= 10 * tol("float32")
     np.testing.assert_allclose(histories[0].loss, histories[1].loss, rtol=1e-5)
     assert histories[0].accuracy == histories[1].accuracy
 
@@ -236,7 +252,8 @@ def test_blas_thread_setter_is_found_and_sets_the_count():
 ])
 def test_only_steps_with_small_gemms_run_blas_on_one_thread(sizes, batch, serial):
     before = blas_threads()
-    went_serial = numba.njit(serial_blas)(batch, step_plan(sizes, batch)[0])
+    multiply_adds = numba.njit(largest_gemm)(batch, Layout(sizes, batch).offsets)
+    went_serial = numba.njit(serial_blas)(multiply_adds)
     try:
         assert (went_serial, blas_threads()) == (serial, 1 if serial else before)
     finally:

@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import TOLERANCE, rel_err
+from helpers import rel_err, tol
 
 from deltaprop.backend import to_numpy
 from deltaprop.errors import CheckpointError
@@ -62,7 +62,7 @@ def test_saved_on_numpy_loads_on_every_backend(trained, saved, backend_name, dat
     assert loaded.backend.name == backend_name and loaded.dtype == dtype
     zs, _ = reference.forward(*[[to_numpy(a) for a in arrays] for arrays in (net.weights, net.biases)],
                               X.astype(dtype), "tanh")
-    assert rel_err(loaded.predict_proba(X), reference.softmax(zs[-1])) <= TOLERANCE[dtype.name]
+    assert rel_err(loaded.predict_proba(X), reference.softmax(zs[-1])) <= tol(dtype.name)
     assert np.array_equal(to_numpy(loaded.predict(X)), to_numpy(net.predict(X)))
 
 

@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import TOLERANCE, rel_err
+from helpers import host_params, rel_err, targets_for, tol
 
 from deltaprop.backend import to_numpy
 from deltaprop.backend.base import HOST_ALIGNMENT
@@ -12,18 +12,6 @@ from deltaprop.errors import NonFiniteLossError
 from deltaprop.kernels import reference
 from deltaprop.kernels.activations import ACTIVATIONS
 from deltaprop.model import LOSSES, MLP
-
-
-def host_params(net):
-    return [to_numpy(W).copy() for W in net.weights], [to_numpy(b).copy() for b in net.biases]
-
-
-def targets_for(loss, rng, batch, classes):
-    if loss == "softmax_cross_entropy":
-        return rng.integers(0, classes, batch)
-    if loss == "sigmoid_cross_entropy":
-        return (rng.random((batch, classes)) < 0.5).astype(np.float64)
-    return rng.standard_normal((batch, classes))
 
 
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
@@ -63,10 +51,10 @@ def test_loss_and_grads_match_reference(backend_name, dtype, rng):
     loss, grads = net.loss_and_grads(x, y)
     ref_loss, ref_grads = reference.loss_and_grads(*host_params(net), x.astype(dtype), y, "gelu",
                                                    "softmax_cross_entropy")
-    assert abs(loss - ref_loss) <= TOLERANCE[dtype.name] * abs(ref_loss)
+    assert abs(loss - ref_loss) <= tol(dtype.name) * abs(ref_loss)
     for (dW, db), (rW, rb) in zip(grads, ref_grads):
-        assert rel_err(dW, rW) <= TOLERANCE[dtype.name]
-        assert rel_err(db, rb) <= TOLERANCE[dtype.name]
+        assert rel_err(dW, rW) <= tol(dtype.name)
+        assert rel_err(db, rb) <= tol(dtype.name)
 
 
 @pytest.mark.parametrize("loss", sorted(LOSSES))
@@ -77,11 +65,11 @@ def test_five_sgd_steps_match_reference(backend_name, dtype, loss, rng):
     batches = [(rng.standard_normal((16, 12)).astype(dtype), targets_for(loss, rng, 16, 6)) for _ in range(5)]
     losses = [net.train_step(x, y.astype(dtype) if y.ndim == 2 else y, lr=0.1) for x, y in batches]
     ref_w, ref_b, ref_losses = reference.sgd_steps(weights, biases, batches, "tanh", loss, 0.1)
-    np.testing.assert_allclose(losses, ref_losses, rtol=TOLERANCE[dtype.name] * 10)
+    np.testing.assert_allclose(losses, ref_losses, rtol=tol(dtype.name) * 10)
     for W, rW in zip(net.weights, ref_w):
-        assert rel_err(W, rW) <= TOLERANCE[dtype.name]
+        assert rel_err(W, rW) <= tol(dtype.name)
     for b, rb in zip(net.biases, ref_b):
-        assert rel_err(b, rb) <= TOLERANCE[dtype.name]
+        assert rel_err(b, rb) <= tol(dtype.name)
 
 
 def test_forward_keeps_z_and_a(backend_name, rng):

@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import TOLERANCE, rel_err
+from helpers import rel_err, tol
 
 from deltaprop.backend import to_numpy
 from deltaprop.kernels import reference
@@ -84,14 +84,14 @@ def random_problem(rng, dtype):
 def test_updates_match_the_transcription_of_pytorchs_algorithm(backend, dtype, name, hyper, rng):
     params, grads = random_problem(rng, dtype)
     ours = run_ours(backend, dtype, name, hyper, params, grads)
-    assert rel_err(ours, reference_run(name, hyper, params, grads)) <= TOLERANCE[dtype.name]
+    assert rel_err(ours, reference_run(name, hyper, params, grads)) <= tol(dtype.name)
 
 
 @pytest.mark.parametrize("name, hyper", CASES)
 def test_updates_match_torch_optim(backend, dtype, name, hyper, rng):
     params, grads = random_problem(rng, dtype)
     expected = torch_run(name, hyper, params, grads)
-    assert rel_err(run_ours(backend, dtype, name, hyper, params, grads), expected) <= TOLERANCE[dtype.name]
+    assert rel_err(run_ours(backend, dtype, name, hyper, params, grads), expected) <= tol(dtype.name)
 
 
 def test_defaults_are_pytorchs():
@@ -176,7 +176,7 @@ def test_optimizer_follows_its_schedule_like_torch(backend, rng):
     torch = pytest.importorskip("torch")
     expected = torch_run("momentum", hyper, params, grads,
                          lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.3))
-    assert rel_err(ours, expected) <= TOLERANCE["float64"]
+    assert rel_err(ours, expected) <= tol("float64")
 
 
 def test_tables_hold_every_name():

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from conftest import TOLERANCE, rel_err
+from helpers import rel_err, tol
 
 from deltaprop.backend import to_numpy
 from deltaprop.kernels import reference
@@ -50,10 +50,10 @@ def test_fit_matches_reference_sgd_epochs(backend_name, dtype, shuffle, rng):
     for epoch in range(2):
         order = order_rng.permutation(len(y)) if shuffle else np.arange(len(y))
         weights, biases, loss, accuracy = reference_epoch(weights, biases, X, y, order, 10, 0.1)
-        assert abs(history.loss[epoch] - loss) <= 10 * TOLERANCE[dtype.name] * loss
+        assert abs(history.loss[epoch] - loss) <= 10 * tol(dtype.name) * loss
         assert history.accuracy[epoch] == accuracy
     for W, rW in zip(net.weights, weights):
-        assert rel_err(W, rW) <= 10 * TOLERANCE[dtype.name]
+        assert rel_err(W, rW) <= 10 * tol(dtype.name)
     assert history.val_loss == [] and history.stopped_epoch is None
 
 
@@ -68,7 +68,7 @@ def test_validation_metrics_are_those_of_each_epochs_weights(backend_name, rng):
     for (weights, biases), val_loss, val_accuracy in zip(snapshots, history.val_loss, history.val_accuracy):
         zs, _ = reference.forward(weights, biases, X_val, "relu")
         expected_loss, _ = reference.softmax_xent(zs[-1], y_val)
-        assert abs(val_loss - expected_loss) <= TOLERANCE["float64"] * expected_loss
+        assert abs(val_loss - expected_loss) <= tol("float64") * expected_loss
         assert val_accuracy == np.mean(zs[-1].argmax(axis=1) == y_val)
 
 
@@ -143,10 +143,10 @@ def test_predict_and_predict_proba_match_reference_in_chunks(backend_name, dtype
     output_map, decision = OUTPUTS[loss]
     proba = net.predict_proba(X, chunk_size=7)
     assert proba.shape == (50, 4) and proba.dtype == dtype
-    assert rel_err(proba, output_map(zs[-1])) <= TOLERANCE[dtype.name]
+    assert rel_err(proba, output_map(zs[-1])) <= tol(dtype.name)
     predicted = to_numpy(net.predict(X, chunk_size=7))
     if loss == "mse":
-        assert rel_err(predicted, zs[-1]) <= TOLERANCE[dtype.name]
+        assert rel_err(predicted, zs[-1]) <= tol(dtype.name)
     else:
         assert np.array_equal(predicted, decision(zs[-1]))
 
@@ -159,7 +159,7 @@ def test_evaluate_matches_reference(backend_name, loss, rng):
     zs, _ = reference.forward(*host_params(net), X, "tanh")
     result = net.evaluate(X, y, chunk_size=16)
     expected_loss, _ = reference.LOSSES[loss](zs[-1], y)
-    assert abs(result.loss - expected_loss) <= TOLERANCE["float64"] * expected_loss
+    assert abs(result.loss - expected_loss) <= tol("float64") * expected_loss
     onehot = reference.onehot(y, 4)
     expected_accuracy = {"softmax_cross_entropy": np.mean(zs[-1].argmax(axis=1) == y),
                          "sigmoid_cross_entropy": np.mean(((zs[-1] > 0) == onehot).all(axis=1)),

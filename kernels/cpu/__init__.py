@@ -11,7 +11,7 @@ compile time is paid once per machine. Importing this package compiles nothing.
 Why the closures hold only NumPy scalars and plain functions (made callable from jitted code with
 ``register_jitable``): Numba keys its on-disk cache of a closure on the pickled closure cells, with
 everything they reach, and a dispatcher or an intrinsic pickles with a per-process uuid, so the cache
-would miss in every new process. The few that closures do reach (``rows``, the ``gemm_into``
+would miss in every new process. The few that closures do reach (``matrix_at``, the ``gemm_into``
 intrinsics, the fused step's small-batch loops) are given a fixed identity (``common.fixed_identity``);
 a test loads a fused step from the cache in a second process.
 

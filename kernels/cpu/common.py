@@ -41,9 +41,9 @@ def fixed_identity(fn):
     """``fn``, a Numba dispatcher or intrinsic, with an identity that pickles the same in every process.
 
     Numba keys a cached closure on a pickle of its cells, which reach dispatchers and intrinsics by value,
-    and both pickle with a uuid drawn anew in each process: every fused step (a closure reaching ``rows``
-    and the small-batch loops) missed the disk cache and compiled again, ~9 s, in each new process. The
-    module path and name are unique and stable; ``_set_uuid`` is the hook Numba uses when it unpickles one.
+    and both pickle with a uuid drawn anew in each process: without a fixed identity, every kernel whose
+    closure reaches one misses the disk cache and compiles again in each new process. The module path
+    and name are unique and stable; ``_set_uuid`` is the hook Numba uses when it unpickles one.
     """
     fn._set_uuid(f"{fn.__module__}.{fn.__qualname__}")
     return fn
@@ -51,9 +51,9 @@ def fixed_identity(fn):
 
 @fixed_identity
 @intrinsic
-def rows(typingctx, flat, offset, batch, n):
+def matrix_at(typingctx, flat, offset, batch, n):
     """The (batch, n) C-contiguous view of the 1-D array ``flat`` from element ``offset``, with no checks:
-    the caller's layout (``kernels.plan``) keeps it inside ``flat``.
+    the caller's layout (``kernels.layout.Layout``) keeps it inside ``flat``.
 
     An intrinsic rather than ``flat[offset:].reshape(batch, n)``: Numba's reshape compares the sizes
     as float64 (a signed and an unsigned integer), which the float32 kernels must not contain.

@@ -14,7 +14,7 @@ from deltaprop.kernels.cpu.common import kahan_add
 
 
 def build_bias_act(T, act):
-    act_fn = register_jitable(get_activation(act).scalar(T)[0])
+    act_fn = register_jitable(get_activation(act).scalar(T, register_jitable)[0])
 
     def bias_act(acc, b, z_out, a_out):
         """z_out = acc + b; a_out = act(z_out). acc, z_out, a_out: (B, n), z_out may be acc; b: (n,)."""
@@ -28,7 +28,7 @@ def build_bias_act(T, act):
 
 
 def build_act_backward(T, act):
-    derivative = register_jitable(get_activation(act).scalar(T)[1])
+    derivative = register_jitable(get_activation(act).scalar(T, register_jitable)[1])
 
     def act_backward(g, z, out):
         """out = g * act'(z). g, z, out: (B, n); out may be g."""
@@ -40,7 +40,7 @@ def build_act_backward(T, act):
 
 
 def build_act_backward_sums(T, act):
-    derivative = register_jitable(get_activation(act).scalar(T)[1])
+    derivative = register_jitable(get_activation(act).scalar(T, register_jitable)[1])
 
     def act_backward_sums(g, z, out, sums, compensation):
         """out = g * act'(z) and sums[j] = sum_i out[i, j] (compensated) in one pass: a layer's delta and its

@@ -73,7 +73,7 @@ def softmax_xent_form(T):
 def sigmoid_xent_form(T):
     """Multi-label sigmoid cross-entropy of sigmoid(z) against t, element by element."""
     zero = T(0)
-    sigmoid = register_jitable(get_activation("sigmoid").scalar(T)[0])
+    sigmoid = register_jitable(get_activation("sigmoid").scalar(T, register_jitable)[0])
 
     def element(z, e, state, t):
         # -[t log s + (1 - t) log(1 - s)] = max(z, 0) - t z + log(1 + exp(-|z|)), stable for any finite z

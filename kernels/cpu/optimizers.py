@@ -35,16 +35,17 @@ def build_momentum(T):
 def build_adam(T):
     zero, one = T(0), T(1)
 
-    def adam(params, grads, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, bias1, bias2):
-        """torch.optim.Adam / AdamW (decoupled); bias1, bias2 = 1 - beta^step. params, grads, m, v: (P,)."""
+    def adam(params, grads, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, bias1, bias2, keep1, keep2):
+        """torch.optim.Adam / AdamW (decoupled); bias1, bias2 = 1 - beta^step; keep1, keep2 = 1 - beta, each
+        computed in float64 before the cast (1 - float32(beta) loses the low digits). params, grads, m, v: (P,)."""
         decay = one - lr * weight_decay if decoupled else one
         l2 = zero if decoupled else weight_decay
         step_size = lr / bias1
         for k in range(params.shape[0]):
             p = params[k] * decay
             g = grads[k] + l2 * p if l2 != zero else grads[k]
-            mk = beta1 * m[k] + (one - beta1) * g
-            vk = beta2 * v[k] + (one - beta2) * g * g
+            mk = beta1 * m[k] + keep1 * g
+            vk = beta2 * v[k] + keep2 * g * g
             m[k], v[k] = mk, vk
             params[k] = p - step_size * mk / (math.sqrt(vk / bias2) + eps)
 

@@ -2,11 +2,11 @@
 and the update, with BLAS GEMMs (``gemm.chosen_gemm_into`` on views, NumPy's BLAS where it has one) and
 the same Numba kernels as the kernel-by-kernel loop, so that both paths compute the same function.
 
-Everything lives in flat buffers described by an int64 plan (``kernels.plan.step_plan``): one row per
-layer, (n_in, n_out, offset of W, offset of b in ``params``, offsets of z, a and delta in ``work``);
-the last ``2 * max(sizes)`` elements of ``work`` are scratch. Flat buffers rather than a tuple of arrays
-per layer because Numba's dispatch costs ~0.1 µs per array argument, and one kernel serves every depth
-(no recompilation per network).
+Everything lives in flat buffers at the offsets of a ``kernels.layout.Layout`` (its ``offsets`` table:
+one row per layer, (n_in, n_out, offset of W, offset of b in ``params``, offsets of z, a and delta in
+``work``); the last ``2 * max(sizes)`` elements of ``work`` are scratch. Flat buffers rather than a
+tuple of arrays per layer, because Numba's dispatch costs grow with each array argument, and one kernel
+serves every depth (no recompilation per network).
 
 Up to ``SMALL_BATCH`` rows the GEMMs are replaced by dot-product loops (forward) and one pass over
 each W that propagates delta through the old W and applies the outer-product update (backward): W is
@@ -23,16 +23,12 @@ import numba
 from numba.extending import register_jitable
 
 from deltaprop.kernels.cpu import elementwise, losses, optimizers
-from deltaprop.kernels.cpu.common import fixed_identity, rows
-from deltaprop.kernels.cpu.gemm import chosen_gemm_into, enter_serial_blas, leave_serial_blas, register_blas_threads
-from deltaprop.kernels.plan import A_AT, B_AT, DELTA_AT, N_IN, N_OUT, W_AT, Z_AT
+from deltaprop.kernels.cpu.blas_threads import register_blas_threads, restore_blas, serial_blas
+from deltaprop.kernels.cpu.common import fixed_identity, matrix_at
+from deltaprop.kernels.cpu.gemm import chosen_gemm_into
+from deltaprop.kernels.layout import A_AT, B_AT, DELTA_AT, N_IN, N_OUT, W_AT, Z_AT
 
 SMALL_BATCH = 8  # at most this many rows: the outer-product update fused with delta's propagation
-# A step whose largest GEMM has fewer multiply-adds runs BLAS on one thread. OpenBLAS splits a GEMM over
-# its threads from 2**18, where on small layers the hand-off costs more than it gains: on 2 cores, a
-# 64-128-128-10 step ran 1.2-1.6x faster on one thread at batch 32 to 256 (2**19 to 2**22), and a
-# 784-1024-1024-10 step 1.6x slower at batch 16 (2**24).
-SERIAL_BLAS_BELOW = 1 << 23
 
 
 # The small-batch loops reassociate their sums (as BLAS does) so that LLVM vectorizes the dot products;
@@ -80,9 +76,8 @@ def small_dense(a_in, W, z):
 
 
 # The batch-1 updates take two rows of W at a time, so that a[k] (and g[k]) is loaded and stored once for
-# both; with small_dense's eight rows (four before), 3-7% off a 64-128-128-10 step. Not four rows here:
-# LLVM then no longer vectorizes, the runtime checks that the rows, a and g do not overlap growing past
-# its limit (2.5-3.2x slower).
+# both. Not more than two: LLVM vectorizes these loops only while its runtime checks that the rows, a and
+# g do not overlap stay within its limit.
 @register_jitable
 def _outer_update(W, b, d, a, lr):
     """Batch 1, no propagation: W -= lr * outer(d, a) and b -= lr * d.
@@ -188,25 +183,17 @@ def small_grads(W, dW, delta, a_in, g, propagate):
 
 
 @register_jitable
-def serial_blas(batch, plan):
-    """Puts BLAS on one thread when the step's largest GEMM is under ``SERIAL_BLAS_BELOW`` multiply-adds;
-    says whether it did, for ``restore_blas``. A step's builder calls ``register_blas_threads`` first."""
+def largest_gemm(batch, offsets):
+    """The multiply-adds of a step's largest GEMM: 0 up to ``SMALL_BATCH`` rows, which run no GEMM."""
+    if batch <= SMALL_BATCH:
+        return 0
     largest = 0
-    for l in range(plan.shape[0]):
-        largest = max(largest, plan[l, N_IN] * plan[l, N_OUT])
-    if batch <= SMALL_BATCH or batch * largest >= SERIAL_BLAS_BELOW:  # no GEMM, or a large one
-        return False
-    enter_serial_blas()
-    return True
+    for l in range(offsets.shape[0]):
+        largest = max(largest, offsets[l, N_IN] * offsets[l, N_OUT])
+    return batch * largest
 
 
-@register_jitable
-def restore_blas(serial):
-    if serial:
-        leave_serial_blas()
-
-
-def named(fn, variant):
+def jitable_variant(fn, variant):
     """``fn``, a kernel builder's closure, callable from jitted code under a name of its own variant.
 
     A cached kernel calls its helpers by their mangled names (qualname and types), and a builder's
@@ -219,88 +206,88 @@ def named(fn, variant):
 
 def build_start_step(T, act, loss):
     """The start of a fused step, shared by the SGD step and the gradients step: ``start_step(x, targets,
-    params, work, plan) -> (summed loss, bad_row, serial, go)`` puts BLAS on one thread for small GEMMs
+    params, work, offsets) -> (summed loss, bad_row, serial, proceed)`` puts BLAS on one thread for small GEMMs
     (``serial``, for ``restore_blas``), runs the forward pass and the loss, and leaves z[l], a[l] (the
-    logits in z[L]) and delta[L] in ``work``. When ``go`` is False (a label out of range, or a loss that
+    logits in z[L]) and delta[L] in ``work``. When ``proceed`` is False (a label out of range, or a loss that
     is not finite) BLAS is already restored and the step must return at once, changing nothing."""
-    bias_act = named(elementwise.build_bias_act(T, act), act)
-    bias_add = named(elementwise.build_bias_act(T, "identity"), "identity")
-    loss_rows = named(losses.build_loss(T, losses.FORMS[loss]), loss)
+    bias_act = jitable_variant(elementwise.build_bias_act(T, act), act)
+    bias_add = jitable_variant(elementwise.build_bias_act(T, "identity"), "identity")
+    loss_rows = jitable_variant(losses.build_loss(T, losses.FORMS[loss]), loss)
     zero, one = T(0), T(1)
     gemm_into = chosen_gemm_into()  # a closure cell: the BLAS is part of the cache key
     register_blas_threads()  # before the step compiles or loads from the cache
 
-    def start_step(x, targets, params, work, plan):
-        batch, depth = x.shape[0], plan.shape[0]
-        serial = serial_blas(batch, plan)
+    def start_step(x, targets, params, work, offsets):
+        batch, depth = x.shape[0], offsets.shape[0]
+        serial = serial_blas(largest_gemm(batch, offsets))
         for l in range(depth):
-            n_in, n_out, w_at, b_at = plan[l, N_IN], plan[l, N_OUT], plan[l, W_AT], plan[l, B_AT]
-            a_in = x if l == 0 else rows(work, plan[l - 1, A_AT], batch, n_in)
-            z = rows(work, plan[l, Z_AT], batch, n_out)
-            W = rows(params, w_at, n_out, n_in)
+            n_in, n_out, w_at, b_at = offsets[l, N_IN], offsets[l, N_OUT], offsets[l, W_AT], offsets[l, B_AT]
+            a_in = x if l == 0 else matrix_at(work, offsets[l - 1, A_AT], batch, n_in)
+            z = matrix_at(work, offsets[l, Z_AT], batch, n_out)
+            W = matrix_at(params, w_at, n_out, n_in)
             if batch <= SMALL_BATCH:
                 small_dense(a_in, W, z)
             else:
                 gemm_into(a_in, W.T, z, one, zero)
             if l < depth - 1:
-                bias_act(z, params[b_at:b_at + n_out], z, rows(work, plan[l, A_AT], batch, n_out))
+                bias_act(z, params[b_at:b_at + n_out], z, matrix_at(work, offsets[l, A_AT], batch, n_out))
             else:
                 bias_add(z, params[b_at:b_at + n_out], z, z)  # the logits
 
-        last = plan[depth - 1]
-        delta = rows(work, last[DELTA_AT], batch, last[N_OUT])
-        total, bad_row = loss_rows(rows(work, last[Z_AT], batch, last[N_OUT]), targets, delta, one / T(batch))
-        go = bad_row < 0 and math.isfinite(total)
-        if not go:
+        last = offsets[depth - 1]
+        delta = matrix_at(work, last[DELTA_AT], batch, last[N_OUT])
+        total, bad_row = loss_rows(matrix_at(work, last[Z_AT], batch, last[N_OUT]), targets, delta, one / T(batch))
+        proceed = bad_row < 0 and math.isfinite(total)
+        if not proceed:
             restore_blas(serial)
-        return total, bad_row, serial, go
+        return total, bad_row, serial, proceed
 
     start_step.__qualname__ = f"start_step_{act}_{loss}"
     return register_jitable(start_step)
 
 
 @register_jitable
-def layer_views(x, work, plan, l):
+def layer_views(x, work, offsets, l):
     """Layer l's sizes and backward views: (n_in, n_out, a[l-1] (x for l = 0), delta[l], g), g being
     delta[l-1] before act' (an empty view for the input layer, which gets none)."""
-    batch, n_in, n_out = x.shape[0], plan[l, N_IN], plan[l, N_OUT]
-    a_in = x if l == 0 else rows(work, plan[l - 1, A_AT], batch, n_in)
-    g = rows(work, plan[l - 1, DELTA_AT], batch, n_in) if l > 0 else rows(work, 0, 0, n_in)
-    return n_in, n_out, a_in, rows(work, plan[l, DELTA_AT], batch, n_out), g
+    batch, n_in, n_out = x.shape[0], offsets[l, N_IN], offsets[l, N_OUT]
+    a_in = x if l == 0 else matrix_at(work, offsets[l - 1, A_AT], batch, n_in)
+    g = matrix_at(work, offsets[l - 1, DELTA_AT], batch, n_in) if l > 0 else matrix_at(work, 0, 0, n_in)
+    return n_in, n_out, a_in, matrix_at(work, offsets[l, DELTA_AT], batch, n_out), g
 
 
 @register_jitable
-def step_scratch(work, plan):
+def step_scratch(work, offsets):
     """(the last 2 * n_max elements of ``work``, n_max), n_max being the widest layer."""
-    n_max = max(plan[0, N_IN], plan[:, N_OUT].max())
+    n_max = max(offsets[0, N_IN], offsets[:, N_OUT].max())
     return work[work.shape[0] - 2 * n_max:], n_max
 
 
 def build_sgd_step(T, act, loss):
     """The step for activation ``act`` on the hidden layers and the loss kernel ``loss`` on the last."""
     start_step = build_start_step(T, act, loss)
-    act_backward = named(elementwise.build_act_backward(T, act), act)
-    act_backward_sums = named(elementwise.build_act_backward_sums(T, act), act)
+    act_backward = jitable_variant(elementwise.build_act_backward(T, act), act)
+    act_backward_sums = jitable_variant(elementwise.build_act_backward_sums(T, act), act)
     sgd = register_jitable(optimizers.build_sgd(T))
     zero, one = T(0), T(1)
     gemm_into = chosen_gemm_into()
 
-    def sgd_step(x, targets, params, work, plan, lr):
+    def sgd_step(x, targets, params, work, offsets, lr):
         """One SGD step; returns (summed loss over the batch, -1), or (0, row) for a label outside [0, C).
 
         Nothing is updated when a label is out of range or the loss is not finite. x: (B, n0)
         C-contiguous; targets: int labels (B,) or (B, n_L); params: (P,); work: flat workspace;
-        plan: (L, 7) int64; lr: scalar of the dtype.
+        offsets: (L, 7) int64; lr: scalar of the dtype.
         """
-        batch, depth = x.shape[0], plan.shape[0]
-        total, bad_row, serial, go = start_step(x, targets, params, work, plan)
-        if not go:
+        batch, depth = x.shape[0], offsets.shape[0]
+        total, bad_row, serial, proceed = start_step(x, targets, params, work, offsets)
+        if not proceed:
             return total, bad_row  # before any parameter changes
-        scratch, n_max = step_scratch(work, plan)
+        scratch, n_max = step_scratch(work, offsets)
         for l in range(depth - 1, -1, -1):
-            n_in, n_out, a_in, delta, g = layer_views(x, work, plan, l)
-            w_at, b_at = plan[l, W_AT], plan[l, B_AT]
-            W, b = rows(params, w_at, n_out, n_in), params[b_at:b_at + n_out]
+            n_in, n_out, a_in, delta, g = layer_views(x, work, offsets, l)
+            w_at, b_at = offsets[l, W_AT], offsets[l, B_AT]
+            W, b = matrix_at(params, w_at, n_out, n_in), params[b_at:b_at + n_out]
             if batch <= SMALL_BATCH:
                 small_update(W, b, delta, a_in, g, l > 0, lr)
             else:
@@ -312,7 +299,7 @@ def build_sgd_step(T, act, loss):
                     elementwise.column_sums(delta, db, scratch[n_max:n_max + n_out])
                 sgd(b, db, lr, zero)
             if l > 0:
-                z_below = rows(work, plan[l - 1, Z_AT], batch, n_in)
+                z_below = matrix_at(work, offsets[l - 1, Z_AT], batch, n_in)
                 if batch <= SMALL_BATCH:
                     act_backward(g, z_below, g)
                 else:  # delta[l-1] and its column sums, db[l-1], in one pass over it
@@ -327,25 +314,25 @@ def build_grads_step(T, act, loss):
     """Forward, loss and backward for activation ``act`` and loss kernel ``loss``, the gradients written
     into the flat ``grads`` buffer (the parameters' layout) for an optimizer's update kernel to apply."""
     start_step = build_start_step(T, act, loss)
-    act_backward_sums = named(elementwise.build_act_backward_sums(T, act), act)
+    act_backward_sums = jitable_variant(elementwise.build_act_backward_sums(T, act), act)
     zero, one = T(0), T(1)
     gemm_into = chosen_gemm_into()
 
-    def grads_step(x, targets, params, grads, work, plan):
+    def grads_step(x, targets, params, grads, work, offsets):
         """dJ/dW[l] and dJ/db[l] into ``grads`` at the parameters' offsets; returns (summed loss over the
         batch, -1), or (0, row) for a label outside [0, C). ``grads`` is left as it was when a label is
         out of range or the loss is not finite. x: (B, n0) C-contiguous; targets: int labels (B,) or
-        (B, n_L); params, grads: (P,); work: flat workspace; plan: (L, 7) int64.
+        (B, n_L); params, grads: (P,); work: flat workspace; offsets: (L, 7) int64.
         """
-        batch, depth = x.shape[0], plan.shape[0]
-        total, bad_row, serial, go = start_step(x, targets, params, work, plan)
-        if not go:
+        batch, depth = x.shape[0], offsets.shape[0]
+        total, bad_row, serial, proceed = start_step(x, targets, params, work, offsets)
+        if not proceed:
             return total, bad_row  # before any gradient changes
-        scratch = step_scratch(work, plan)[0]
+        scratch = step_scratch(work, offsets)[0]
         for l in range(depth - 1, -1, -1):
-            n_in, n_out, a_in, delta, g = layer_views(x, work, plan, l)
-            w_at, b_at = plan[l, W_AT], plan[l, B_AT]
-            W, dW = rows(params, w_at, n_out, n_in), rows(grads, w_at, n_out, n_in)
+            n_in, n_out, a_in, delta, g = layer_views(x, work, offsets, l)
+            w_at, b_at = offsets[l, W_AT], offsets[l, B_AT]
+            W, dW = matrix_at(params, w_at, n_out, n_in), matrix_at(grads, w_at, n_out, n_in)
             if batch <= SMALL_BATCH:
                 small_grads(W, dW, delta, a_in, g, l > 0)
             else:
@@ -355,9 +342,9 @@ def build_grads_step(T, act, loss):
             if l == depth - 1:  # below the top, the act' pass of the layer above wrote db
                 elementwise.column_sums(delta, grads[b_at:b_at + n_out], scratch[:n_out])
             if l > 0:  # delta[l-1] and db[l-1] in one pass
-                b_below = plan[l - 1, B_AT]
-                act_backward_sums(g, rows(work, plan[l - 1, Z_AT], batch, n_in), g, grads[b_below:b_below + n_in],
-                                  scratch[:n_in])
+                b_below = offsets[l - 1, B_AT]
+                z_below = matrix_at(work, offsets[l - 1, Z_AT], batch, n_in)
+                act_backward_sums(g, z_below, g, grads[b_below:b_below + n_in], scratch[:n_in])
         restore_blas(serial)
         return total, bad_row
 

@@ -24,20 +24,14 @@ from functools import cache
 from itertools import product
 from pathlib import Path
 
+from deltaprop.errors import KernelCompileError
 from deltaprop.kernels.activations import ACTIVATIONS
+from deltaprop.kernels.cuda.launch import ACTIVATION_FUNCTORS, LOSS_VARIANTS, NO_TARGETS, TARGETS, TEAMS
 from deltaprop.kernels.dtypes import DTYPES, dtypes_for
 
 HERE = Path(__file__).parent
 # Passed to RawModule; CuPy adds -ftz=true, -arch, --device-as-default-execution-space and its include paths.
 NVRTC_OPTIONS = ("--std=c++17",)
-
-# Row-wise kernels: who owns a row (common.cuh). GroupTeam<W> for rows of up to W elements (several rows
-# per warp), a warp per row up to WARP_ROW_LIMIT elements, a block per row beyond.
-GROUP_WIDTHS = (1, 2, 4, 8, 16, 32)
-WARP_ROW_LIMIT = 1024
-TEAMS = tuple(f"GroupTeam<{w}>" for w in GROUP_WIDTHS) + ("BlockTeam",)
-TARGETS = ("LabelTargets<{T}>", "MatrixTargets<{T}>")
-ACTIVATION_FUNCTORS = tuple(f"act_{name}" for name in ACTIVATIONS)
 
 
 @dataclass(frozen=True)
@@ -61,10 +55,10 @@ def _product(*axes):
 KERNELS: dict[str, CudaKernel] = {
     "bias_act": CudaKernel("elementwise.cu", "bias_act", _product(ACTIVATION_FUNCTORS)),
     "act_backward": CudaKernel("elementwise.cu", "act_backward", _product(ACTIVATION_FUNCTORS)),
-    "softmax": CudaKernel("rows.cu", "softmax_rows", _product(("NoTargets<{T}>",), TEAMS)),
-    "softmax_xent": CudaKernel("rows.cu", "softmax_rows", _product(TARGETS, TEAMS)),
-    "sigmoid_xent": CudaKernel("rows.cu", "elementwise_loss_rows", _product(("SigmoidXent",), TARGETS, TEAMS)),
-    "squared_error": CudaKernel("rows.cu", "elementwise_loss_rows", _product(("SquaredError",), TARGETS, TEAMS)),
+    "softmax": CudaKernel("rows.cu", "softmax_rows", _product((NO_TARGETS,), TEAMS)),
+    **{loss: CudaKernel("rows.cu", "elementwise_loss_rows" if variant else "softmax_rows",
+                        _product(*([arg] for arg in variant), TARGETS.values(), TEAMS))
+       for loss, variant in LOSS_VARIANTS.items()},  # a loss's own arguments, then its targets and team
     "mean_of_rows": CudaKernel("rows.cu", "mean_of_rows"),  # the loss kernels' second, deterministic step
     "bias_grad": CudaKernel("columns.cu", "column_sums"),
     "sgd_update": CudaKernel("optim.cu", "sgd_update"),
@@ -74,16 +68,6 @@ KERNELS: dict[str, CudaKernel] = {
 # Contract kernels served by a library rather than by a kernel of this table.
 LIBRARY_KERNELS = {"gemm": "cuBLAS (gemmStridedBatchedEx)"}
 CUDA_DTYPES = dtypes_for("cuda")
-
-
-def row_team(cols: int) -> tuple[str, int]:
-    """The team for rows of ``cols`` elements and its lanes per row (0 for a block per row)."""
-    for width in GROUP_WIDTHS:
-        if cols <= width:
-            return f"GroupTeam<{width}>", width
-    if cols <= WARP_ROW_LIMIT:
-        return "GroupTeam<32>", 32
-    return "BlockTeam", 0
 
 
 # ---- sources ----------------------------------------------------------------------------------------
@@ -141,9 +125,10 @@ class Modules:
         if key not in self._functions:
             entry = KERNELS[kernel]
             if variant not in entry.variants:
-                raise KeyError(f"CUDA kernel {kernel!r} has no instantiation {variant}; it has {entry.variants}")
-            module = self.module(entry.source, dtype)
-            self._functions[key] = module.get_function(entry.name_expression(DTYPES[dtype].ctype, variant))
+                raise KernelCompileError(
+                    f"CUDA kernel {kernel!r}: expected one of its instantiations {entry.variants}, got {variant}")
+            expression = entry.name_expression(DTYPES[dtype].ctype, variant)
+            self._functions[key] = self._get_function(entry.source, dtype, expression)
         return self._functions[key]
 
     def module(self, source: str, dtype: str):
@@ -158,13 +143,22 @@ class Modules:
             )
         return self._modules[key]
 
+    def _get_function(self, source: str, dtype: str, expression: str):
+        """The kernel ``expression`` of a module; RawModule compiles on the first fetch, and a source that
+        does not compile raises KernelCompileError with NVRTC's log."""
+        from cupy.cuda.compiler import CompileException
+
+        try:
+            return self.module(source, dtype).get_function(expression)
+        except CompileException as error:
+            raise KernelCompileError(f"{source} for {dtype} does not compile:\n{error}") from error
+
     def compile_all(self, dtypes) -> None:
         """Build every module of ``dtypes`` now (RawModule compiles when a function is first fetched)."""
         for dtype in dtypes:
             for source in sources():
-                module = self.module(source, dtype)
                 for expression in name_expressions(source, dtype):
-                    module.get_function(expression)
+                    self._get_function(source, dtype, expression)
 
 
 # ---- without a device: the compile check ----------------------------------------------------------
@@ -224,7 +218,7 @@ def count_vector_loads(ptx: str) -> dict[str, int]:
 def compile_module(source: str, dtype: str, arch: str) -> dict[str, KernelResources]:
     """Compile one module for ``arch`` through NVRTC (no device needed); name expression -> resources.
 
-    Raises RuntimeError with NVRTC's log when the source does not compile.
+    Raises KernelCompileError with NVRTC's log when the source does not compile.
     """
     from cupy_backends.cuda.libs import nvrtc
 
@@ -236,7 +230,7 @@ def compile_module(source: str, dtype: str, arch: str) -> dict[str, KernelResour
         try:
             nvrtc.compileProgram(program, nvrtc_options(arch))
         except nvrtc.NVRTCError as error:
-            raise RuntimeError(
+            raise KernelCompileError(
                 f"{source} for {dtype} on sm_{arch} does not compile:\n{nvrtc.getProgramLog(program)}"
             ) from error
         lowered = {nvrtc.getLoweredName(program, e): e for e in expressions}

@@ -1,0 +1,142 @@
+"""The argument checks of the backend contract, each in one place, run by every backend on every call.
+
+They are cheap (shapes, dtypes, ranks, scalars): no pass over an array's values, except
+``check_label_range``, which a backend runs where its kernel cannot check the labels itself. Messages
+read "kernel: argument: expected X, got Y", so that every backend refuses bad input with the same words.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from deltaprop.kernels.dtypes import SUPPORTED, resolve_dtype
+
+
+def _shape(x):
+    return tuple(int(s) for s in x.shape)
+
+
+def check_dtypes(kernel, device, **arrays):
+    """All named arrays (None skipped) share one dtype that ``device`` computes in; returns it."""
+    first_name = next(iter(arrays))
+    dtype = arrays[first_name].dtype
+    if dtype not in SUPPORTED[device]:
+        resolve_dtype(dtype, device, f"{kernel}: {first_name}")  # raises, naming what is supported
+    for name, a in arrays.items():
+        if a is not None and a.dtype is not dtype and a.dtype != dtype:  # `is` first: dtypes are singletons
+            raise TypeError(f"{kernel}: {name}: expected dtype {dtype} (the dtype of {first_name}), got {a.dtype}")
+    return dtype
+
+
+def check_shape(kernel, name, array, expected):
+    """``array.shape == expected`` (a tuple), else a ValueError naming both; None passes."""
+    if array is not None and array.shape != expected:
+        raise ValueError(f"{kernel}: {name}: expected shape {tuple(expected)}, got {_shape(array)}")
+
+
+def check_matrix(kernel, name, array, batch_ok=False):
+    """``array`` is 2-D (or 3-D when ``batch_ok``) with no empty axis."""
+    ranks = (2, 3) if batch_ok else (2,)
+    if array.ndim not in ranks:
+        expected = "a 2-D matrix or a 3-D stack of them" if batch_ok else "a 2-D (batch, features) array"
+        raise ValueError(f"{kernel}: {name}: expected {expected}, got shape {_shape(array)}")
+    if 0 in array.shape:
+        raise ValueError(f"{kernel}: {name}: expected a non-empty array, got shape {_shape(array)}")
+
+
+def check_gemm(a, b, out, trans_a, trans_b, device):
+    """The shape of ``out`` = op(a) @ op(b); checks ranks, inner sizes and dtypes."""
+    check_matrix("gemm", "a", a, batch_ok=True)
+    check_matrix("gemm", "b", b, batch_ok=True)
+    if a.ndim != b.ndim:
+        raise ValueError(f"gemm: a and b: expected the same rank, got shapes {_shape(a)} and {_shape(b)}")
+    m, k = (a.shape[-1], a.shape[-2]) if trans_a else (a.shape[-2], a.shape[-1])
+    kb, n = (b.shape[-1], b.shape[-2]) if trans_b else (b.shape[-2], b.shape[-1])
+    if k != kb:
+        raise ValueError(
+            f"gemm: inner sizes of op(a) and op(b) must agree, got op(a) {(m, k)} and op(b) {(kb, n)}"
+            f" (a {_shape(a)}, trans_a={trans_a}; b {_shape(b)}, trans_b={trans_b})"
+        )
+    lead = ()
+    if a.ndim == 3:
+        if a.shape[0] != b.shape[0]:
+            raise ValueError(f"gemm: a and b: expected the same stack size, got {a.shape[0]} and {b.shape[0]}")
+        lead = (int(a.shape[0]),)
+    shape = lead + (int(m), int(n))
+    check_shape("gemm", "out", out, shape)
+    check_dtypes("gemm", device, a=a, b=b, out=out)
+    return shape
+
+
+def check_rows(kernel, device, b=None, **arrays):
+    """The first of ``arrays`` is a non-empty (B, n) input, each other one (B, n) or None; b is (n,) or
+    None; one dtype for all, which it returns. ``arrays`` are named as the kernel names them."""
+    (name, x), *outs = arrays.items()
+    check_matrix(kernel, name, x)
+    check_shape(kernel, "b", b, (x.shape[1],))
+    for out_name, out in outs:
+        check_shape(kernel, out_name, out, x.shape)
+    return check_dtypes(kernel, device, **{name: x}, b=b, **dict(outs))
+
+
+def check_bias_grad(device, delta, out):
+    """delta is a non-empty (B, n) matrix and out (n,) or None, of one dtype, which it returns."""
+    check_matrix("bias_grad", "delta", delta)
+    check_shape("bias_grad", "out", out, (delta.shape[1],))
+    return check_dtypes("bias_grad", device, delta=delta, out=out)
+
+
+def check_targets(kernel, z, targets):
+    """``targets`` is an int label vector (B,), or a (B, C) target matrix of z's dtype; returns "labels"
+    or "matrix"."""
+    batch, classes = _shape(z)
+    kind = targets.dtype.kind
+    if targets.ndim == 1 and kind in "iu":
+        if targets.shape[0] != batch:
+            raise ValueError(f"{kernel}: labels: expected {batch} labels (one per row of z), got {targets.shape[0]}")
+        return "labels"
+    if targets.ndim == 2 and kind == "f":
+        check_shape(kernel, "targets", targets, (batch, classes))
+        if targets.dtype != z.dtype:
+            raise TypeError(f"{kernel}: targets: expected dtype {z.dtype} (the dtype of z), got {targets.dtype}")
+        return "matrix"
+    raise TypeError(
+        f"{kernel}: labels: expected integer class labels of shape ({batch},) or a {z.dtype} target matrix"
+        f" of shape {(batch, classes)}, got {targets.dtype} of shape {_shape(targets)}"
+    )
+
+
+def check_loss(kernel, device, z, targets, delta_out, scale, z_name="z"):
+    """The checks of a loss kernel (not the label range: see ``check_label_range``); returns (kind of
+    targets, "labels" or "matrix", and the scale of delta as a float: 1/B unless given)."""
+    check_rows(kernel, device, **{z_name: z}, delta_out=delta_out)
+    kind = check_targets(kernel, z, targets)
+    return kind, 1.0 / z.shape[0] if scale is None else float(scale)
+
+
+def check_label_range(kernel, labels, classes, xp=np):
+    """Every label in [0, classes). A full pass over the labels: cheap on a CPU, a sync on a GPU."""
+    low, high = int(xp.min(labels)), int(xp.max(labels))
+    if low < 0 or high >= classes:
+        bad = low if low < 0 else high
+        raise ValueError(f"{kernel}: labels: expected class labels in [0, {classes - 1}], got {bad}")
+
+
+def check_flat(kernel, device, **buffers):
+    """Flat parameter-shaped buffers: 1-D, one size, one dtype, which it returns."""
+    (first_name, first), *_ = buffers.items()
+    for name, a in buffers.items():
+        if a.ndim != 1:
+            raise ValueError(f"{kernel}: {name}: expected a 1-D flat buffer, got shape {_shape(a)}")
+        if a.shape != first.shape:
+            raise ValueError(f"{kernel}: {name}: expected shape {_shape(first)} (that of {first_name}), got {_shape(a)}")
+    return check_dtypes(kernel, device, **buffers)
+
+
+def check_adam(device, params, grads, m, v, step):
+    """The buffers of ``adam_update`` (as ``check_flat``) and its 1-based ``step``; returns the dtype."""
+    dtype = check_flat("adam_update", device, params=params, grads=grads, m=m, v=v)
+    if int(step) < 1:
+        raise ValueError(f"adam_update: step: expected the 1-based update count (>= 1), got {step}")
+    return dtype
+

@@ -1,0 +1,110 @@
+"""How the CUDA kernels are launched, beside the kernels: block and grid shapes, shared memory, and the
+C++ template arguments that name each instantiation (``loader.KERNELS`` builds its table from them).
+
+The rules, which the .cu sources rely on:
+
+- 1-D and row-wise kernels run ``THREADS`` threads per block; every kernel loops grid-stride, so a grid
+  never needs more than ``BLOCKS_PER_SM`` blocks per multiprocessor.
+- Flat kernels (optimizers, act_backward) give each thread 16-byte chunks (common.cuh: vector_width).
+- Row-wise kernels (softmax, the losses) give a row to a team: ``GroupTeam<W>`` (W lanes of a warp, several
+  rows per warp) for rows of up to 32 elements, a warp per row up to ``WARP_ROW_LIMIT``, a block per row
+  beyond; a block-per-row softmax keeps its row in shared memory up to ``ROW_CACHE_BYTES``.
+- bias_act runs 2-D blocks, x across columns; column_sums a 32 x 32 block per 32 columns.
+
+Pure arithmetic on sizes: importing it imports no CuPy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from deltaprop.kernels.activations import ACTIVATIONS
+
+THREADS = 256  # threads per block of the 1-D and row-wise launches
+BLOCKS_PER_SM = 16  # grid-stride loops: at most this many blocks per multiprocessor
+MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y
+ROW_CACHE_BYTES = 40 * 1024  # a block-per-row softmax keeps its row in shared memory up to this size
+MEAN_THREADS = 1024  # the one block that reduces the per-row losses
+VECTOR_BYTES = 16  # a thread of a flat kernel takes chunks of 16 bytes
+COLUMN_TILE = 32  # column_sums: a (COLUMN_TILE, COLUMN_TILE) block per COLUMN_TILE columns
+
+GROUP_WIDTHS = (1, 2, 4, 8, 16, 32)  # the lanes of a GroupTeam
+WARP_ROW_LIMIT = 1024  # rows up to this many elements: a warp per row; beyond, a block
+TEAMS = tuple(f"GroupTeam<{w}>" for w in GROUP_WIDTHS) + ("BlockTeam",)
+
+# ---- the C++ template arguments of the instantiations ("{T}" stands for the storage type) ----
+TARGETS = {"labels": "LabelTargets<{T}>", "matrix": "MatrixTargets<{T}>"}  # by kind of loss targets
+NO_TARGETS = "NoTargets<{T}>"  # softmax_rows without a loss: the plain softmax
+# the template arguments of each loss kernel before its targets and its team
+LOSS_VARIANTS = {"softmax_xent": (), "sigmoid_xent": ("SigmoidXent",), "squared_error": ("SquaredError",)}
+
+
+def activation_functor(name: str) -> str:
+    """The C++ functor of activation ``name`` (``loader.activation_functors`` defines them)."""
+    return f"act_{name}"
+
+
+ACTIVATION_FUNCTORS = tuple(activation_functor(name) for name in ACTIVATIONS)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch's geometry: grid and block (1-D or 2-D), dynamic shared memory in bytes."""
+
+    grid: tuple[int, ...]
+    block: tuple[int, ...]
+    shared_mem: int = 0
+
+
+def blocks(count: int, per_block: int) -> int:
+    """ceil(count / per_block)."""
+    return -(-count // per_block)
+
+
+def max_blocks(multiprocessors: int) -> int:
+    """The most blocks a grid-stride launch uses on a device of ``multiprocessors`` SMs."""
+    return multiprocessors * BLOCKS_PER_SM
+
+
+def flat_launch(n: int, itemsize: int, grid_limit: int) -> Launch:
+    """A flat kernel over ``n`` elements of ``itemsize`` bytes: a thread per 16-byte chunk, at most
+    ``grid_limit`` blocks."""
+    return Launch((min(blocks(blocks(n, VECTOR_BYTES // itemsize), THREADS), grid_limit),), (THREADS,))
+
+
+def bias_act_launch(rows: int, cols: int, grid_limit: int) -> Launch:
+    """bias_act's 2-D launch: x over columns (a power of two up to THREADS), y over rows."""
+    block_x = min(THREADS, 1 << (cols - 1).bit_length())
+    block_y = THREADS // block_x
+    grid_x = min(blocks(cols, block_x), grid_limit)
+    grid_y = min(blocks(rows, block_y), max(grid_limit // grid_x, 1), MAX_GRID_Y)
+    return Launch((grid_x, grid_y), (block_x, block_y))
+
+
+def row_team(cols: int) -> tuple[str, int]:
+    """The team for rows of ``cols`` elements and its lanes per row (0 for a block per row)."""
+    for width in GROUP_WIDTHS:
+        if cols <= width:
+            return f"GroupTeam<{width}>", width
+    if cols <= WARP_ROW_LIMIT:
+        return "GroupTeam<32>", 32
+    return "BlockTeam", 0
+
+
+def rows_launch(rows: int, cols: int, accum_itemsize: int, grid_limit: int, caches_row: bool):
+    """A row-wise kernel's (team, launch, whether a block keeps its row in shared memory); only a
+    ``caches_row`` kernel with a block per row ever does."""
+    team, lanes = row_team(cols)
+    if lanes:
+        return team, Launch((min(blocks(rows * lanes, THREADS), grid_limit),), (THREADS,)), False
+    row_bytes = cols * accum_itemsize
+    cache = caches_row and row_bytes <= ROW_CACHE_BYTES
+    return team, Launch((min(rows, grid_limit),), (THREADS,), row_bytes if cache else 0), cache
+
+
+def column_sums_launch(cols: int, grid_limit: int) -> Launch:
+    """column_sums (bias_grad): a block per COLUMN_TILE columns."""
+    return Launch((min(blocks(cols, COLUMN_TILE), grid_limit),), (COLUMN_TILE, COLUMN_TILE))
+
+
+MEAN_LAUNCH = Launch((1,), (MEAN_THREADS,))  # mean_of_rows: one block reduces every row's loss
