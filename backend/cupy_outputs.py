@@ -26,7 +26,8 @@ class Outputs:
     cp: the CuPy module; kernel: the kernel's name, for messages."""
 
     def __init__(self, cp, kernel: str):
-        self._cp, self._kernel, self._copies = cp, kernel, []
+        self._cp, self._kernel = cp, kernel
+        self._copies: list[tuple] = []  # (the caller's array, the contiguous device copy the kernel writes)
 
     def buffer(self, name, array, read=False):
         """The device array the kernel writes for ``array``; ``read``: the kernel also reads its values."""
