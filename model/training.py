@@ -15,6 +15,7 @@ that predicting on a large X needs workspaces of one chunk only.
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 from dataclasses import dataclass, field
@@ -115,18 +116,23 @@ def _rows(x, name, width):
     return x
 
 
-def _non_finite_rows(xp, array):
-    """(number of rows of ``array`` (N, ...) holding NaN or inf, the first _ROWS_NAMED of them)."""
-    bad = xp.flatnonzero(~xp.isfinite(array.reshape(array.shape[0], -1)).all(axis=1))
-    return int(bad.size), [int(row) for row in bad[:_ROWS_NAMED]]
+def _non_finite_rows(xp, parts):
+    """(number of rows holding NaN or inf, the first _ROWS_NAMED of them) over ``parts``, pairs of (index of
+    the first row, array (n, ...)) that together make up an array."""
+    count, named = 0, []
+    for offset, array in parts:
+        bad = xp.flatnonzero(~xp.isfinite(array.reshape(array.shape[0], -1)).all(axis=1))
+        count += int(bad.size)
+        named += [offset + int(row) for row in bad[:_ROWS_NAMED - len(named)]]
+    return count, named
 
 
-def _check_finite(xp, array, name, offset=0):
-    """A ValueError naming ``name`` and the first rows (counted from ``offset``) if ``array`` holds NaN or inf."""
-    if array.dtype.kind in "fc" and not bool(xp.isfinite(array).all()):
-        count, rows = _non_finite_rows(xp, array)
-        raise ValueError(f"{name}: expected finite values, got NaN or inf in {count} row(s), the first "
-                         f"{[offset + row for row in rows]}")
+def _check_finite(xp, parts, name):
+    """A ValueError naming ``name`` and the first rows if the array made of ``parts`` (see _non_finite_rows)
+    holds NaN or inf."""
+    count, rows = _non_finite_rows(xp, parts)
+    if count:
+        raise ValueError(f"{name}: expected finite values, got NaN or inf in {count} row(s), the first {rows}")
 
 
 def _dataset(net, X, y, name="X"):
@@ -137,8 +143,9 @@ def _dataset(net, X, y, name="X"):
     X = net.as_inputs(_rows(X, name, net.sizes[0]))
     y = net.as_targets(y, X.shape[0])
     xp = net.backend.xp
-    _check_finite(xp, X, name)
-    _check_finite(xp, y, name.replace("X", "y"))
+    _check_finite(xp, [(0, X)], name)
+    if y.dtype.kind == "f":
+        _check_finite(xp, [(0, y)], name.replace("X", "y"))
     loss = get_loss(net.loss)
     if y.ndim == 1:
         check_label_range(loss.kernel, y, net.sizes[-1], net.backend.xp)
@@ -156,17 +163,19 @@ def _chunks(total, size):
 
 def _forward_chunks(net, X, chunk_size):
     """(start, stop, logits) for consecutive row chunks of X; the logits live in the network's workspace.
-    A ValueError naming the rows when a chunk's logits are not finite (NaN/inf in X, or an overflow)."""
+    A ValueError naming the rows when X holds NaN or inf, or when the logits do (an overflow)."""
     check_count("chunk_size", chunk_size, minimum=1)
     xp = net.backend.xp
     for start, stop in _chunks(X.shape[0], chunk_size):
-        cache = net.forward(X[start:stop])
-        logits = cache.logits
+        x = net.as_inputs(X[start:stop])
+        if not bool(xp.isfinite(x).all()):
+            rest = ((at, net.as_inputs(X[at:end])) for at, end in _chunks(X.shape[0], chunk_size) if at > start)
+            _check_finite(xp, itertools.chain([(start, x)], rest), "X")
+        logits = net.forward(x).logits
         if not bool(xp.isfinite(logits).all()):
-            _check_finite(xp, cache.a[0], "X", offset=start)
-            count, rows = _non_finite_rows(xp, logits)
+            count, rows = _non_finite_rows(xp, [(start, logits)])
             raise ValueError(f"X: expected inputs with finite outputs, got NaN or inf logits in {count} row(s), "
-                             f"the first {[start + row for row in rows]}: the network overflows on them")
+                             f"the first {rows}: the network overflows on them")
         yield start, stop, logits
 
 

@@ -183,7 +183,6 @@ def test_non_finite_validation_data_is_refused_before_training(where):
 # ---- 5. non-finite rows at inference ------------------------------------------------------------------
 
 
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NumPy's, on the NaN rows
 @pytest.mark.parametrize("backend_name", CPU_BACKENDS)
 @pytest.mark.parametrize("method", ["predict", "predict_proba", "evaluate"])
 def test_non_finite_rows_are_refused_by_index(backend_name, method):
