@@ -198,6 +198,19 @@ class MLP:
                 flat[w:b] = rng.uniform(-limit, limit, fan_out * fan_in)
         return flat
 
+    def __getstate__(self):
+        """What copy and pickle keep: all but the per-thread workspaces and the lock (made anew)."""
+        state = dict(self.__dict__)
+        del state["_threads"], state["_training"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.weights, self.biases = self._views(self.params)  # a copy's views must view the copy's buffers
+        self.grad_weights, self.grad_biases = self._views(self.grads)
+        self._threads = _ThreadWorkspaces()
+        self._training = threading.RLock()
+
     def __repr__(self):
         return (f"MLP({self.sizes}, activation={self.activation!r}, loss={self.loss!r}, "
                 f"backend={self.backend.name!r}, dtype={self.dtype.name!r})")

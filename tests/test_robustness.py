@@ -1,8 +1,10 @@
 """Nothing silent, nothing lost (issue 18): each bad input, fault or race either gives the right answer or
 a clear error naming the argument, and leaves the model, its optimizer and the files on disk as they were."""
 
+import copy
 import glob
 import os
+import pickle
 import re
 import threading
 
@@ -49,9 +51,13 @@ def assert_unchanged(net, before):
 
 
 def reference_proba(net, X):
-    """softmax of the float64 reference forward pass with the network's own parameters."""
-    weights = [to_numpy(W) for W in net.weights]
-    biases = [to_numpy(b) for b in net.biases]
+    """softmax of the float64 reference forward pass with the network's flat parameters (per layer: W[l]
+    row-major, then b[l])."""
+    flat, weights, biases, at = to_numpy(net.params), [], [], 0
+    for n_in, n_out in zip(net.sizes[:-1], net.sizes[1:]):
+        weights.append(flat[at:at + n_out * n_in].reshape(n_out, n_in))
+        biases.append(flat[at + n_out * n_in:at + (n_in + 1) * n_out])
+        at += (n_in + 1) * n_out
     return reference.softmax(reference.forward(weights, biases, X, net.activation)[0][-1])
 
 
@@ -325,3 +331,17 @@ def test_predictions_match_the_float64_reference():
     X, _ = blobs(30)
     net = MLP(SIZES, backend="numba", dtype="float64", seed=4)
     assert rel_err(to_numpy(net.predict_proba(X)), reference_proba(net, X)) <= 1e-12
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+@pytest.mark.parametrize("duplicate", [copy.deepcopy, lambda net: pickle.loads(pickle.dumps(net))])
+def test_a_copy_trains_on_its_own_buffers(backend_name, duplicate):
+    X, y = blobs(20)
+    net = MLP(SIZES, backend=backend_name, dtype="float64", seed=0)
+    net.train_step(X.astype(np.float64), y, lr=0.1)
+    before = snapshot(net)
+    twin = duplicate(net)
+    twin.train_step(X.astype(np.float64), y, lr=0.5)
+    assert_unchanged(net, before)
+    assert not np.array_equal(to_numpy(twin.params), before["params"])
+    assert rel_err(to_numpy(twin.predict_proba(X)), reference_proba(twin, X)) <= 1e-12
