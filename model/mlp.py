@@ -350,12 +350,18 @@ class MLP:
         # The fast path: Python around the compiled step is kept to a few attribute lookups.
         if not self._ready(x, y):
             x, y = self._fused_inputs(x, y, "train_step")
-        with self._training:
+        lock = self._training  # acquire/release: cheaper than a with-block
+        lock.acquire()
+        try:
             if lr != self._lr:  # checked and made a scalar of the dtype only when it changes (NaN always does)
                 self._lr_scalar = self.dtype.type(check_learning_rate("train_step: lr", lr))
                 self._lr = lr
-            ws = self._workspace(len(x))
+            ws = self._threads.recent  # _workspace's own first check, without the call
+            if ws is None or ws.batch != len(x):
+                ws = self._workspace(len(x))
             total, bad_row = step(x, y, self.params, ws.work, ws.plan, self._lr_scalar)
+        finally:
+            lock.release()
         if bad_row < 0:
             loss = total / len(x)
             if isfinite(loss):
