@@ -64,46 +64,68 @@ class KernelCall:
         return f"{self.kernel} {self.role}" + (f" L{self.layer}" if self.layer is not None else "")
 
 
-def kernel_calls(net, x, y) -> list[KernelCall]:
-    """The kernel calls of one ``net.train_step(x, y)``, in order, on the net's own buffers.
+_ROLES = {"bias_act": "forward", "softmax_xent": "loss", "squared_error": "loss", "sigmoid_xent": "loss",
+          "bias_grad": "weight grad", "act_backward": "input grad", "sgd_update": "update"}  # gemm: by its flags
 
-    x: (B, n0) and y: (B,) on the net's backend. Each call writes where the step writes (the forward
-    cache, the gradient buffers, delta buffers filled with random values), so that any call may run
-    alone any number of times.
+
+class _RecordingBackend:
+    """Stands in for a backend: forwards everything to it, and records each kernel call as (name, args, kwargs)."""
+
+    def __init__(self, backend):
+        self._backend, self.calls = backend, []
+
+    def __getattr__(self, name):
+        method = getattr(self._backend, name)
+        if name != "gemm" and name not in _ROLES:
+            return method
+
+        def recorded(*args, **kwargs):
+            self.calls.append((name, args, kwargs))
+            return method(*args, **kwargs)
+        return recorded
+
+
+def _kernel_call(net, name, args, kwargs, previous):
+    """The KernelCall of one recorded call of ``net``'s step; ``previous``: the KernelCall before it."""
+    out = kwargs.get("out")
+    if name == "gemm":
+        a, b = args
+        if kwargs.get("trans_b"):
+            role, layer = "forward", _index(net.weights, b) + 1
+        elif kwargs.get("trans_a"):
+            role, layer = "weight grad", _index(net.grad_weights, out) + 1
+        else:
+            role, layer = "input grad", _index(net.weights, b) + 1
+        inner = a.shape[0] if kwargs.get("trans_a") else a.shape[1]
+        shape, flops = tuple(out.shape), 2 * out.shape[0] * out.shape[1] * inner
+    else:
+        role = _ROLES[name]
+        layer = {"forward": lambda: _index(net.biases, args[1]) + 1, "loss": lambda: net.depth,
+                 "weight grad": lambda: _index(net.grad_biases, out) + 1,
+                 "input grad": lambda: previous.layer - 1, "update": lambda: None}[role]()
+        shape, flops = tuple((out if out is not None else args[0]).shape), None
+    return KernelCall(name, role, layer, shape, flops, partial(getattr(net.backend, name), *args, **kwargs))
+
+
+def _index(arrays, array):
+    return next(i for i, candidate in enumerate(arrays) if candidate is array)
+
+
+def kernel_calls(net, x, y) -> list[KernelCall]:
+    """The kernel calls of one ``net.train_step(x, y)`` (its kernel-by-kernel loop), in order.
+
+    x: (B, n0) and y: (B,) on the net's backend. The calls are those the model makes, recorded from one
+    step of a twin of ``net`` (same sizes, activation, loss, backend, dtype and parameters, its own
+    buffers): each call writes where the step writes (the twin's forward cache, gradients and deltas),
+    so that any call may run alone any number of times.
     """
-    be, sizes, batch = net.backend, net.sizes, x.shape[0]
-    cache = net.forward(x)
-    rng = np.random.default_rng(SEED)
-    delta = [be.asarray(rng.standard_normal((batch, n)), net.dtype) for n in sizes[1:]]
+    twin = type(net)(net.sizes, activation=net.activation, loss=net.loss, backend=net.backend, dtype=net.dtype)
+    twin.params[...] = net.params
+    twin.use_fused_step = False
+    recorder = twin.backend = _RecordingBackend(net.backend)
+    twin.train_step(x, y, LEARNING_RATE)
+    twin.backend = net.backend
     calls = []
-    for l in range(net.depth):
-        n_in, n_out, last = sizes[l], sizes[l + 1], l == net.depth - 1
-        act = "identity" if last else net.activation
-        a_out = cache.z[l] if last else cache.a[l + 1]
-        calls += [
-            KernelCall("gemm", "forward", l + 1, (batch, n_out), 2 * batch * n_in * n_out,
-                       partial(be.gemm, cache.a[l], net.weights[l], out=cache.z[l], trans_b=True)),
-            KernelCall("bias_act", "forward", l + 1, (batch, n_out), None,
-                       partial(be.bias_act, cache.z[l], net.biases[l], act, z_out=cache.z[l], a_out=a_out)),
-        ]
-    calls.append(KernelCall("softmax_xent", "loss", net.depth, (batch, sizes[-1]), None,
-                            partial(be.softmax_xent, cache.logits, y, delta_out=delta[-1])))
-    for l in reversed(range(net.depth)):
-        n_in, n_out = sizes[l], sizes[l + 1]
-        calls += [
-            KernelCall("gemm", "weight grad", l + 1, (n_out, n_in), 2 * batch * n_in * n_out,
-                       partial(be.gemm, delta[l], cache.a[l], out=net.grad_weights[l], trans_a=True)),
-            KernelCall("bias_grad", "weight grad", l + 1, (n_out,), None,
-                       partial(be.bias_grad, delta[l], out=net.grad_biases[l])),
-        ]
-        if l > 0:
-            calls += [
-                KernelCall("gemm", "input grad", l + 1, (batch, n_in), 2 * batch * n_in * n_out,
-                           partial(be.gemm, delta[l], net.weights[l], out=delta[l - 1])),
-                KernelCall("act_backward", "input grad", l, (batch, n_in), None,
-                           partial(be.act_backward, delta[l - 1], cache.z[l - 1], net.activation,
-                                   out=delta[l - 1])),
-            ]
-    calls.append(KernelCall("sgd_update", "update", None, (net.n_params,), None,
-                            partial(be.sgd_update, net.params, net.grads, LEARNING_RATE)))
+    for name, args, kwargs in recorder.calls:
+        calls.append(_kernel_call(twin, name, args, kwargs, calls[-1] if calls else None))
     return calls

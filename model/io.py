@@ -13,22 +13,25 @@ Keys of format version 1 (all plain arrays; nothing is pickled):
     optimizer_step     int64 ()                          updates made so far
     state/<name>       (P,) in ``dtype``                 each flat state buffer (velocity, m, v)
 
-``save`` writes to a temporary file in the target's directory, flushes it to disk and renames it over
-the target (``os.replace``), so a crash never leaves a half-written checkpoint at ``path``.
+``save`` checks first that ``load`` will accept what it writes (finite parameters and state, a named
+schedule), then writes through ``deltaprop.atomic.write_atomic``: a crash or a kill never leaves a
+half-written checkpoint at ``path`` (the old file or the new one), and writes nothing on an error.
+``load`` checks the file's ``sizes`` against its ``params`` before it allocates anything.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 import zlib
 
 import numpy as np
 
+from deltaprop.atomic import write_atomic
+from deltaprop.backend import get_backend
 from deltaprop.errors import CheckpointError
-from deltaprop.model.optim import OPTIMIZERS, get_schedule, schedule_spec
+from deltaprop.model.optim import OPTIMIZERS, SCHEDULES, get_schedule, schedule_spec
 
 MAGIC = "deltaprop-checkpoint"
 FORMAT_VERSION = 1
@@ -51,22 +54,26 @@ def save(net, path) -> None:
         "params": backend.to_numpy(net.params),
         "optimizer": np.array(optimizer.name if optimizer else ""),
         "optimizer_hyper": np.array(json.dumps(optimizer.hyper if optimizer else {})),
-        "optimizer_schedule": np.array(json.dumps(schedule_spec(optimizer.schedule) if optimizer else {})),
+        "optimizer_schedule": np.array(json.dumps(_schedule_spec(optimizer.schedule) if optimizer else {})),
         "optimizer_step": np.array(optimizer.step_count if optimizer else 0, np.int64),
     }
     for key, buffer in (optimizer.state.items() if optimizer else ()):
         arrays[f"state/{key}"] = backend.to_numpy(buffer)
-    path = os.fspath(path)
-    handle, temporary = tempfile.mkstemp(prefix=".deltaprop-", suffix=".tmp", dir=os.path.dirname(path) or ".")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            np.savez(file, **arrays)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    for key in ["params", *(key for key in arrays if key.startswith("state/"))]:
+        finite = np.isfinite(arrays[key])
+        if not finite.all():
+            raise ValueError(f"save: {key}: expected finite values (what load accepts), got NaN or inf in "
+                             f"{int((~finite).sum())} of {finite.size}; nothing written")
+    write_atomic(path, lambda file: np.savez(file, **arrays))
+
+
+def _schedule_spec(schedule) -> dict:
+    """The schedule as a checkpoint stores it; a ValueError for one that ``load`` could not rebuild."""
+    if SCHEDULES.get(getattr(schedule, "name", None)) is not type(schedule):
+        raise ValueError(f"save: optimizer schedule: expected one of the named schedules {sorted(SCHEDULES)} "
+                         f"(a custom schedule object cannot be stored in a checkpoint), got {schedule!r}; "
+                         f"nothing written")
+    return schedule_spec(schedule)
 
 
 def _read_all(path) -> dict:
@@ -141,12 +148,27 @@ def _optimizer(arrays, path, size, dtype):
     return optimizer
 
 
+def _sizes(arrays, path):
+    """The layer widths, checked against the length of ``params`` before anything is allocated."""
+    sizes, params = arrays["sizes"], arrays["params"]
+    if sizes.ndim != 1 or sizes.dtype.kind not in "iu" or len(sizes) < 2 or (sizes < 1).any():
+        raise CheckpointError(f"checkpoint {path!r}: sizes: expected at least two positive integer widths, "
+                              f"got {sizes.dtype} {sizes.tolist() if sizes.size <= 16 else sizes.shape}")
+    widths = sizes.tolist()
+    n_params = sum((n_in + 1) * n_out for n_in, n_out in zip(widths[:-1], widths[1:]))
+    if params.ndim != 1 or n_params != len(params):
+        raise CheckpointError(f"checkpoint {path!r}: params: expected {_text(arrays, 'dtype', path)} of shape "
+                              f"({n_params},) for these sizes, got {params.dtype} of shape {params.shape}")
+    return widths
+
+
 def load(cls, path, backend="auto"):
     """The network saved at ``path``, on ``backend``, with its optimizer (state on that backend), if any.
 
     Raises CheckpointError, naming the file and what is wrong, for a missing, truncated, corrupt,
     foreign, newer-format or inconsistent file.
     """
+    backend = get_backend(backend)  # an unknown or unavailable backend is the argument's fault, not the file's
     path = os.fspath(path)
     arrays = _read_all(path)
     if "magic" not in arrays or arrays["magic"].dtype.kind != "U" or str(arrays["magic"]) != MAGIC:
@@ -159,8 +181,9 @@ def load(cls, path, backend="auto"):
     if version != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path!r}: format_version: expected {FORMAT_VERSION}, got {version}")
     seed = _integer(arrays, "seed", path)
+    sizes = _sizes(arrays, path)
     try:
-        net = cls(arrays["sizes"].tolist(), activation=_text(arrays, "activation", path),
+        net = cls(sizes, activation=_text(arrays, "activation", path),
                   loss=_text(arrays, "loss", path), backend=backend, dtype=_text(arrays, "dtype", path),
                   seed=None if seed < 0 else seed)
     except (TypeError, ValueError) as e:

@@ -11,13 +11,22 @@ Samples are rows. Layer l (1..L) has W[l] of shape (n_l, n_{l-1}) and b[l] of sh
 The parameters live in one flat buffer (per layer: W[l] row-major, then b[l]); ``weights`` and
 ``biases`` are views into it, and the gradients mirror that layout in a second flat buffer, so that an
 optimizer updates every layer in one kernel launch. The activations of the forward pass live in a
-workspace per batch size, so that ``train_step`` allocates nothing after its first call.
+workspace per batch size and thread, so that ``train_step`` allocates nothing after its first call.
+
+Threads: inference (``forward``, ``predict``, ``predict_proba``, ``evaluate``) may run on one network from
+any number of threads at once: each thread has its own workspaces, and inference only reads the
+parameters. Everything that writes the parameters, the gradients or the optimizer state (``train_step``,
+``forward_backward``, ``backward``, ``loss_and_grads``, ``fit``, and ``save``, which reads them as one
+snapshot) holds the network's training lock: training one network from two threads is serialised, call
+by call (a whole ``fit`` is one call). Inference while another thread trains sees the parameters of
+some step, possibly mid-update.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,6 +44,7 @@ from deltaprop.kernels.dtypes import resolve_dtype
 from deltaprop.kernels.layout import Layout
 from deltaprop.model import io, training
 from deltaprop.model.losses import get_loss
+from deltaprop.model.optim import check_learning_rate, check_seed
 
 if TYPE_CHECKING:
     from deltaprop.arrays import Array, ArrayInput, DTypeLike
@@ -94,6 +104,29 @@ def _check_sizes(sizes):
     return widths
 
 
+class _ThreadWorkspaces(threading.local):
+    """The calling thread's workspaces of one network: batch size -> _Workspace, least recently used first."""
+
+    def __init__(self):
+        self.by_batch: OrderedDict[int, _Workspace] = OrderedDict()
+        self.recent = None  # the last one used: a step at the same batch size skips the LRU bookkeeping
+
+
+class _ClassOnly(classmethod):
+    """A classmethod that refuses to be called through an instance (where it would silently return a new
+    object instead of changing the instance)."""
+
+    def __get__(self, instance, owner=None):
+        if instance is None:
+            return super().__get__(instance, owner)
+        name = self.__func__.__name__
+
+        def refuse(*args, **kwargs):
+            raise TypeError(f"{type(instance).__name__}.{name} makes a new network: call it on the class, "
+                            f"net = {type(instance).__name__}.{name}(path), not on a network")
+        return refuse
+
+
 class MLP:
     """A multilayer perceptron trained by backpropagation on a deltaprop backend.
 
@@ -112,15 +145,20 @@ class MLP:
         self.loss = get_loss(loss).name
         self.backend = get_backend(backend)
         self.dtype = resolve_dtype(dtype, self.backend.device)
-        self.seed = seed
+        self.seed = check_seed("seed", seed)
         self._layout = self._param_layout(self.sizes)
-        self.params = self.backend.empty(self.n_params, self.dtype)  # aligned, where the backend aligns
+        try:
+            self.params = self.backend.empty(self.n_params, self.dtype)  # aligned, where the backend aligns
+            self.grads = self.backend.zeros(self.params.shape, self.dtype)
+        except (MemoryError, ValueError) as e:
+            gib = 2 * self.n_params * self.dtype.itemsize / 2**30
+            raise MemoryError(f"sizes: {self.sizes} need {self.n_params} parameters ({gib:.3g} GiB with the "
+                              f"gradients), more than can be allocated here ({e})") from None
         self.params[...] = self.backend.asarray(self._initial_params(), self.dtype)
-        self.grads = self.backend.zeros(self.params.shape, self.dtype)
         self.weights, self.biases = self._views(self.params)
         self.grad_weights, self.grad_biases = self._views(self.grads)
-        self._workspaces: OrderedDict[int, _Workspace] = OrderedDict()
-        self._recent_workspace = None  # the last one used: a step at the same batch size skips the LRU bookkeeping
+        self._threads = _ThreadWorkspaces()
+        self._training = threading.RLock()  # held by whatever writes params, grads or the optimizer state
         self._lr: float | None = None  # the last learning rate, and it as a scalar of the dtype
         self._lr_scalar: np.floating | None = None
         self.optimizer = None  # the Optimizer of the last fit (or of a loaded checkpoint), with its state
@@ -157,28 +195,47 @@ class MLP:
                 W[...] = rng.uniform(-limit, limit, W.shape)
         return flat
 
+    def __getstate__(self):
+        """What copy and pickle keep: all but the per-thread workspaces and the lock (made anew)."""
+        state = dict(self.__dict__)
+        del state["_threads"], state["_training"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.weights, self.biases = self._views(self.params)  # a copy's views must view the copy's buffers
+        self.grad_weights, self.grad_biases = self._views(self.grads)
+        self._threads = _ThreadWorkspaces()
+        self._training = threading.RLock()
+
     def __repr__(self):
         return (f"MLP({self.sizes}, activation={self.activation!r}, loss={self.loss!r}, "
                 f"backend={self.backend.name!r}, dtype={self.dtype.name!r})")
 
-    # ---- inputs ----
+    # ---- workspaces: one set per thread ----
 
     def _workspace(self, batch):
-        ws = self._recent_workspace
+        """The calling thread's workspace for ``batch`` rows (made on first use; the least recently used
+        of more than _WORKSPACES_KEPT is dropped)."""
+        mine = self._threads
+        ws = mine.recent
         if ws is not None and ws.batch == batch:
             return ws
-        ws = self._workspaces.get(batch)
+        ws = mine.by_batch.get(batch)
         if ws is None:
-            ws = self._workspaces[batch] = _Workspace(self.backend, self.sizes, batch, self.dtype)
-            if len(self._workspaces) > _WORKSPACES_KEPT:
-                self._workspaces.popitem(last=False)
+            ws = mine.by_batch[batch] = _Workspace(self.backend, self.sizes, batch, self.dtype)
+            if len(mine.by_batch) > _WORKSPACES_KEPT:
+                mine.by_batch.popitem(last=False)
         else:
-            self._workspaces.move_to_end(batch)
-        self._recent_workspace = ws
+            mine.by_batch.move_to_end(batch)
+        mine.recent = ws
         return ws
 
-    def _inputs(self, x):
-        """x as a (B, n0) array of the network's dtype on its backend (converted once when it is not)."""
+    # ---- inputs ----
+
+    def as_inputs(self, x):
+        """x as a (B, n0) array of the network's dtype on its backend (converted once when it is not);
+        ValueError for another shape or an empty batch."""
         x = self.backend.asarray(x, self.dtype)
         if x.ndim != 2 or x.shape[1] != self.sizes[0]:
             raise ValueError(f"x: expected shape (batch, {self.sizes[0]}), got {tuple(x.shape)}")
@@ -186,8 +243,9 @@ class MLP:
             raise ValueError(f"x: expected a non-empty batch, got shape {tuple(x.shape)}")
         return x
 
-    def _targets(self, y, batch):
-        """y as int64 labels (B,) or a (B, n_L) target matrix of the network's dtype, on the backend."""
+    def as_targets(self, y, batch):
+        """y as int64 labels (B,) or a (B, n_L) target matrix of the network's dtype, on the backend;
+        TypeError/ValueError for another kind or number of rows (label range is the loss kernels' check)."""
         y = self.backend.asarray(y)
         if y.ndim == 1 and y.dtype.kind in "iu":
             y = self.backend.asarray(y, np.int64)
@@ -205,8 +263,9 @@ class MLP:
     # ---- the loop ----
 
     def forward(self, x: ArrayInput) -> ForwardCache:
-        """Runs the layers on x (B, n0); returns the ForwardCache of z[l] and a[l] (logits = z[L])."""
-        return self._forward(self._inputs(x))
+        """Runs the layers on x (B, n0); returns the ForwardCache of z[l] and a[l] (logits = z[L]), in the
+        calling thread's workspace: valid until this thread's next forward pass at this batch size."""
+        return self._forward(self.as_inputs(x))
 
     def _forward(self, x):
         be, ws = self.backend, self._workspace(x.shape[0])
@@ -223,7 +282,9 @@ class MLP:
         """From a forward pass's cache and the targets, writes dJ/dW and dJ/db into ``self.grads``
         (views: ``grad_weights``, ``grad_biases``); returns the mean loss over the batch."""
         x = cache.a[0]
-        return self._backward(cache, self._targets(y, x.shape[0]))
+        y = self.as_targets(y, x.shape[0])
+        with self._training:
+            return self._backward(cache, y)
 
     def _backward(self, cache, y):
         be, ws = self.backend, self._workspace(cache.a[0].shape[0])
@@ -239,24 +300,29 @@ class MLP:
 
     def loss_and_grads(self, x: ArrayInput, y: ArrayInput) -> tuple[float, list[tuple[Array, Array]]]:
         """The mean loss and [(dW[l], db[l])] for l = 1..L, fresh arrays shaped like W[l] and b[l]."""
-        loss = self._loss_grads(x, y)[0]
-        return loss, [(dW.copy(), db.copy()) for dW, db in zip(self.grad_weights, self.grad_biases)]
+        with self._training:
+            loss = self.forward_backward(x, y)[0]
+            return loss, [(dW.copy(), db.copy()) for dW, db in zip(self.grad_weights, self.grad_biases)]
 
-    def _loss_grads(self, x, y):
-        """Forward, loss and backward into ``grads``: (mean loss, logits (B, n_L) in the workspace).
+    def forward_backward(self, x, y):
+        """Forward, loss and backward of x (B, n0) and y (labels (B,) or targets (B, n_L)) into ``grads``
+        (the flat (P,) buffer; views ``grad_weights``, ``grad_biases``), without an update.
 
-        One compiled call where the backend has a fused gradients step (and ``use_fused_step``), else the
-        kernel-by-kernel loop. Raises the loss kernels' error for a label outside [0, C) and
-        NonFiniteLossError for a NaN or infinite loss, ``grads`` left as it was in both cases.
+        Returns (mean loss, logits (B, n_L) in the calling thread's workspace). One compiled call where
+        the backend has a fused gradients step (and ``use_fused_step``), else the kernel-by-kernel loop.
+        Raises the loss kernels' error for a label outside [0, C) and NonFiniteLossError for a NaN or
+        infinite loss, ``grads`` left as it was in both cases.
         """
         step = self._fused_grads_step if self.use_fused_step else None
-        if step is None:
-            x = self._inputs(x)
-            cache = self._forward(x)
-            return self._backward(cache, self._targets(y, x.shape[0])), cache.logits
-        x, y = self._fused_inputs(x, y, "loss_and_grads")
-        ws = self._workspace(len(x))
-        return self._fused_loss(*step(x, y, self.params, self.grads, ws.work, ws.offsets), y), ws.z[-1]
+        with self._training:
+            if step is None:
+                x = self.as_inputs(x)
+                y = self.as_targets(y, x.shape[0])
+                cache = self._forward(x)
+                return self._backward(cache, y), cache.logits
+            x, y = self._fused_inputs(x, y, "loss_and_grads")
+            ws = self._workspace(len(x))
+            return self._fused_loss(*step(x, y, self.params, self.grads, ws.work, ws.offsets), y), ws.z[-1]
 
     # train_step runs the backend's fused step where it has one; False forces the kernel-by-kernel loop
     use_fused_step = True
@@ -264,23 +330,35 @@ class MLP:
     def train_step(self, x: ArrayInput, y: ArrayInput, lr: float = 0.01) -> float:
         """Forward, loss, backward and a plain SGD update (params -= lr * grads) in one call.
 
-        Returns the mean loss before the update. Raises NonFiniteLossError, leaving the parameters
-        untouched, if the loss is NaN or infinite. Allocation-free after the first call at a batch size.
-        The fused step of a backend that has one never stores the gradients: ``grads`` is left as it was.
+        lr: a finite real number > 0 (ValueError otherwise, nothing changed). Returns the mean loss before
+        the update. Raises NonFiniteLossError, leaving the parameters untouched, if the loss is NaN or
+        infinite. Allocation-free after the first call at a batch size. The fused step of a backend that
+        has one never stores the gradients: ``grads`` is left as it was.
         """
         step = self._fused_step if self.use_fused_step else None
         if step is None:
-            x = self._inputs(x)
-            loss = self._backward(self._forward(x), self._targets(y, x.shape[0]))
-            self.backend.sgd_update(self.params, self.grads, lr)
-            return loss
-        # The fast path, ~1 µs of Python around the compiled step: at batch 1 every attribute lookup shows.
+            x = self.as_inputs(x)
+            y = self.as_targets(y, x.shape[0])
+            lr = check_learning_rate("train_step: lr", lr)
+            with self._training:
+                loss = self._backward(self._forward(x), y)
+                self.backend.sgd_update(self.params, self.grads, lr)
+                return loss
+        # The fast path: Python around the compiled step is kept to a few attribute lookups.
         if not self._ready(x, y):
             x, y = self._fused_inputs(x, y, "train_step")
-        ws = self._workspace(len(x))
-        if lr != self._lr:  # the scalar costs ~0.3 µs to make; a fixed or stepwise lr makes it once
-            self._lr, self._lr_scalar = lr, self.dtype.type(lr)
-        total, bad_row = step(x, y, self.params, ws.work, ws.offsets, self._lr_scalar)
+        lock = self._training  # acquire/release: cheaper than a with-block
+        lock.acquire()
+        try:
+            if lr != self._lr:  # checked and made a scalar of the dtype only when it changes (NaN always does)
+                self._lr_scalar = self.dtype.type(check_learning_rate("train_step: lr", lr))
+                self._lr = lr
+            ws = self._threads.recent  # _workspace's own first check, without the call
+            if ws is None or ws.batch != len(x):
+                ws = self._workspace(len(x))
+            total, bad_row = step(x, y, self.params, ws.work, ws.offsets, self._lr_scalar)
+        finally:
+            lock.release()
         if bad_row < 0:
             loss = total / len(x)
             if isfinite(loss):
@@ -292,8 +370,8 @@ class MLP:
         else converted and checked once."""
         if self._ready(x, y):
             return x, y
-        x = self._inputs(x)
-        y = self._targets(y, x.shape[0])
+        x = self.as_inputs(x)
+        y = self.as_targets(y, x.shape[0])
         if y.ndim == 2:
             check_shape(caller, "targets", y, (x.shape[0], self.sizes[-1]))
         return x, y
@@ -345,14 +423,22 @@ class MLP:
         order each epoch, drawn from default_rng(seed), seed defaulting to the network's seed.
         progress: a tqdm bar on stderr (None: on iff stderr is a terminal). callback(epoch, logs):
         called after each epoch (1-based) with that epoch's metrics.
+
+        Non-finite values in X, y or validation_data are refused before training, naming the rows. On a
+        NaN or infinite loss (training diverged) raises NonFiniteLossError naming the epoch and batch,
+        with ``err.history`` (the epochs completed) and ``err.restored_epoch`` (the epoch whose weights
+        early stopping restored, or None: then the parameters and optimizer state are those of the last
+        update before the failing batch).
         """
-        return training.fit(self, X, y, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
-                            schedule=schedule, validation_data=validation_data, patience=patience,
-                            shuffle=shuffle, seed=seed, progress=progress, callback=callback)
+        with self._training:
+            return training.fit(self, X, y, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
+                                schedule=schedule, validation_data=validation_data, patience=patience,
+                                shuffle=shuffle, seed=seed, progress=progress, callback=callback)
 
     def predict(self, X: ArrayInput, chunk_size: int = training.DEFAULT_CHUNK) -> Array:
         """Class labels (N,) for softmax cross-entropy, 0/1 (N, n_L) for sigmoid cross-entropy, outputs
-        (N, n_L) for mse; arrays of the backend, computed chunk by chunk."""
+        (N, n_L) for mse; arrays of the backend, computed chunk by chunk. A row of X that is not finite (or
+        whose logits overflow) is refused with a ValueError naming the first such rows."""
         return training.predict(self, X, chunk_size)
 
     def predict_proba(self, X: ArrayInput, chunk_size: int = training.DEFAULT_CHUNK) -> Array:
@@ -360,14 +446,19 @@ class MLP:
         return training.predict_proba(self, X, chunk_size)
 
     def evaluate(self, X: ArrayInput, y: ArrayInput, chunk_size: int = training.DEFAULT_CHUNK) -> training.Evaluation:
-        """(loss, accuracy) over X (N, n0) and y; accuracy is None for mse."""
+        """(loss, accuracy) over X (N, n0) and y; accuracy is None for mse. Non-finite rows of X or y are
+        refused as in ``predict``."""
         return training.evaluate(self, X, y, chunk_size)
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Writes the network and its optimizer state to ``path`` (.npz), atomically."""
-        io.save(self, path)
+        """Writes the network and its optimizer state to ``path`` (.npz), atomically: a crash leaves the old
+        file or the new one. ValueError (nothing written) for what ``load`` would refuse: non-finite
+        parameters or state, a custom schedule object."""
+        with self._training:  # one snapshot of parameters and optimizer state
+            io.save(self, path)
 
-    @classmethod
+    @_ClassOnly
     def load(cls, path: str | os.PathLike[str], backend: str | Backend | None = "auto") -> MLP:
-        """The network saved at ``path``, on ``backend``; CheckpointError if the file is not a valid checkpoint."""
+        """The network saved at ``path``, on ``backend``: ``net = MLP.load(path)``, a new network (called on
+        a network, a TypeError). CheckpointError if the file is not a valid checkpoint."""
         return io.load(cls, path, backend=backend)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from deltaprop.arrays import Array
     from deltaprop.backend import Backend
+from numbers import Integral, Real
 
 # ---- learning-rate schedules ----------------------------------------------------------------------
 
@@ -111,6 +112,22 @@ def schedule_spec(schedule) -> dict:
     return {"name": schedule.name, **asdict(schedule)}
 
 
+def check_learning_rate(name, value) -> float:
+    """``value`` as a float when it is a real number (not a bool), finite and > 0, else a ValueError naming
+    ``name``. The one rule for every learning rate: ``fit``'s ``lr``, an optimizer's and ``train_step``'s."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name}: expected a finite real number > 0, got {value!r}")
+    return float(value)
+
+
+def check_seed(name, seed):
+    """``seed`` as an int when it is None or an integer in [0, 2**63) (what a checkpoint stores), else a
+    ValueError naming ``name``."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, Integral) or not 0 <= seed < 2**63):
+        raise ValueError(f"{name}: expected None or an integer in [0, 2**63), got {seed!r}")
+    return None if seed is None else int(seed)
+
+
 def check_count(name, value, minimum):
     """``value`` is an int (not a bool) >= ``minimum``, else a ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -138,8 +155,15 @@ class Optimizer(ABC):
         if lr is not None:
             self.hyper["lr"] = lr
         for key, value in self.hyper.items():
-            if key != "nesterov" and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"{self.name}: {key}: expected a finite number >= 0, got {value!r}")
+            if key == "lr":
+                self.hyper[key] = check_learning_rate(f"{self.name}: lr", value)
+            elif key == "nesterov":
+                if not isinstance(value, bool):
+                    raise ValueError(f"{self.name}: nesterov: expected True or False, got {value!r}")
+            else:
+                if isinstance(value, bool) or not (isinstance(value, Real) and math.isfinite(value) and value >= 0):
+                    raise ValueError(f"{self.name}: {key}: expected a finite real number >= 0, got {value!r}")
+                self.hyper[key] = float(value)
         self._check_hyper()
         self.schedule = get_schedule(schedule)
         self.step_count = 0

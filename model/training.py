@@ -3,6 +3,8 @@
 Shapes: X is (N, n0), one sample per row; y is int labels (N,) or a target matrix (N, n_L).
 Inputs may be NumPy arrays, arrays of the network's backend (CuPy on the GPU backend) or any DLPack
 producer on the same device (a torch CPU tensor); they are converted to the network's dtype once.
+Nothing non-finite passes silently: NaN or inf in X or y (or in the logits, when the network overflows)
+is a ValueError naming the first rows, and a diverging fit a NonFiniteLossError naming epoch and batch.
 
 ``fit`` converts the training set once, and per epoch gathers a shuffled copy into buffers allocated
 once per fit, so that each step works on contiguous row slices: a step allocates nothing beyond what
@@ -13,6 +15,7 @@ that predicting on a large X needs workspaces of one chunk only.
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 from dataclasses import dataclass, field
@@ -21,10 +24,12 @@ from typing import NamedTuple
 import numpy as np
 
 from deltaprop.backend.base import check_label_range
+from deltaprop.errors import NonFiniteLossError
 from deltaprop.model.losses import get_loss
-from deltaprop.model.optim import check_count, get_optimizer
+from deltaprop.model.optim import check_count, check_seed, get_optimizer
 
 DEFAULT_CHUNK = 4096  # rows per forward pass in predict/predict_proba/evaluate
+_ROWS_NAMED = 5  # the first rows an error about non-finite rows names
 
 
 @dataclass
@@ -111,13 +116,36 @@ def _rows(x, name, width):
     return x
 
 
-def _dataset(net, X, y, name="X"):
-    """X (N, n0) and y as arrays of the network's backend and dtype, converted once; labels checked in range.
+def _non_finite_rows(xp, parts):
+    """(number of rows holding NaN or inf, the first _ROWS_NAMED of them) over ``parts``, pairs of (index of
+    the first row, array (n, ...)) that together make up an array."""
+    count, named = 0, []
+    for offset, array in parts:
+        bad = xp.flatnonzero(~xp.isfinite(array.reshape(array.shape[0], -1)).all(axis=1))
+        count += int(bad.size)
+        named += [offset + int(row) for row in bad[:_ROWS_NAMED - len(named)]]
+    return count, named
 
-    For sigmoid cross-entropy, int labels become one-hot rows (so that accuracy compares whole rows).
+
+def _check_finite(xp, parts, name):
+    """A ValueError naming ``name`` and the first rows if the array made of ``parts`` (see _non_finite_rows)
+    holds NaN or inf."""
+    count, rows = _non_finite_rows(xp, parts)
+    if count:
+        raise ValueError(f"{name}: expected finite values, got NaN or inf in {count} row(s), the first {rows}")
+
+
+def _dataset(net, X, y, name="X"):
+    """X (N, n0) and y as arrays of the network's backend and dtype, converted once, checked finite; labels
+    checked in range. For sigmoid cross-entropy, int labels become one-hot rows (so that accuracy
+    compares whole rows).
     """
-    X = net._inputs(_rows(X, name, net.sizes[0]))
-    y = net._targets(y, X.shape[0])
+    X = net.as_inputs(_rows(X, name, net.sizes[0]))
+    y = net.as_targets(y, X.shape[0])
+    xp = net.backend.xp
+    _check_finite(xp, [(0, X)], name)
+    if y.dtype.kind == "f":
+        _check_finite(xp, [(0, y)], name.replace("X", "y"))
     loss = get_loss(net.loss)
     if y.ndim == 1:
         check_label_range(loss.kernel, y, net.sizes[-1], net.backend.xp)
@@ -134,10 +162,21 @@ def _chunks(total, size):
 
 
 def _forward_chunks(net, X, chunk_size):
-    """(start, stop, logits) for consecutive row chunks of X; the logits live in the network's workspace."""
+    """(start, stop, logits) for consecutive row chunks of X; the logits live in the network's workspace.
+    A ValueError naming the rows when X holds NaN or inf, or when the logits do (an overflow)."""
     check_count("chunk_size", chunk_size, minimum=1)
+    xp = net.backend.xp
     for start, stop in _chunks(X.shape[0], chunk_size):
-        yield start, stop, net._forward(net._inputs(X[start:stop])).logits
+        x = net.as_inputs(X[start:stop])
+        if not bool(xp.isfinite(x).all()):
+            rest = ((at, net.as_inputs(X[at:end])) for at, end in _chunks(X.shape[0], chunk_size) if at > start)
+            _check_finite(xp, itertools.chain([(start, x)], rest), "X")
+        logits = net.forward(x).logits
+        if not bool(xp.isfinite(logits).all()):
+            count, rows = _non_finite_rows(xp, [(start, logits)])
+            raise ValueError(f"X: expected inputs with finite outputs, got NaN or inf logits in {count} row(s), "
+                             f"the first {rows}: the network overflows on them")
+        yield start, stop, logits
 
 
 # ---- inference ------------------------------------------------------------------------------------
@@ -187,10 +226,18 @@ def _evaluate_converted(net, X, y, scorer, chunk_size):
     return Evaluation(loss_sum / n, hits / n if scorer.kind else None)
 
 
+def _finite_loss(loss, name):
+    if not math.isfinite(loss):
+        raise NonFiniteLossError(f"{name}: expected a finite value, got {loss} (an overflow in the loss)")
+    return loss
+
+
 def evaluate(net, X, y, chunk_size=DEFAULT_CHUNK) -> Evaluation:
     """The mean loss over the N samples and the accuracy (None for mse), in chunks of ``chunk_size`` rows."""
     X, y = _dataset(net, X, y)
-    return _evaluate_converted(net, X, y, _Scorer(net.backend, net.loss), chunk_size)
+    evaluation = _evaluate_converted(net, X, y, _Scorer(net.backend, net.loss), chunk_size)
+    _finite_loss(evaluation.loss, "evaluate: loss")
+    return evaluation
 
 
 # ---- fit ------------------------------------------------------------------------------------------
@@ -227,9 +274,15 @@ def fit(net, X, y, epochs=10, batch_size=32, optimizer=None, lr=None, schedule=N
         patience=None, shuffle=True, seed=None, progress=None, callback=None) -> History:
     """Trains ``net`` on X (N, n0) and y (labels (N,) or targets (N, n_L)) for ``epochs`` passes of
     minibatches of ``batch_size`` rows (the last one may be smaller). See ``MLP.fit`` for the arguments.
+
+    Every argument is checked before anything changes. On divergence, raises NonFiniteLossError with
+    ``history``, ``epoch``, ``batch`` (None when the validation loss diverged) and ``restored_epoch``.
     """
     check_count("epochs", epochs, minimum=1)
     check_count("batch_size", batch_size, minimum=1)
+    seed = net.seed if seed is None else check_seed("seed", seed)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback: expected None or a callable (epoch, logs), got {callback!r}")
     be, xp = net.backend, net.backend.xp
     X, y = _dataset(net, X, y)
     if validation_data is not None:
@@ -239,14 +292,16 @@ def fit(net, X, y, epochs=10, batch_size=32, optimizer=None, lr=None, schedule=N
     if optimizer is None and lr is None and schedule is None and net.optimizer is not None:
         optimizer = net.optimizer  # carry on with the state of the last fit (or of a loaded checkpoint)
     optimizer = get_optimizer("adam" if optimizer is None else optimizer, lr, schedule)
+    stopper = _EarlyStopping(net, patience) if patience is not None else None
     net.optimizer = optimizer.bind(be, net.params)
     n = X.shape[0]
-    optimizer.total_steps = optimizer.step_count + epochs * -(-n // batch_size)
-    stopper = _EarlyStopping(net, patience) if patience is not None else None
+    n_batches = -(-n // batch_size)
+    optimizer.total_steps = optimizer.step_count + epochs * n_batches
     scorer = _Scorer(be, net.loss)
-    rng = np.random.default_rng(net.seed if seed is None else seed)
+    rng = np.random.default_rng(seed)
     X_epoch, y_epoch = (be.empty(X.shape, X.dtype), be.empty(y.shape, y.dtype)) if shuffle else (X, y)
     history, bar = History(), _progress_bar(progress, epochs)
+    epoch = batch = None
     try:
         for epoch in range(1, epochs + 1):
             if shuffle:
@@ -254,18 +309,20 @@ def fit(net, X, y, epochs=10, batch_size=32, optimizer=None, lr=None, schedule=N
                 xp.take(X, order, axis=0, out=X_epoch)
                 xp.take(y, order, axis=0, out=y_epoch)
             loss_sum, hits = 0.0, 0
-            for start, stop in _chunks(n, batch_size):
+            for batch, (start, stop) in enumerate(_chunks(n, batch_size), 1):
                 targets = y_epoch[start:stop]
-                loss, logits = net._loss_grads(X_epoch[start:stop], targets)
+                loss, logits = net.forward_backward(X_epoch[start:stop], targets)
                 if scorer.kind:
                     hits += scorer.count(logits, targets)
                 loss_sum += loss * (stop - start)
                 optimizer.step(net.params, net.grads)
+            batch = None
             logs = {"loss": loss_sum / n}
             if scorer.kind:
                 logs["accuracy"] = hits / n
             if validation_data is not None:
                 logs["val_loss"], val_accuracy = _evaluate_converted(net, X_val, y_val, scorer, DEFAULT_CHUNK)
+                _finite_loss(logs["val_loss"], "val_loss")
                 if scorer.kind:
                     logs["val_accuracy"] = val_accuracy
             for key, value in logs.items():
@@ -278,10 +335,31 @@ def fit(net, X, y, epochs=10, batch_size=32, optimizer=None, lr=None, schedule=N
             if stopper is not None and stopper.should_stop(net, epoch, logs.get("val_loss", logs["loss"])):
                 history.stopped_epoch = epoch
                 break
+    except NonFiniteLossError as e:
+        raise _diverged(net, stopper, history, epoch, batch, n_batches, e) from e
     finally:
         if bar is not None:
             bar.close()
-    if stopper is not None and stopper.best_epoch is not None:
-        net.params[...] = stopper.best_params
-        history.best_epoch = stopper.best_epoch
+    _restore_best(net, stopper, history)
     return history
+
+
+def _restore_best(net, stopper, history):
+    """Puts the best parameters early stopping kept back into ``net``; True if there were any."""
+    if stopper is None or stopper.best_epoch is None:
+        return False
+    net.params[...] = stopper.best_params
+    history.best_epoch = stopper.best_epoch
+    return True
+
+
+def _diverged(net, stopper, history, epoch, batch, n_batches, cause):
+    """The NonFiniteLossError a fit raises when its loss (or validation loss) stops being finite: says
+    where, restores the best weights when early stopping kept some, and carries the history."""
+    where = f"epoch {epoch}, " + (f"batch {batch} of {n_batches}" if batch is not None else "validation")
+    restored = _restore_best(net, stopper, history)
+    left = f"; the weights of epoch {history.best_epoch} (the best so far) restored" if restored else ""
+    error = NonFiniteLossError(f"{cause} at {where}{left}")
+    error.history, error.epoch, error.batch = history, epoch, batch
+    error.restored_epoch = history.best_epoch if restored else None
+    return error

@@ -116,7 +116,7 @@ def test_numpy_backend_has_no_fused_step():
     assert get_backend("numpy").fused_sgd_step("relu", "softmax_xent", "float64") is None
 
 
-@pytest.mark.parametrize("step", ["train_step", "_loss_grads"])
+@pytest.mark.parametrize("step", ["train_step", "forward_backward"])
 @pytest.mark.parametrize("batch", [1, 64])
 def test_fused_steps_allocate_nothing_after_the_first(step, batch, rng):
     net = MLP([20, 32, 16, 5], backend="numba", dtype="float32", seed=0)
@@ -186,7 +186,7 @@ def test_fused_grads_are_the_loop_and_the_reference(activation, loss, dtype, rng
             assert rel_err(dW, ref_dW) <= tolerance and rel_err(db, ref_db) <= tolerance
             assert rel_err(dW, loop_dW) <= tolerance and rel_err(db, loop_db) <= tolerance
         # the logits the fit loop scores are the forward pass's
-        logits = fused._loss_grads(x, y)[1]
+        logits = fused.forward_backward(x, y)[1]
         assert rel_err(logits, loop.forward(x).logits) <= tolerance
 
 
@@ -286,7 +286,7 @@ def test_serial_blas_sections_in_concurrent_threads_put_the_count_back():
     assert blas_threads() == before
 
 
-@pytest.mark.parametrize("step", ["train_step", "_loss_grads"])
+@pytest.mark.parametrize("step", ["train_step", "forward_backward"])
 def test_fused_steps_put_the_blas_threads_back(step, rng):
     """Also when the step refuses a label after its forward GEMMs ran on one thread."""
     net = MLP([20, 16, 5], backend="numba", dtype="float32", seed=0)

@@ -97,7 +97,7 @@ def test_host_buffers_start_on_a_cache_line(backend_name, rng):
     """Parameters, gradients and the workspace of the fused step are 64-byte aligned (NumPy gives 16)."""
     net = MLP([5, 7, 3], backend=backend_name, seed=0)
     net.train_step(rng.standard_normal((4, 5)).astype(np.float32), np.array([0, 1, 2, 0]))
-    buffers = [net.params, net.grads, *(ws.work for ws in net._workspaces.values())]
+    buffers = [net.params, net.grads, *(ws.work for ws in net._threads.by_batch.values())]
     assert [b.ctypes.data % HOST_ALIGNMENT for b in buffers] == [0] * len(buffers)
 
 

@@ -192,8 +192,8 @@ def test_tables_hold_every_name():
     [
         (lambda: get_optimizer("rmsprop"), ValueError, r"optimizer: expected one of \['adam', 'adamw', 'momentum', 'sgd'\]"),
         (lambda: OPTIMIZERS["adam"](betas=(0.9, 0.99)), TypeError, r"adam: unknown hyper-parameter\(s\) \['betas'\]"),
-        (lambda: OPTIMIZERS["sgd"](lr=-1.0), ValueError, r"sgd: lr: expected a finite number >= 0, got -1.0"),
-        (lambda: OPTIMIZERS["adam"](lr=float("nan")), ValueError, r"adam: lr: expected a finite number >= 0, got nan"),
+        (lambda: OPTIMIZERS["sgd"](lr=-1.0), ValueError, r"sgd: lr: expected a finite real number > 0, got -1.0"),
+        (lambda: OPTIMIZERS["adam"](lr=float("nan")), ValueError, r"adam: lr: expected a finite real number > 0, got nan"),
         (lambda: OPTIMIZERS["sgd"](nesterov=True), ValueError, r"sgd: nesterov: expected momentum > 0"),
         (lambda: get_optimizer(get_optimizer("adam"), lr=0.1), ValueError, r"lr/schedule: expected None with an Optimizer"),
         (lambda: get_schedule("linear"), ValueError, r"schedule: expected one of \['constant', 'cosine', 'step'\], got 'linear'"),
