@@ -233,7 +233,7 @@ class MLP:
 
     # ---- inputs ----
 
-    def as_inputs(self, x):
+    def as_inputs(self, x: ArrayInput) -> Array:
         """x as a (B, n0) array of the network's dtype on its backend (converted once when it is not);
         ValueError for another shape or an empty batch."""
         x = self.backend.asarray(x, self.dtype)
@@ -243,7 +243,7 @@ class MLP:
             raise ValueError(f"x: expected a non-empty batch, got shape {tuple(x.shape)}")
         return x
 
-    def as_targets(self, y, batch):
+    def as_targets(self, y: ArrayInput, batch: int) -> Array:
         """y as int64 labels (B,) or a (B, n_L) target matrix of the network's dtype, on the backend;
         TypeError/ValueError for another kind or number of rows (label range is the loss kernels' check)."""
         y = self.backend.asarray(y)
@@ -304,7 +304,7 @@ class MLP:
             loss = self.forward_backward(x, y)[0]
             return loss, [(dW.copy(), db.copy()) for dW, db in zip(self.grad_weights, self.grad_biases)]
 
-    def forward_backward(self, x, y):
+    def forward_backward(self, x: ArrayInput, y: ArrayInput) -> tuple[float, Array]:
         """Forward, loss and backward of x (B, n0) and y (labels (B,) or targets (B, n_L)) into ``grads``
         (the flat (P,) buffer; views ``grad_weights``, ``grad_biases``), without an update.
 

@@ -9,10 +9,9 @@ device, so CPU CI runs everything else.
 import numpy as np
 import pytest
 
-from deltaprop.backend import backend_status, get_backend
+from helpers import CPU_BACKENDS, GPU_BACKENDS
 
-CPU_BACKENDS = ("numpy", "numba")
-GPU_BACKENDS = ("cupy",)
+from deltaprop.backend import backend_status, get_backend
 
 
 def gpu_usable() -> bool:

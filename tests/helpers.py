@@ -8,8 +8,11 @@ from deltaprop.kernels.dtypes import DTYPES
 from deltaprop.kernels.dtypes import tolerance as tol
 from deltaprop.kernels.reference import relative_error
 
-__all__ = ["LOSS_REFERENCES", "assert_close", "host64", "host_params", "labels_for", "random_host", "rel_err",
-           "targets_for", "tol"]
+__all__ = ["CPU_BACKENDS", "GPU_BACKENDS", "LOSS_REFERENCES", "assert_close", "host64", "host_params", "labels_for",
+           "random_host", "rel_err", "targets_for", "tol"]
+
+CPU_BACKENDS = ("numpy", "numba")  # hard dependencies: usable on every machine
+GPU_BACKENDS = ("cupy",)
 
 LOSS_REFERENCES = {  # contract loss kernel -> its reference
     "softmax_xent": reference.softmax_xent,

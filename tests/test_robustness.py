@@ -11,7 +11,7 @@ import threading
 import numpy as np
 import pytest
 
-from conftest import CPU_BACKENDS, rel_err
+from helpers import CPU_BACKENDS, rel_err
 from deltaprop.atomic import write_atomic
 from deltaprop.backend import to_numpy
 from deltaprop.errors import CheckpointError, NonFiniteLossError

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import CPU_BACKENDS, rel_err
+from helpers import CPU_BACKENDS, rel_err
 from deltaprop.backend import to_numpy
 from deltaprop.kernels import reference
 from deltaprop.model import MLP
