@@ -69,7 +69,7 @@ def save(net, path) -> None:
 
 def _schedule_spec(schedule) -> dict:
     """The schedule as a checkpoint stores it; a ValueError for one that ``load`` could not rebuild."""
-    if SCHEDULES.get(getattr(schedule, "name", None)) is not type(schedule):
+    if SCHEDULES.get(getattr(schedule, "name", "")) is not type(schedule):
         raise ValueError(f"save: optimizer schedule: expected one of the named schedules {sorted(SCHEDULES)} "
                          f"(a custom schedule object cannot be stored in a checkpoint), got {schedule!r}; "
                          f"nothing written")

@@ -322,7 +322,8 @@ class MLP:
                 return self._backward(cache, y), cache.logits
             x, y = self._fused_inputs(x, y, "loss_and_grads")
             ws = self._workspace(len(x))
-            return self._fused_loss(*step(x, y, self.params, self.grads, ws.work, ws.offsets), y), ws.z[-1]
+            total, bad_row = step(x, y, self.params, self.grads, ws.work, ws.offsets)
+            return self._fused_loss(total, bad_row, y), ws.z[-1]
 
     # train_step runs the backend's fused step where it has one; False forces the kernel-by-kernel loop
     use_fused_step = True
@@ -458,7 +459,7 @@ class MLP:
             io.save(self, path)
 
     @_ClassOnly
-    def load(cls, path: str | os.PathLike[str], backend: str | Backend | None = "auto") -> MLP:
+    def load(cls: type[MLP], path: str | os.PathLike[str], backend: str | Backend | None = "auto") -> MLP:
         """The network saved at ``path``, on ``backend``: ``net = MLP.load(path)``, a new network (called on
         a network, a TypeError). CheckpointError if the file is not a valid checkpoint."""
         return io.load(cls, path, backend=backend)

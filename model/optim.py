@@ -115,7 +115,7 @@ def schedule_spec(schedule) -> dict:
 def check_learning_rate(name, value) -> float:
     """``value`` as a float when it is a real number (not a bool), finite and > 0, else a ValueError naming
     ``name``. The one rule for every learning rate: ``fit``'s ``lr``, an optimizer's and ``train_step``'s."""
-    if isinstance(value, bool) or not isinstance(value, Real) or not (math.isfinite(value) and value > 0):
+    if isinstance(value, bool) or not isinstance(value, Real) or not (math.isfinite(value) and float(value) > 0):
         raise ValueError(f"{name}: expected a finite real number > 0, got {value!r}")
     return float(value)
 
@@ -161,7 +161,7 @@ class Optimizer(ABC):
                 if not isinstance(value, bool):
                     raise ValueError(f"{self.name}: nesterov: expected True or False, got {value!r}")
             else:
-                if isinstance(value, bool) or not (isinstance(value, Real) and math.isfinite(value) and value >= 0):
+                if isinstance(value, bool) or not (isinstance(value, Real) and math.isfinite(value) and float(value) >= 0):
                     raise ValueError(f"{self.name}: {key}: expected a finite real number >= 0, got {value!r}")
                 self.hyper[key] = float(value)
         self._check_hyper()
