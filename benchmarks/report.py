@@ -4,9 +4,8 @@ a JSON file and a PNG plot. Files are written atomically: never a half-written r
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 
+from deltaprop.atomic import write_atomic
 from deltaprop.benchmarks.workload import step_flops
 
 
@@ -96,26 +95,9 @@ def render_kernels(report: dict) -> str:
     return "each kernel alone (median ms summed over its calls in one step):\n" + format_table(headers, rows, left=4)
 
 
-def _write_atomically(path: str, write) -> None:
-    """``write(tmp_path)``, then the file renamed into place: never a half-written ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".deltaprop-bench-", suffix=os.path.splitext(path)[1])
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def write_json(report: dict, path: str) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=1, allow_nan=False)
-            f.write("\n")
-
-    _write_atomically(path, write)
+    text = json.dumps(report, indent=1, allow_nan=False) + "\n"
+    write_atomic(path, lambda file: file.write(text.encode()), argument="--json")
 
 
 def plot(report: dict, path: str) -> None:
@@ -140,4 +122,4 @@ def plot(report: dict, path: str) -> None:
                  + (f", {gpus}" if gpus else ""), fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    _write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    write_atomic(path, lambda file: fig.savefig(file, format="png", dpi=120), argument="--plot")

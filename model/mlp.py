@@ -422,7 +422,7 @@ class MLP:
         evaluated after each epoch. patience: stop after that many epochs without a lower validation
         loss (training loss without validation_data) and restore the best weights. shuffle: a new
         order each epoch, drawn from default_rng(seed), seed defaulting to the network's seed.
-        progress: a tqdm bar on stderr (None: on iff stderr is a terminal). callback(epoch, logs):
+        progress: a tqdm bar on stderr (None: on in a terminal or a notebook). callback(epoch, logs):
         called after each epoch (1-based) with that epoch's metrics.
 
         Non-finite values in X, y or validation_data are refused before training, naming the rows. On a

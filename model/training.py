@@ -244,8 +244,8 @@ def evaluate(net, X, y, chunk_size=DEFAULT_CHUNK) -> Evaluation:
 
 
 def _progress_bar(progress, epochs):
-    if progress is None:
-        progress = sys.stderr.isatty()
+    if progress is None:  # on in a terminal and in a notebook (whose stderr is no terminal)
+        progress = sys.stderr.isatty() or "ipykernel" in sys.modules
     if not progress:
         return None
     from tqdm.auto import tqdm  # imported only when a bar is shown; a widget in notebooks
