@@ -41,7 +41,8 @@ struct Warp {
     std::condition_variable cv;
     unsigned int arrived = 0, generation = 0, mask = 0;
     const char* operation = nullptr;
-    uint64_t slots[32] = {};
+    uint64_t slots[2][32] = {};  // by the parity of the generation: a lane that went on to the next operation
+                                 // writes the other half while slower lanes still copy this one
 };
 
 struct Block {
@@ -312,13 +313,14 @@ const uint64_t* warp_exchange(unsigned int mask, uint64_t value, Site site, cons
     }
     w.mask = mask;
     w.operation = operation;
-    w.slots[lane] = value;
+    const unsigned int parity = w.generation & 1u;
+    w.slots[parity][lane] = value;
     const unsigned int participants = static_cast<unsigned int>(__builtin_popcount(mask));
     if (++w.arrived == participants) {
         w.arrived = 0;
         ++w.generation;
         b.running += static_cast<int>(participants) - 1;
-        memcpy(exchanged, w.slots, sizeof exchanged);
+        memcpy(exchanged, w.slots[parity], sizeof exchanged);
         w.cv.notify_all();
         return exchanged;
     }
@@ -334,7 +336,7 @@ const uint64_t* warp_exchange(unsigned int mask, uint64_t value, Site site, cons
     w.cv.wait(lock, [&] { return w.generation != generation || b.failed; });
     if (w.generation == generation) throw Aborted{};
     me.state = state_running;
-    memcpy(exchanged, w.slots, sizeof exchanged);  // no lane writes a slot again before every lane copied it
+    memcpy(exchanged, w.slots[parity], sizeof exchanged);
     return exchanged;
 }
 
