@@ -71,3 +71,7 @@ def rel_err(result, expected) -> float:
     scale = np.max(np.abs(expected), initial=0.0)
     error = np.max(np.abs(result - expected), initial=0.0)
     return error / scale if scale > 0 else error
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda_sim: runs the CUDA C++ kernels on the CPU (kernels/cuda/host)")

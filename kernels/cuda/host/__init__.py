@@ -196,41 +196,50 @@ def build(units, sanitizer: str | None = None) -> Program:
     for unit in units:
         sources.append(unit_source(unit, first))
         first += len(unit.expressions)
-    digest = hashlib.sha256()
-    for item in [compiler, str(os.stat(compiler).st_mtime_ns), *COMMON_FLAGS, *compile_flags, *link_flags,
-                 *((HERE / f).read_text() for f in HARNESS_FILES), *sources]:
-        digest.update(item.encode() + b"\0")
-    directory = cache_dir() / digest.hexdigest()[:24]
+    flags = (*COMMON_FLAGS, *compile_flags, *link_flags)
+    harness = [(HERE / f).read_text() for f in HARNESS_FILES]
+    directory = cache_dir() / _digest(compiler, *flags, *harness, *sources)
     library = directory / "harness.so"
     if not library.exists():
-        _compile(compiler, units, sources, compile_flags, link_flags, directory, library)
+        runtime = cache_dir() / f"runtime-{_digest(compiler, *flags, *harness)}.o"  # shared by every build
+        _compile(compiler, units, sources, compile_flags, link_flags, runtime, library)
     expressions = [e for unit in units for e in unit.expressions]
     return Program(library, expressions, kernel_parameters(text for unit in units for _, text in unit.parts))
 
 
-def _compile(compiler, units, sources, compile_flags, link_flags, directory, library):
-    """Compile every unit and the runtime in parallel, link, and move the library into place atomically."""
-    directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory) as work:
+def _digest(compiler, *texts) -> str:
+    digest = hashlib.sha256(f"{compiler}\0{os.stat(compiler).st_mtime_ns}".encode())
+    for text in texts:
+        digest.update(text.encode() + b"\0")
+    return digest.hexdigest()[:24]
+
+
+def _compile(compiler, units, sources, compile_flags, link_flags, runtime, library):
+    """Compile every unit (and the runtime, unless cached) in parallel, link, and move the library into
+    place atomically (a concurrent build of the same key writes the same file)."""
+    library.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=library.parent) as work:
         work = Path(work)
-        jobs = [(HERE / "cuda_host.cpp", work / "cuda_host.o")]
+        jobs = [] if runtime.exists() else [("the harness runtime", HERE / "cuda_host.cpp", work / "runtime.o")]
         for index, (unit, source) in enumerate(zip(units, sources)):
             path = work / f"unit{index}.cpp"
             path.write_text(source)
-            jobs.append((path, work / f"unit{index}.o"))
+            jobs.append((unit.name, path, work / f"unit{index}.o"))
         parallel = os.cpu_count() or 1
         for start in range(0, len(jobs), parallel):
-            running = [(source, subprocess.Popen([compiler, *COMMON_FLAGS, *compile_flags, "-c", str(source), "-o",
-                                                  str(obj)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                                 text=True)) for source, obj in jobs[start:start + parallel]]
-            for source, process in running:
+            running = [(name, subprocess.Popen([compiler, *COMMON_FLAGS, *compile_flags, "-c", str(path), "-o",
+                                                str(obj)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+                       for name, path, obj in jobs[start:start + parallel]]
+            for name, process in running:
                 output = process.communicate()[0]
                 if process.returncode != 0:
-                    unit_name = units[int(source.stem[4:])].name if source.stem.startswith("unit") else source.name
-                    raise BuildError(f"the host harness does not compile {unit_name}:\n{output[-8000:]}")
+                    raise BuildError(f"the host harness does not compile {name}:\n{output[-8000:]}")
+        if not runtime.exists():
+            os.replace(work / "runtime.o", runtime)
         linked = work / "harness.so"
-        result = subprocess.run([compiler, "-shared", "-pthread", *link_flags, "-o", str(linked),
-                                 *(str(obj) for _, obj in jobs)], capture_output=True, text=True)
+        objects = [str(runtime)] + [str(work / f"unit{index}.o") for index in range(len(units))]
+        result = subprocess.run([compiler, "-shared", "-pthread", *link_flags, "-o", str(linked), *objects],
+                                capture_output=True, text=True)
         if result.returncode != 0:
             raise BuildError(f"the host harness does not link:\n{result.stderr[-8000:]}")
         os.replace(linked, library)
@@ -256,11 +265,18 @@ class Program:
 
     def __init__(self, library: Path, expressions, parameter_names):
         self.path = library
-        self._library = ctypes.CDLL(str(library))
-        self._library.dp_last_error.restype = ctypes.c_char_p
+        self._loaded = None
         self._index = {expression: i for i, expression in enumerate(expressions)}
         self._parameter_names = parameter_names
         self._signatures = {}
+
+    @property
+    def _library(self):
+        """The library, loaded on first use (a sanitizer build loads only where its runtime is preloaded)."""
+        if self._loaded is None:
+            self._loaded = ctypes.CDLL(str(self.path))
+            self._loaded.dp_last_error.restype = ctypes.c_char_p
+        return self._loaded
 
     @property
     def expressions(self) -> tuple[str, ...]:
