@@ -420,7 +420,7 @@ def test_a_missing_syncthreads_in_the_block_reduction_is_caught_by_thread_saniti
 
 
 @pytest.mark.parametrize("kernel, expected", [
-    ("early_return", "threads (5,0,0): returned"),
+    ("early_return", "thread (5,0,0): returned"),
     ("divergent_barriers", "while other threads wait at another"),
 ])
 def test_a_barrier_that_not_every_thread_reaches_is_a_fault(faulty, kernel, expected):
@@ -469,7 +469,8 @@ def test_shared_memory_no_thread_wrote_reads_as_nan(faulty):
     ((np.zeros(2), np.zeros(2, np.float32), np.int32(1), np.int64(2)), r"expected 5 arguments \(const double\* x,"),
     ((np.zeros(2), np.zeros(2, np.float32), np.int64(1), np.int64(2), np.float32(1)),
      r"argument 2 \(int count\): expected int32 \(4 bytes\), got numpy.int64"),
-    ((np.zeros(2), np.zeros(2, np.float32), np.int32(1), 2, np.float32(1)), r"argument 3 \(long long n\)"),
+    ((np.zeros(2), np.zeros(2, np.float32), 1, np.int64(2), np.float32(1)),
+     r"argument 2 \(int count\): expected int32 \(4 bytes\), got int 1 \(int64, 8 bytes, as CuPy passes a Python int"),
     ((np.zeros(2), np.zeros(2, np.float32), np.int32(1), np.int64(2), 0.5),
      r"argument 4 \(float scale\): expected float32 \(4 bytes\), got float 0.5 \(float64, 8 bytes, as CuPy passes"),
     ((np.zeros(2, np.float32), np.zeros(2, np.float32), np.int32(1), np.int64(2), np.float32(1)),

@@ -133,7 +133,7 @@ struct Block {
             const std::string state = state_of(first);
             unsigned int last = first;
             while (last + 1 < size && state_of(last + 1) == state) ++last;
-            report += "\n  threads " + thread_name(first) + (last > first ? ".." + thread_name(last) : "") + ": " + state;
+            report += (last > first ? "\n  threads " : "\n  thread ") + thread_name(first) + (last > first ? ".." + thread_name(last) : "") + ": " + state;
             first = last + 1;
         }
         fail(report);

@@ -186,40 +186,42 @@ template <typename... Params> const char* signature(void (*)(Params...)) {
 #define gridDim (::dp::current.grid_dim)
 constexpr int warpSize = 32;
 
-#define DP_SITE ::dp::Site{__builtin_FILE(), __builtin_LINE()}
+// the caller's file and line (GCC evaluates these builtins at the call site only as default arguments)
+#define DP_CALLER const char* file = __builtin_FILE(), int line = __builtin_LINE()
+#define DP_SITE ::dp::Site{file, line}
 
-inline void __syncthreads(dp::Site site = DP_SITE) { dp::syncthreads(site); }
-inline void __syncwarp(unsigned int mask = 0xffffffffu, dp::Site site = DP_SITE) {
-    dp::warp_exchange(mask, 0, site, "__syncwarp");
+inline void __syncthreads(DP_CALLER) { dp::syncthreads(DP_SITE); }
+inline void __syncwarp(unsigned int mask = 0xffffffffu, DP_CALLER) {
+    dp::warp_exchange(mask, 0, DP_SITE, "__syncwarp");
 }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline void __threadfence_block() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 
-template <typename T> T __shfl_sync(unsigned int mask, T var, int src, int width = 32, dp::Site site = DP_SITE) {
-    return dp::shuffle(dp::Shuffle::idx, mask, var, src, width, site, "__shfl_sync");
+template <typename T> T __shfl_sync(unsigned int mask, T var, int src, int width = 32, DP_CALLER) {
+    return dp::shuffle(dp::Shuffle::idx, mask, var, src, width, DP_SITE, "__shfl_sync");
 }
-template <typename T> T __shfl_up_sync(unsigned int mask, T var, unsigned int delta, int width = 32, dp::Site site = DP_SITE) {
-    return dp::shuffle(dp::Shuffle::up, mask, var, static_cast<int>(delta), width, site, "__shfl_up_sync");
+template <typename T> T __shfl_up_sync(unsigned int mask, T var, unsigned int delta, int width = 32, DP_CALLER) {
+    return dp::shuffle(dp::Shuffle::up, mask, var, static_cast<int>(delta), width, DP_SITE, "__shfl_up_sync");
 }
-template <typename T> T __shfl_down_sync(unsigned int mask, T var, unsigned int delta, int width = 32, dp::Site site = DP_SITE) {
-    return dp::shuffle(dp::Shuffle::down, mask, var, static_cast<int>(delta), width, site, "__shfl_down_sync");
+template <typename T> T __shfl_down_sync(unsigned int mask, T var, unsigned int delta, int width = 32, DP_CALLER) {
+    return dp::shuffle(dp::Shuffle::down, mask, var, static_cast<int>(delta), width, DP_SITE, "__shfl_down_sync");
 }
-template <typename T> T __shfl_xor_sync(unsigned int mask, T var, int lane_mask, int width = 32, dp::Site site = DP_SITE) {
-    return dp::shuffle(dp::Shuffle::bfly, mask, var, lane_mask, width, site, "__shfl_xor_sync");
+template <typename T> T __shfl_xor_sync(unsigned int mask, T var, int lane_mask, int width = 32, DP_CALLER) {
+    return dp::shuffle(dp::Shuffle::bfly, mask, var, lane_mask, width, DP_SITE, "__shfl_xor_sync");
 }
-inline unsigned int __ballot_sync(unsigned int mask, int predicate, dp::Site site = DP_SITE) {
-    const uint64_t* slots = dp::warp_exchange(mask, predicate != 0, site, "__ballot_sync");
+inline unsigned int __ballot_sync(unsigned int mask, int predicate, DP_CALLER) {
+    const uint64_t* slots = dp::warp_exchange(mask, predicate != 0, DP_SITE, "__ballot_sync");
     unsigned int ballot = 0;
     for (unsigned int lane = 0; lane < 32; ++lane) {
         if (mask >> lane & 1u) ballot |= static_cast<unsigned int>(slots[lane] != 0) << lane;
     }
     return ballot;
 }
-inline int __all_sync(unsigned int mask, int predicate, dp::Site site = DP_SITE) {
-    return __ballot_sync(mask, predicate, site) == mask;
+inline int __all_sync(unsigned int mask, int predicate, DP_CALLER) {
+    return __ballot_sync(mask, predicate, file, line) == mask;
 }
-inline int __any_sync(unsigned int mask, int predicate, dp::Site site = DP_SITE) {
-    return __ballot_sync(mask, predicate, site) != 0;
+inline int __any_sync(unsigned int mask, int predicate, DP_CALLER) {
+    return __ballot_sync(mask, predicate, file, line) != 0;
 }
 inline unsigned int __activemask() { return 0xffffffffu; }  // this harness never diverges a warp's lanes
 inline int __popc(unsigned int x) { return __builtin_popcount(x); }
