@@ -52,12 +52,30 @@ def instantiations(*kernels):
     ]
 
 
-@pytest.fixture(scope="session")
-def program():
+SANITIZER = os.environ.get("DELTAPROP_HOST_SANITIZER") or None  # "address": this suite in an ASan build
+KERNEL_TESTS = ("test_bias_act", "test_act_backward", "test_optimizers", "test_column_sums", "test_mean_of_rows",
+                "test_row_kernels")
+ADDRESS_SANITIZER_DTYPES = ("float32", "bfloat16")  # a 4-byte type and the 2-byte struct, vectors of 4 and 8
+
+
+def built(units, sanitizer=None):
     try:
-        return host.build(host.project_units(), sanitizer=os.environ.get("DELTAPROP_HOST_SANITIZER") or None)
+        return host.build(units, sanitizer)
     except host.HarnessUnavailable as error:
         pytest.skip(str(error))
+
+
+@pytest.fixture(scope="session")
+def programs():
+    """dtype -> the project's modules of that dtype in the harness, each built on first use."""
+    cache = {}
+
+    def program(dtype):
+        if dtype not in cache:
+            cache[dtype] = built(host.project_units([dtype]), SANITIZER)
+        return cache[dtype]
+
+    return program
 
 
 def storage(dtype):
@@ -116,7 +134,8 @@ def check(result, expected, tolerance, what):
 
 
 @pytest.mark.parametrize("dtype, kernel, variant, expression", instantiations("bias_act"))
-def test_bias_act(program, dtype, kernel, variant, expression, rng):
+def test_bias_act(programs, dtype, kernel, variant, expression, rng):
+    program = programs(dtype)
     act = variant[0].removeprefix("act_")
     tolerance = STORED_TOLERANCE[dtype]
     forced = ((1, 1), (32, 8))  # one block of 32 x 8: both grid-stride loops turn
@@ -143,7 +162,8 @@ def flat_cases(dtype):
 
 
 @pytest.mark.parametrize("dtype, kernel, variant, expression", instantiations("act_backward"))
-def test_act_backward(program, dtype, kernel, variant, expression, rng):
+def test_act_backward(programs, dtype, kernel, variant, expression, rng):
+    program = programs(dtype)
     act = variant[0].removeprefix("act_")
     for n, misaligned, grid, block in flat_cases(dtype):
         g, z = sample(rng, n, dtype), sample(rng, n, dtype)
@@ -175,7 +195,8 @@ def optimizer_scalars(kernel, settings, dtype):
 
 @pytest.mark.parametrize("dtype, kernel, variant, expression",
                          instantiations("sgd_update", "momentum_update", "adam_update"))
-def test_optimizers(program, dtype, kernel, variant, expression, rng):
+def test_optimizers(programs, dtype, kernel, variant, expression, rng):
+    program = programs(dtype)
     update = getattr(reference, kernel)
     for settings in OPTIMIZER_SETTINGS[kernel]:
         for n, misaligned, grid, block in flat_cases(dtype):
@@ -193,7 +214,8 @@ def test_optimizers(program, dtype, kernel, variant, expression, rng):
 
 
 @pytest.mark.parametrize("dtype, kernel, variant, expression", instantiations("bias_grad"))
-def test_column_sums(program, dtype, kernel, variant, expression, rng):
+def test_column_sums(programs, dtype, kernel, variant, expression, rng):
+    program = programs(dtype)
     shapes = [((1, 1), None), ((3, 31), None), ((33, 32), None), ((5, 33), None), ((2, 100), None),
               ((37, 70), (1,))]  # the last: one block for three tiles of 32 columns
     for (rows, cols), grid in shapes:
@@ -205,7 +227,8 @@ def test_column_sums(program, dtype, kernel, variant, expression, rng):
 
 
 @pytest.mark.parametrize("dtype, kernel, variant, expression", instantiations("mean_of_rows"))
-def test_mean_of_rows(program, dtype, kernel, variant, expression, rng):
+def test_mean_of_rows(programs, dtype, kernel, variant, expression, rng):
+    program = programs(dtype)
     for rows in (1, 3, 1025, 2049):
         row_loss = rng.random(rows).astype(accum(dtype))
         out = device(np.full(1, np.nan, accum(dtype)))
@@ -245,7 +268,8 @@ def row_cases(team, dtype, caches_row):
 
 @pytest.mark.parametrize("dtype, kernel, variant, expression",
                          instantiations("softmax", "softmax_xent", "sigmoid_xent", "squared_error"))
-def test_row_kernels(program, dtype, kernel, variant, expression, rng):
+def test_row_kernels(programs, dtype, kernel, variant, expression, rng):
+    program = programs(dtype)
     team, targets = variant[-1], variant[-2]
     caches_row = kernel in ("softmax", "softmax_xent")  # softmax_rows takes the cache flag
     for rows, cols, misaligned, grid, shared, cache in row_cases(team, dtype, caches_row):
@@ -272,12 +296,12 @@ def test_row_kernels(program, dtype, kernel, variant, expression, rng):
 
 
 @pytest.mark.parametrize("team", ["GroupTeam<4>", "BlockTeam"])
-def test_a_label_outside_the_classes_makes_its_row_loss_nan(program, team, rng):
+def test_a_label_outside_the_classes_makes_its_row_loss_nan(programs, team, rng):
     cols = TEAM_COLUMNS[team][0]
     z, labels = sample(rng, (3, cols), "float32"), np.array([0, cols, -1], np.int64)
     row_loss = np.zeros(3, np.float32)
     grid, shared, cache = rows_launch(3, cols, "float32", True)
-    program.launch(f"softmax_rows<float, LabelTargets<float>, {team}>", grid, (geometry.THREADS,),
+    programs("float32").launch(f"softmax_rows<float, LabelTargets<float>, {team}>", grid, (geometry.THREADS,),
                    (z, labels, geometry.NULL, row_loss, np.int64(3), np.int64(cols), np.float32(1), np.int32(cache)),
                    shared_mem=shared)
     assert np.isfinite(row_loss[0]) and np.isnan(row_loss[1:]).all()
@@ -349,8 +373,8 @@ def faulty_unit():
 
 
 @pytest.fixture(scope="session")
-def faulty(program):
-    return host.build([faulty_unit()])
+def faulty():
+    return built([faulty_unit()])
 
 
 def run_sanitized(sanitizer, script):
@@ -364,8 +388,8 @@ def run_sanitized(sanitizer, script):
     return done.returncode, done.stdout, done.stderr
 
 
-def test_an_off_by_one_bound_is_caught_by_address_sanitizer(faulty):
-    host.build([faulty_unit()], sanitizer="address")  # built here, loaded by the sanitized process
+def test_an_off_by_one_bound_is_caught_by_address_sanitizer():
+    built([faulty_unit()], sanitizer="address")  # built here, loaded by the sanitized process
     status, out, err = run_sanitized("address", """
         program = host.build([t.faulty_unit()], sanitizer="address")
         x = host.exact_copy(np.arange(100, dtype=np.float32))
@@ -377,6 +401,21 @@ def test_an_off_by_one_bound_is_caught_by_address_sanitizer(faulty):
         """)
     assert "bounded copy clean" in out, err[-3000:]
     assert status != 0 and "heap-buffer-overflow" in err and "copy_off_by_one" in err, err[-3000:]
+
+
+def test_every_kernel_runs_clean_under_address_sanitizer():
+    """The kernel tests above, for ADDRESS_SANITIZER_DTYPES, in an AddressSanitizer + UBSan build: no read or
+    write outside a buffer of exactly its size, no undefined behaviour (a report fails the process)."""
+    for dtype in ADDRESS_SANITIZER_DTYPES:
+        built(host.project_units([dtype]), sanitizer="address")
+    env = {**os.environ, **host.sanitizer_environment("address"), "DELTAPROP_HOST_SANITIZER": "address",
+           "OPENBLAS_NUM_THREADS": "1"}
+    tests = [f"{__file__}::{name}" for name in KERNEL_TESTS]
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests,
+                           "-k", " or ".join(ADDRESS_SANITIZER_DTYPES)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    report = done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == 0 and " passed" in done.stdout and "Sanitizer" not in report, report
 
 
 MEAN_OF_ROWS = textwrap.dedent("""\
@@ -402,11 +441,11 @@ def reduction_unit(intact: bool):
     return host.Unit(name, (("common.cuh", common), ("rows.cu", MEAN_OF_ROWS)), ("mean_of_rows<float>",))
 
 
-def test_a_missing_syncthreads_in_the_block_reduction_is_caught_by_thread_sanitizer(program):
+def test_a_missing_syncthreads_in_the_block_reduction_is_caught_by_thread_sanitizer():
     assert SECOND_BARRIER in (loader.HERE / "common.cuh").read_text()
     assert MEAN_OF_ROWS in (loader.HERE / "rows.cu").read_text()
     for intact in (True, False):
-        host.build([reduction_unit(intact)], sanitizer="thread")
+        built([reduction_unit(intact)], sanitizer="thread")
     status, out, err = run_sanitized("thread", """
         for intact in (True, False):
             program = host.build([t.reduction_unit(intact)], sanitizer="thread")
@@ -503,20 +542,20 @@ def test_a_launch_configuration_cuda_refuses_is_refused(faulty, grid, block, sha
         faulty.launch("early_return", grid, block, (np.zeros(1, np.float32),), shared_mem=shared_mem)
 
 
-def test_the_kernel_signatures_are_read_from_the_cpp_declarations(program):
-    params = program.signature("softmax_rows<__nv_bfloat16, LabelTargets<__nv_bfloat16>, BlockTeam>")
+def test_the_kernel_signatures_are_read_from_the_cpp_declarations(programs):
+    params = programs("bfloat16").signature("softmax_rows<__nv_bfloat16, LabelTargets<__nv_bfloat16>, BlockTeam>")
     assert [str(p) for p in params] == [
         "const __nv_bfloat16* z", "const void* targets", "__nv_bfloat16* delta", "float* row_loss",
         "long long rows", "long long cols", "float scale", "int cache"]
 
 
-def test_every_instantiation_of_the_table_is_in_the_harness(program):
-    expected = {e for dtype in loader.CUDA_DTYPES for source in loader.sources()
-                for e in loader.name_expressions(source, dtype)}
-    assert set(program.expressions) == expected
+@pytest.mark.parametrize("dtype", loader.CUDA_DTYPES)
+def test_every_instantiation_of_the_table_is_in_the_harness(programs, dtype):
+    expected = {e for source in loader.sources() for e in loader.name_expressions(source, dtype)}
+    assert set(programs(dtype).expressions) == expected
 
 
-def test_a_source_that_does_not_compile_names_its_unit(program):
+def test_a_source_that_does_not_compile_names_its_unit(faulty):
     with pytest.raises(host.BuildError, match=r"(?s)does not compile broken.cu:\n.*broken.cu:1:"):
         host.build([host.Unit("broken.cu", (("broken.cu", "__global__ void k(float* x) { x[0] = y; }"),), ("k",))])
 
