@@ -458,6 +458,40 @@ def test_a_missing_syncthreads_in_the_block_reduction_is_caught_by_thread_saniti
     assert status != 0 and "ThreadSanitizer: data race" in err, err[-3000:]
 
 
+# the kernels that share memory within a block (barriers, shuffles, the row cache), one case each
+THREAD_SANITIZER_CASES = ("softmax_rows<float, LabelTargets<float>, BlockTeam>",
+                          "softmax_rows<float, NoTargets<float>, GroupTeam<32>>", "column_sums<float>",
+                          "mean_of_rows<float>")
+
+
+def thread_sanitizer_units():
+    return [host.Unit(f"{unit.name} (thread sanitizer cases)", unit.parts,
+                      tuple(e for e in unit.expressions if e in THREAD_SANITIZER_CASES))
+            for unit in host.project_units(["float32"]) if set(unit.expressions) & set(THREAD_SANITIZER_CASES)]
+
+
+def test_the_kernels_that_share_memory_have_no_data_race_under_thread_sanitizer():
+    built(thread_sanitizer_units(), sanitizer="thread")
+    status, out, err = run_sanitized("thread", """
+        program = host.build(t.thread_sanitizer_units(), sanitizer="thread")
+        rng = np.random.default_rng(5)
+        z, labels = rng.standard_normal((3, 1025)).astype(np.float32), np.array([0, 7, 1024])
+        delta, row_loss = np.empty_like(z), np.empty(3, np.float32)
+        program.launch(t.THREAD_SANITIZER_CASES[0], (2,), (256,), (z, labels, delta, row_loss, np.int64(3),
+                       np.int64(1025), np.float32(1 / 3), np.int32(1)), shared_mem=1025 * 4)
+        z = rng.standard_normal((9, 33)).astype(np.float32)
+        program.launch(t.THREAD_SANITIZER_CASES[1], (1,), (256,), (z, None, np.empty_like(z), None, np.int64(9),
+                       np.int64(33), np.float32(1), np.int32(0)))
+        d = rng.standard_normal((37, 70)).astype(np.float32)
+        program.launch(t.THREAD_SANITIZER_CASES[2], (1,), (32, 32), (d, np.empty(70, np.float32), np.int64(37),
+                       np.int64(70)))
+        program.launch(t.THREAD_SANITIZER_CASES[3], (1,), (1024,), (np.ones(3000, np.float32), np.int64(3000),
+                       np.empty(1, np.float32)))
+        print("no race", flush=True)
+        """)
+    assert status == 0 and "no race" in out and "ThreadSanitizer" not in err, err[-3000:]
+
+
 @pytest.mark.parametrize("kernel, expected", [
     ("early_return", "thread (5,0,0): returned"),
     ("divergent_barriers", "while other threads wait at another"),
