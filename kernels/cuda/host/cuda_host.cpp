@@ -36,10 +36,20 @@ struct ThreadState {  // what a thread does now, for the report of a stuck block
     std::atomic<unsigned int> mask{0};
 };
 
-struct Warp {
+struct Block;
+
+// threads that meet (at a barrier, at a warp operation): the last to arrive lets them all go on
+struct Rendezvous {
     std::mutex mutex;
     std::condition_variable cv;
-    unsigned int arrived = 0, generation = 0, mask = 0;
+    unsigned int arrived = 0, generation = 0;
+    // with `lock` on `mutex` held; returns with it held once `participants` threads have arrived
+    void meet(Block& b, std::unique_lock<std::mutex>& lock, unsigned int participants, ThreadState& me);
+};
+
+struct Warp {
+    Rendezvous meeting;
+    unsigned int mask = 0;
     const char* operation = nullptr;
     uint64_t slots[2][32] = {};  // by the parity of the generation: a lane that went on to the next operation
                                  // writes the other half while slower lanes still copy this one
@@ -55,10 +65,8 @@ struct Block {
     std::mutex fail_mutex;
     std::string message;
 
-    std::mutex mutex;  // the barrier
-    std::condition_variable cv;
-    unsigned int arrived = 0, generation = 0;
-    Site site{nullptr, 0};
+    Rendezvous barrier;
+    Site site{nullptr, 0};  // of the __syncthreads the waiting threads are at
 
     std::unique_ptr<Warp[]> warps;
     std::unique_ptr<ThreadState[]> threads;
@@ -97,14 +105,12 @@ struct Block {
             message = where() + ": " + what;
             failed = true;
         }
-        {
-            std::lock_guard<std::mutex> lock(mutex);
-            cv.notify_all();
-        }
-        for (unsigned int w = 0; w < (size + 31) / 32; ++w) {
-            std::lock_guard<std::mutex> lock(warps[w].mutex);
-            warps[w].cv.notify_all();
-        }
+        wake(barrier);
+        for (unsigned int w = 0; w < (size + 31) / 32; ++w) wake(warps[w].meeting);
+    }
+    static void wake(Rendezvous& rendezvous) {
+        std::lock_guard<std::mutex> lock(rendezvous.mutex);
+        rendezvous.cv.notify_all();
     }
     [[noreturn]] void fault(const std::string& what) {
         fail("thread " + thread_name(current.linear) + ": " + what);
@@ -146,6 +152,23 @@ struct Block {
         if (failed) throw Aborted{};
     }
 };
+
+void Rendezvous::meet(Block& b, std::unique_lock<std::mutex>& lock, unsigned int participants, ThreadState& me) {
+    if (++arrived == participants) {
+        arrived = 0;
+        ++generation;
+        b.running += static_cast<int>(participants) - 1;
+        cv.notify_all();
+    } else {
+        const unsigned int waited = generation;
+        lock.unlock();
+        b.wait_or_stuck();
+        lock.lock();
+        cv.wait(lock, [&] { return generation != waited || b.failed; });
+        if (generation == waited) throw Aborted{};
+    }
+    me.state = state_running;
+}
 
 thread_local Block* block = nullptr;
 thread_local std::unordered_map<const void*, void*> shared_cache;  // this thread's view of block->shared
@@ -254,30 +277,17 @@ void syncthreads(Site site) {
     Block& b = *block;
     b.check();
     ThreadState& me = b.threads[current.linear];
-    std::unique_lock<std::mutex> lock(b.mutex);
-    if (b.arrived > 0 && (b.site.line != site.line || strcmp(b.site.file, site.file) != 0)) {
+    std::unique_lock<std::mutex> lock(b.barrier.mutex);
+    if (b.barrier.arrived > 0 && (b.site.line != site.line || strcmp(b.site.file, site.file) != 0)) {
         lock.unlock();
         b.fault("waits at __syncthreads (" + std::string(site.file) + ":" + std::to_string(site.line) +
                 ") while other threads wait at another (" + b.site.file + ":" + std::to_string(b.site.line) + ")");
     }
-    if (b.arrived == 0) b.site = site;
-    if (++b.arrived == b.size) {
-        b.arrived = 0;
-        ++b.generation;
-        b.running += static_cast<int>(b.size) - 1;
-        b.cv.notify_all();
-        return;
-    }
+    b.site = site;
     me.file = site.file;
     me.line = site.line;
     me.state = state_at_barrier;
-    const unsigned int generation = b.generation;
-    lock.unlock();
-    b.wait_or_stuck();
-    lock.lock();
-    b.cv.wait(lock, [&] { return b.generation != generation || b.failed; });
-    if (b.generation == generation) throw Aborted{};
-    me.state = state_running;
+    b.barrier.meet(b, lock, b.size, me);
 }
 
 const uint64_t* warp_exchange(unsigned int mask, uint64_t value, Site site, const char* operation) {
@@ -304,8 +314,8 @@ const uint64_t* warp_exchange(unsigned int mask, uint64_t value, Site site, cons
     }
     Warp& w = b.warps[warp];
     ThreadState& me = b.threads[current.linear];
-    std::unique_lock<std::mutex> lock(w.mutex);
-    if (w.arrived > 0 && (w.mask != mask || w.operation != operation)) {
+    std::unique_lock<std::mutex> lock(w.meeting.mutex);
+    if (w.meeting.arrived > 0 && (w.mask != mask || w.operation != operation)) {
         snprintf(text, sizeof text, "%s with mask 0x%08x meets lanes at %s with mask 0x%08x", operation, mask,
                  w.operation, w.mask);
         lock.unlock();
@@ -313,29 +323,14 @@ const uint64_t* warp_exchange(unsigned int mask, uint64_t value, Site site, cons
     }
     w.mask = mask;
     w.operation = operation;
-    const unsigned int parity = w.generation & 1u;
+    const unsigned int parity = w.meeting.generation & 1u;
     w.slots[parity][lane] = value;
-    const unsigned int participants = static_cast<unsigned int>(__builtin_popcount(mask));
-    if (++w.arrived == participants) {
-        w.arrived = 0;
-        ++w.generation;
-        b.running += static_cast<int>(participants) - 1;
-        memcpy(exchanged, w.slots[parity], sizeof exchanged);
-        w.cv.notify_all();
-        return exchanged;
-    }
     me.operation = operation;
     me.mask = mask;
     me.file = site.file;
     me.line = site.line;
     me.state = state_at_warp;
-    const unsigned int generation = w.generation;
-    lock.unlock();
-    b.wait_or_stuck();
-    lock.lock();
-    w.cv.wait(lock, [&] { return w.generation != generation || b.failed; });
-    if (w.generation == generation) throw Aborted{};
-    me.state = state_running;
+    w.meeting.meet(b, lock, static_cast<unsigned int>(__builtin_popcount(mask)), me);
     memcpy(exchanged, w.slots[parity], sizeof exchanged);
     return exchanged;
 }
