@@ -7,7 +7,11 @@
 // unwind (Aborted), the remaining blocks do not run, and run_grid returns 1 with the message.
 #include "cuda_host.h"
 
-#include <condition_variable>
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <climits>
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
@@ -26,6 +30,13 @@ namespace {
 
 struct Aborted {};  // unwinds a thread of a failed block
 
+void futex_wait(std::atomic<unsigned int>& word, unsigned int seen) {
+    syscall(SYS_futex, reinterpret_cast<unsigned int*>(&word), FUTEX_WAIT_PRIVATE, seen, nullptr, nullptr, 0);
+}
+void futex_wake(std::atomic<unsigned int>& word, int count) {
+    syscall(SYS_futex, reinterpret_cast<unsigned int*>(&word), FUTEX_WAKE_PRIVATE, count, nullptr, nullptr, 0);
+}
+
 enum State : int { state_running, state_at_barrier, state_at_warp, state_returned };
 
 struct ThreadState {  // what a thread does now, for the report of a stuck block
@@ -38,12 +49,18 @@ struct ThreadState {  // what a thread does now, for the report of a stuck block
 
 struct Block;
 
-// threads that meet (at a barrier, at a warp operation): the last to arrive lets them all go on
+// threads that meet (at a barrier, at a warp operation): the last to arrive lets them all go on. Arrivals
+// count under `mutex`; waiters sleep on the futex word `wakeups` without the mutex (no convoy on waking),
+// and see the release through `generation` (acquire/release: ThreadSanitizer sees the ordering).
 struct Rendezvous {
     std::mutex mutex;
-    std::condition_variable cv;
-    unsigned int arrived = 0, generation = 0;
-    // with `lock` on `mutex` held; returns with it held once `participants` threads have arrived
+    std::atomic<unsigned int> generation{0}, wakeups{0};
+    unsigned int arrived = 0;
+    void wake_all() {
+        wakeups.fetch_add(1, std::memory_order_release);
+        futex_wake(wakeups, INT_MAX);
+    }
+    // with `lock` on `mutex` held; returns, with it released, once `participants` threads have arrived
     void meet(Block& b, std::unique_lock<std::mutex>& lock, unsigned int participants, ThreadState& me);
 };
 
@@ -105,12 +122,8 @@ struct Block {
             message = where() + ": " + what;
             failed = true;
         }
-        wake(barrier);
-        for (unsigned int w = 0; w < (size + 31) / 32; ++w) wake(warps[w].meeting);
-    }
-    static void wake(Rendezvous& rendezvous) {
-        std::lock_guard<std::mutex> lock(rendezvous.mutex);
-        rendezvous.cv.notify_all();
+        barrier.wake_all();
+        for (unsigned int w = 0; w < (size + 31) / 32; ++w) warps[w].meeting.wake_all();
     }
     [[noreturn]] void fault(const std::string& what) {
         fail("thread " + thread_name(current.linear) + ": " + what);
@@ -156,16 +169,20 @@ struct Block {
 void Rendezvous::meet(Block& b, std::unique_lock<std::mutex>& lock, unsigned int participants, ThreadState& me) {
     if (++arrived == participants) {
         arrived = 0;
-        ++generation;
         b.running += static_cast<int>(participants) - 1;
-        cv.notify_all();
+        generation.fetch_add(1, std::memory_order_release);
+        lock.unlock();
+        wake_all();
     } else {
-        const unsigned int waited = generation;
+        const unsigned int waited = generation.load(std::memory_order_relaxed);
         lock.unlock();
         b.wait_or_stuck();
-        lock.lock();
-        cv.wait(lock, [&] { return generation != waited || b.failed; });
-        if (generation == waited) throw Aborted{};
+        for (;;) {
+            const unsigned int seen = wakeups.load(std::memory_order_acquire);
+            if (generation.load(std::memory_order_acquire) != waited) break;
+            if (b.failed) throw Aborted{};
+            futex_wait(wakeups, seen);
+        }
     }
     me.state = state_running;
 }
@@ -175,70 +192,58 @@ thread_local std::unordered_map<const void*, void*> shared_cache;  // this threa
 thread_local unsigned long long shared_cache_serial = 0;
 thread_local uint64_t exchanged[32];
 
-// ---- the pool: host thread i runs CUDA thread i (linear index) of the current block ----------------------
-
+// host thread i runs CUDA thread i (linear index) of the current block; each waits on its own futex word
 class Pool {
   public:
     ~Pool() {
         for (auto& worker : workers_) {
-            {
-                std::lock_guard<std::mutex> lock(worker->mutex);
-                worker->stop = true;
-            }
-            worker->cv.notify_one();
+            worker->stop = true;
+            worker->post();
             worker->thread.join();
         }
     }
-    // run(linear) for linear in [0, n) on n host threads; returns when all have finished
+    // run_thread(linear) for linear in [0, n) on n host threads; returns when all have finished
     template <typename F> void run(unsigned int n, F run_thread) {
         while (workers_.size() < n) workers_.emplace_back(new Worker(this));
         std::function<void(unsigned int)> job = run_thread;
-        {
-            std::lock_guard<std::mutex> lock(mutex_);
-            remaining_ = n;
-        }
+        remaining_.store(n, std::memory_order_relaxed);
+        const unsigned int finished = finished_.load(std::memory_order_relaxed);
         for (unsigned int i = 0; i < n; ++i) {
-            Worker& worker = *workers_[i];
-            {
-                std::lock_guard<std::mutex> lock(worker.mutex);
-                worker.job = &job;
-                worker.linear = i;
-            }
-            worker.cv.notify_one();
+            workers_[i]->job = &job;
+            workers_[i]->linear = i;
+            workers_[i]->post();
         }
-        std::unique_lock<std::mutex> lock(mutex_);
-        done_.wait(lock, [&] { return remaining_ == 0; });
+        while (finished_.load(std::memory_order_acquire) == finished) futex_wait(finished_, finished);
     }
 
   private:
     struct Worker {
-        std::mutex mutex;
-        std::condition_variable cv;
+        std::atomic<unsigned int> posted{0};  // bumped for each job, and to stop
         std::function<void(unsigned int)>* job = nullptr;
         unsigned int linear = 0;
         bool stop = false;
         std::thread thread;
         explicit Worker(Pool* pool) : thread([this, pool] { loop(pool); }) {}
+        void post() {
+            posted.fetch_add(1, std::memory_order_release);
+            futex_wake(posted, 1);
+        }
         void loop(Pool* pool) {
-            for (;;) {
-                std::function<void(unsigned int)>* next;
-                {
-                    std::unique_lock<std::mutex> lock(mutex);
-                    cv.wait(lock, [&] { return job != nullptr || stop; });
-                    if (stop) return;
-                    next = job;
-                    job = nullptr;
+            for (unsigned int seen = 0;;) {
+                unsigned int now;
+                while ((now = posted.load(std::memory_order_acquire)) == seen) futex_wait(posted, seen);
+                seen = now;
+                if (stop) return;
+                (*job)(linear);
+                if (pool->remaining_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+                    pool->finished_.fetch_add(1, std::memory_order_release);
+                    futex_wake(pool->finished_, 1);
                 }
-                (*next)(linear);
-                std::lock_guard<std::mutex> lock(pool->mutex_);
-                if (--pool->remaining_ == 0) pool->done_.notify_one();
             }
         }
     };
     std::vector<std::unique_ptr<Worker>> workers_;
-    std::mutex mutex_;
-    std::condition_variable done_;
-    unsigned int remaining_ = 0;
+    std::atomic<unsigned int> remaining_{0}, finished_{0};
 };
 
 std::mutex launch_mutex;  // one launch at a time: blocks run in order, as on a one-SM device
@@ -323,7 +328,7 @@ const uint64_t* warp_exchange(unsigned int mask, uint64_t value, Site site, cons
     }
     w.mask = mask;
     w.operation = operation;
-    const unsigned int parity = w.meeting.generation & 1u;
+    const unsigned int parity = w.meeting.generation.load(std::memory_order_relaxed) & 1u;
     w.slots[parity][lane] = value;
     me.operation = operation;
     me.mask = mask;
@@ -331,7 +336,7 @@ const uint64_t* warp_exchange(unsigned int mask, uint64_t value, Site site, cons
     me.line = site.line;
     me.state = state_at_warp;
     w.meeting.meet(b, lock, static_cast<unsigned int>(__builtin_popcount(mask)), me);
-    memcpy(exchanged, w.slots[parity], sizeof exchanged);
+    memcpy(exchanged, w.slots[parity], sizeof exchanged);  // no lane writes this half before all have copied it
     return exchanged;
 }
 
