@@ -311,7 +311,7 @@ def test_a_label_outside_the_classes_makes_its_row_loss_nan(programs, team, rng)
 
 # ---- the harness itself: each fault is caught ------------------------------------------------------------
 
-FAULTY = textwrap.dedent("""\
+TINY = textwrap.dedent("""\
     __global__ void copy_bounded(const float* x, float* y, long long n) {
         const long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
         if (i < n) y[i] = x[i];
@@ -346,6 +346,13 @@ FAULTY = textwrap.dedent("""\
         for (int d = 16; d > 0; d /= 2) v += __shfl_xor_sync(0xffffffffu, v, d);
         out[threadIdx.x] = v + static_cast<float>(__ballot_sync(0xffffffffu, threadIdx.x % 2) == 0xaaaaaaaau);
     }
+    __global__ void shuffles(const float* x, float* out) {
+        const float v = x[threadIdx.x];
+        out[4 * threadIdx.x] = __shfl_sync(0xffffffffu, v, 3, 8);
+        out[4 * threadIdx.x + 1] = __shfl_up_sync(0xffffffffu, v, 1, 8);
+        out[4 * threadIdx.x + 2] = __shfl_down_sync(0xffffffffu, v, 2, 8);
+        out[4 * threadIdx.x + 3] = __shfl_xor_sync(0xffffffffu, v, 5);
+    }
     __global__ void vector_load(const float* x, float* out, int misaligned_thread) {
         const float* p = x + 4 * threadIdx.x + (static_cast<int>(threadIdx.x) == misaligned_thread ? 1 : 0);
         const float4 v = *reinterpret_cast<const float4*>(p);
@@ -365,17 +372,17 @@ FAULTY = textwrap.dedent("""\
     }
     __global__ void takes(const double* x, float* out, int count, long long n, float scale) {}
     """)
-FAULTY_KERNELS = ("copy_bounded", "copy_off_by_one", "early_return", "divergent_barriers", "half_warp_sum",
-                  "mask_without_self", "warp_sum", "vector_load", "read_shared", "takes")
+TINY_KERNELS = ("copy_bounded", "copy_off_by_one", "early_return", "divergent_barriers", "half_warp_sum",
+                  "mask_without_self", "warp_sum", "shuffles", "vector_load", "read_shared", "takes")
 
 
-def faulty_unit():
-    return host.Unit("faulty.cu", (("faulty.cu", FAULTY),), FAULTY_KERNELS)
+def tiny_unit():
+    return host.Unit("tiny.cu", (("tiny.cu", TINY),), TINY_KERNELS)
 
 
 @pytest.fixture(scope="session")
-def faulty():
-    return built([faulty_unit()])
+def tiny():
+    return built([tiny_unit()])
 
 
 def run_sanitized(sanitizer, script):
@@ -390,9 +397,9 @@ def run_sanitized(sanitizer, script):
 
 
 def test_an_off_by_one_bound_is_caught_by_address_sanitizer():
-    built([faulty_unit()], sanitizer="address")  # built here, loaded by the sanitized process
+    built([tiny_unit()], sanitizer="address")  # built here, loaded by the sanitized process
     status, out, err = run_sanitized("address", """
-        program = host.build([t.faulty_unit()], sanitizer="address")
+        program = host.build([t.tiny_unit()], sanitizer="address")
         x = host.exact_copy(np.arange(100, dtype=np.float32))
         y = host.exact_copy(np.zeros(100, np.float32))
         program.launch("copy_bounded", (1,), (128,), (x, y, np.int64(100)))
@@ -486,47 +493,61 @@ def test_the_kernels_that_share_memory_have_no_data_race_under_thread_sanitizer(
     ("early_return", "thread (5,0,0): returned"),
     ("divergent_barriers", "while other threads wait at another"),
 ])
-def test_a_barrier_that_not_every_thread_reaches_is_a_fault(faulty, kernel, expected):
+def test_a_barrier_that_not_every_thread_reaches_is_a_fault(tiny, kernel, expected):
     with pytest.raises(host.KernelFault, match=r"kernel " + kernel + r", block \(0,0,0\)") as caught:
-        faulty.launch(kernel, (1,), (128,), (np.zeros(128, np.float32),))
+        tiny.launch(kernel, (1,), (128,), (np.zeros(128, np.float32),))
     assert expected in str(caught.value) and "__syncthreads" in str(caught.value)
 
 
 @pytest.mark.parametrize("kernel, expected", [
     ("half_warp_sum",  # lanes 0..15 find the others returned, or wait until the last of them returns
      r"__shfl_xor_sync with mask 0xffffffff names lane (1[6-9]|2\d|3[01]), which has returned$|"
-     r"threads \(0,0,0\)..\(15,0,0\): wait at __shfl_xor_sync with mask 0xffffffff \(faulty.cu:24\)\n"
+     r"threads \(0,0,0\)..\(15,0,0\): wait at __shfl_xor_sync with mask 0xffffffff \(tiny.cu:24\)\n"
      r"  threads \(16,0,0\)..\(31,0,0\): returned$"),
     ("mask_without_self",  # whichever of lanes 16..31 comes first
      r"thread \((1[6-9]|2\d|3[01]),0,0\): __shfl_xor_sync with mask 0x0000ffff, which does not name its own lane \1$"),
 ])
-def test_a_shuffle_whose_mask_names_a_lane_that_does_not_take_part_is_a_fault(faulty, kernel, expected):
+def test_a_shuffle_whose_mask_names_a_lane_that_does_not_take_part_is_a_fault(tiny, kernel, expected):
     with pytest.raises(host.KernelFault, match=r"kernel " + kernel + r", block \(0,0,0\)") as caught:
-        faulty.launch(kernel, (1,), (32,), (np.arange(32, dtype=np.float32), np.zeros(32, np.float32)))
+        tiny.launch(kernel, (1,), (32,), (np.arange(32, dtype=np.float32), np.zeros(32, np.float32)))
     assert re.search(expected, str(caught.value))
 
 
-def test_shuffles_and_votes_exchange_in_lockstep(faulty):
+def test_shuffles_and_votes_exchange_in_lockstep(tiny):
     x = np.arange(64, dtype=np.float32)
     out = np.zeros(64, np.float32)
-    faulty.launch("warp_sum", (1,), (64,), (x, out))
+    tiny.launch("warp_sum", (1,), (64,), (x, out))
     expected = np.repeat([x[:32].sum(), x[32:].sum()], 32) + 1  # + 1: the ballot of the odd lanes is 0xaaaaaaaa
     np.testing.assert_array_equal(out, expected)
 
 
-def test_a_misaligned_vector_load_is_a_fault_naming_the_thread(faulty):
+def test_shuffles_read_the_lanes_cuda_documents(tiny):
+    x = np.arange(100, 164, dtype=np.float32)
+    out = np.zeros((64, 4), np.float32)
+    tiny.launch("shuffles", (1,), (64,), (x, out))
+    lane = np.arange(64) % 32
+    base = np.arange(64) - lane  # the warp's first thread
+    segment = lane - lane % 8  # width 8: lanes 0-7, 8-15, ... of each warp
+    np.testing.assert_array_equal(out[:, 0], x[base + segment + 3])
+    # up and down: a lane whose source falls outside its segment keeps its own value
+    np.testing.assert_array_equal(out[:, 1], x[base + np.where(lane % 8 >= 1, lane - 1, lane)])
+    np.testing.assert_array_equal(out[:, 2], x[base + np.where(lane % 8 < 6, lane + 2, lane)])
+    np.testing.assert_array_equal(out[:, 3], x[base + (lane ^ 5)])
+
+
+def test_a_misaligned_vector_load_is_a_fault_naming_the_thread(tiny):
     x = host.exact_copy(np.arange(64, dtype=np.float32))
     out = np.zeros(8, np.float32)
-    faulty.launch("vector_load", (1,), (8,), (x, out, np.int32(-1)))  # every thread 16-byte aligned
+    tiny.launch("vector_load", (1,), (8,), (x, out, np.int32(-1)))  # every thread 16-byte aligned
     np.testing.assert_array_equal(out, [4 * (4 * i) + 6 for i in range(8)])
     with pytest.raises(host.KernelFault, match=r"kernel vector_load, block \(0,0,0\): thread \(1,0,0\): "
                                                r"misaligned access .*float4.*16-byte alignment"):
-        faulty.launch("vector_load", (1,), (8,), (x, out, np.int32(1)))  # thread 1 reads 4 bytes past
+        tiny.launch("vector_load", (1,), (8,), (x, out, np.int32(1)))  # thread 1 reads 4 bytes past
 
 
-def test_shared_memory_no_thread_wrote_reads_as_nan(faulty):
+def test_shared_memory_no_thread_wrote_reads_as_nan(tiny):
     out = np.zeros(128, np.float32)
-    faulty.launch("read_shared", (2,), (64,), (out,), shared_mem=64 * 4)
+    tiny.launch("read_shared", (2,), (64,), (out,), shared_mem=64 * 4)
     np.testing.assert_array_equal(out[:32], 1.0)
     np.testing.assert_array_equal(out[64:96], 2.0)
     assert np.isnan(out[32:64]).all() and np.isnan(out[96:]).all()
@@ -549,13 +570,13 @@ def test_shared_memory_no_thread_wrote_reads_as_nan(faulty):
     ((np.zeros(2), np.zeros((2, 2), np.float32)[:, 0], np.int32(1), np.int64(2), np.float32(1)),
      r"argument 1 \(float\* out\): expected a C-contiguous array"),
 ])
-def test_every_argument_is_checked_against_the_kernel_signature(faulty, args, expected):
+def test_every_argument_is_checked_against_the_kernel_signature(tiny, args, expected):
     with pytest.raises(TypeError, match=expected):
-        faulty.launch("takes", (1,), (1,), args)
+        tiny.launch("takes", (1,), (1,), args)
 
 
-def test_a_python_int_is_a_long_long_and_none_a_null_pointer(faulty):
-    faulty.launch("takes", (1,), (1,), (None, np.zeros(1, np.float32), np.int32(1), 5, np.float32(1)))
+def test_a_python_int_is_a_long_long_and_none_a_null_pointer(tiny):
+    tiny.launch("takes", (1,), (1,), (None, np.zeros(1, np.float32), np.int32(1), 5, np.float32(1)))
 
 
 @pytest.mark.parametrize("grid, block, shared_mem, expected", [
@@ -565,9 +586,9 @@ def test_a_python_int_is_a_long_long_and_none_a_null_pointer(faulty):
     ((0,), (1,), 0, r"grid: invalid configuration argument: x = 0"),
     ((1,), (1,), 48 * 1024 + 1, r"shared_mem: expected 0 to 49152 bytes"),
 ])
-def test_a_launch_configuration_cuda_refuses_is_refused(faulty, grid, block, shared_mem, expected):
+def test_a_launch_configuration_cuda_refuses_is_refused(tiny, grid, block, shared_mem, expected):
     with pytest.raises(ValueError, match=expected):
-        faulty.launch("early_return", grid, block, (np.zeros(1, np.float32),), shared_mem=shared_mem)
+        tiny.launch("early_return", grid, block, (np.zeros(1, np.float32),), shared_mem=shared_mem)
 
 
 def test_the_kernel_signatures_are_read_from_the_cpp_declarations(programs):
@@ -583,7 +604,7 @@ def test_every_instantiation_of_the_table_is_in_the_harness(programs, dtype):
     assert set(programs(dtype).expressions) == expected
 
 
-def test_a_source_that_does_not_compile_names_its_unit(faulty):
+def test_a_source_that_does_not_compile_names_its_unit(tiny):
     with pytest.raises(host.BuildError, match=r"(?s)does not compile broken.cu:\n.*broken.cu:1:"):
         host.build([host.Unit("broken.cu", (("broken.cu", "__global__ void k(float* x) { x[0] = y; }"),), ("k",))])
 
@@ -591,7 +612,7 @@ def test_a_source_that_does_not_compile_names_its_unit(faulty):
 def test_without_a_compiler_the_harness_says_what_to_install(monkeypatch):
     monkeypatch.setattr(host, "COMPILER", "no-such-compiler-deltaprop")
     with pytest.raises(host.HarnessUnavailable, match=r"needs a C\+\+17 compiler: 'no-such-compiler-deltaprop'"):
-        host.build([faulty_unit()])
+        host.build([tiny_unit()])
 
 
 def test_exact_copy_is_exact_and_misaligned_on_request():

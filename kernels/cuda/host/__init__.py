@@ -33,6 +33,7 @@ import subprocess
 import tempfile
 import weakref
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,8 @@ import numpy as np
 HERE = Path(__file__).parent
 CUDA_DIR = HERE.parent
 COMPILER = os.environ.get("CXX", "g++")
-COMMON_FLAGS = ("-std=c++17", "-fPIC", "-pthread", "-fno-omit-frame-pointer", "-I", str(HERE / "include"), "-I", str(HERE))
+COMMON_FLAGS = ("-std=c++17", "-fPIC", "-pthread", "-fno-omit-frame-pointer",
+                "-I", str(HERE / "include"), "-I", str(HERE))
 # sanitizer -> (compile flags, link flags); the plain build checks alignment through cuda_host.cpp's handler
 BUILD_FLAGS = {
     None: (("-O2", "-fsanitize=alignment"), ()),
@@ -50,7 +52,8 @@ BUILD_FLAGS = {
 }
 SANITIZER_RUNTIME = {"address": "libasan.so", "thread": "libtsan.so"}
 SANITIZER_OPTIONS = {
-    "address": {"ASAN_OPTIONS": "detect_leaks=0:halt_on_error=1", "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"},
+    "address": {"ASAN_OPTIONS": "detect_leaks=0:halt_on_error=1",
+                "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"},
     "thread": {"TSAN_OPTIONS": "halt_on_error=1:report_signal_unsafe=0"},
 }
 HARNESS_FILES = ("cuda_host.h", "cuda_host.cpp", "include/cuda_fp16.h", "include/cuda_bf16.h")
@@ -75,7 +78,8 @@ PYTHON_SCALARS = {bool: np.bool_, int: np.int64, float: np.float64}
 _EXTERN_SHARED = re.compile(
     r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?(?P<type>[A-Za-z_][\w:<>, ]*?)\s+(?P<name>\w+)\s*\[\s*\]\s*;")
 _SHARED = re.compile(
-    r"__shared__\s+(?:__align__\(\d+\)\s+)?(?P<type>[A-Za-z_][\w:<>, ]*?)\s+(?P<name>\w+)\s*(?P<dims>(?:\[[^\]]+\]\s*)*);")
+    r"__shared__\s+(?:__align__\(\d+\)\s+)?(?P<type>[A-Za-z_][\w:<>, ]*?)\s+(?P<name>\w+)\s*"
+    r"(?P<dims>(?:\[[^\]]+\]\s*)*);")
 _KERNEL = re.compile(r"__global__\s+void\s+(\w+)\s*\(([^)]*)\)")
 
 
@@ -372,9 +376,19 @@ def _argument(expression: str, index: int, param: Param, value) -> np.ndarray:
     if passed is None:
         raise TypeError(f"{where}: expected a scalar of {expected}, got {_describe(value)}")
     if passed != expected:
+        how = f", as CuPy passes a Python {type(value).__name__}" if scalar_type else ""
         raise TypeError(f"{where}: expected {expected} ({expected.itemsize} bytes), got {_describe(value)}"
-                        f" ({passed}, {passed.itemsize} bytes{', as CuPy passes a Python ' + type(value).__name__ if scalar_type else ''})")
+                        f" ({passed}, {passed.itemsize} bytes{how})")
     return np.array([value], expected)
+
+
+@cache
+def _libc():
+    """The C library's malloc and free (the ones AddressSanitizer replaces when it is preloaded)."""
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    return libc
 
 
 def exact_copy(array: np.ndarray, misalign: int = 0) -> np.ndarray:
@@ -384,10 +398,8 @@ def exact_copy(array: np.ndarray, misalign: int = 0) -> np.ndarray:
     array = np.asarray(array)
     if misalign % array.itemsize or not 0 <= misalign < 16:
         raise ValueError(f"misalign: expected a multiple of {array.itemsize} below 16, got {misalign}")
-    libc = ctypes.CDLL(None)
-    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-    libc.free.argtypes = [ctypes.c_void_p]
-    start = libc.malloc(array.nbytes + misalign + 1 if array.nbytes == 0 else array.nbytes + misalign)
+    libc = _libc()
+    start = libc.malloc(max(array.nbytes + misalign, 1))
     if not start:
         raise MemoryError(f"exact_copy: cannot allocate {array.nbytes} bytes")
     storage = (ctypes.c_char * array.nbytes).from_address(start + misalign)

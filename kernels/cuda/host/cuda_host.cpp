@@ -134,7 +134,9 @@ struct Block {
         const ThreadState& t = threads[linear];
         char text[256];
         switch (t.state.load()) {
-        case state_at_barrier: snprintf(text, sizeof text, "wait at __syncthreads (%s:%d)", t.file.load(), t.line.load()); break;
+        case state_at_barrier:
+            snprintf(text, sizeof text, "wait at __syncthreads (%s:%d)", t.file.load(), t.line.load());
+            break;
         case state_at_warp:
             snprintf(text, sizeof text, "wait at %s with mask 0x%08x (%s:%d)", t.operation.load(), t.mask.load(),
                      t.file.load(), t.line.load());
@@ -152,7 +154,9 @@ struct Block {
             const std::string state = state_of(first);
             unsigned int last = first;
             while (last + 1 < size && state_of(last + 1) == state) ++last;
-            report += (last > first ? "\n  threads " : "\n  thread ") + thread_name(first) + (last > first ? ".." + thread_name(last) : "") + ": " + state;
+            const std::string who = last > first ? "threads " + thread_name(first) + ".." + thread_name(last)
+                                                 : "thread " + thread_name(first);
+            report += "\n  " + who + ": " + state;
             first = last + 1;
         }
         fail(report);
@@ -313,7 +317,8 @@ const uint64_t* warp_exchange(unsigned int mask, uint64_t value, Site site, cons
     }
     for (unsigned int other = 0; other < 32; ++other) {
         if ((mask >> other & 1u) && b.threads[warp * 32 + other].state.load() == state_returned) {
-            snprintf(text, sizeof text, "%s with mask 0x%08x names lane %u, which has returned", operation, mask, other);
+            snprintf(text, sizeof text, "%s with mask 0x%08x names lane %u, which has returned", operation, mask,
+                     other);
             b.fault(text);
         }
     }
@@ -417,7 +422,9 @@ void misaligned(UbsanTypeMismatch* data, uintptr_t pointer) {
     dp::block->fail("thread " + dp::block->thread_name(dp::current.linear) + ": " + text);
 }
 }  // namespace
-extern "C" void __ubsan_handle_type_mismatch_v1(UbsanTypeMismatch* data, uintptr_t pointer) { misaligned(data, pointer); }
+extern "C" void __ubsan_handle_type_mismatch_v1(UbsanTypeMismatch* data, uintptr_t pointer) {
+    misaligned(data, pointer);
+}
 extern "C" void __ubsan_handle_type_mismatch_v1_abort(UbsanTypeMismatch* data, uintptr_t pointer) {
     misaligned(data, pointer);
 }

@@ -99,13 +99,14 @@ T shuffle(Shuffle mode, unsigned int mask, T var, int b, int width, Site site, c
     const unsigned int clamp = mode == Shuffle::up ? 0u : 31u;
     const unsigned int max_lane = (lane & segmask) | (clamp & ~segmask);
     unsigned int j = lane;
-    bool in_range = true;
+    const unsigned int operand = static_cast<unsigned int>(b);
     switch (mode) {
-    case Shuffle::idx: j = (lane & segmask) | (static_cast<unsigned int>(b) & 31u & ~segmask); in_range = j <= max_lane; break;
-    case Shuffle::up: j = lane - static_cast<unsigned int>(b); in_range = static_cast<int>(j) >= static_cast<int>(max_lane); break;
-    case Shuffle::down: j = lane + static_cast<unsigned int>(b); in_range = j <= max_lane; break;
-    case Shuffle::bfly: j = lane ^ static_cast<unsigned int>(b); in_range = j <= max_lane; break;
+    case Shuffle::idx: j = (lane & segmask) | (operand & 31u & ~segmask); break;
+    case Shuffle::up: j = lane - operand; break;
+    case Shuffle::down: j = lane + operand; break;
+    case Shuffle::bfly: j = lane ^ operand; break;
     }
+    const bool in_range = mode == Shuffle::up ? static_cast<int>(j) >= static_cast<int>(max_lane) : j <= max_lane;
     const uint64_t* slots = warp_exchange(mask, to_slot(var), site, operation);
     if (!in_range) return var;
     if (!(mask >> j & 1u)) trap("a shuffle reads a lane outside its mask (the value is undefined)");
