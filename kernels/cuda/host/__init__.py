@@ -187,6 +187,9 @@ def sanitizer_environment(sanitizer: str) -> dict[str, str]:
     """Environment variables for a process that loads a ``sanitizer`` build (its runtime preloaded)."""
     runtime = subprocess.run([compiler_path(), f"-print-file-name={SANITIZER_RUNTIME[sanitizer]}"],
                              capture_output=True, text=True, check=True).stdout.strip()
+    if not os.path.isabs(runtime):  # the compiler names a library it does not have by its bare name
+        raise HarnessUnavailable(f"{COMPILER} has no {SANITIZER_RUNTIME[sanitizer]}: install its {sanitizer}"
+                                 " sanitizer runtime (e.g. the libasan/libtsan package of the same version)")
     return {"LD_PRELOAD": runtime, **SANITIZER_OPTIONS[sanitizer]}
 
 
