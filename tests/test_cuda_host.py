@@ -5,8 +5,10 @@ with geometries that force the grid-stride loops. Then the harness itself: each 
 would show is caught (each with a tiny kernel of its own), under AddressSanitizer and ThreadSanitizer
 where that is what catches it.
 
-The harness is built once per session (cached on disk by a hash of the sources and flags); without a
-C++ compiler every test here is skipped with the reason.
+The harness is built once per dtype (cached on disk by a hash of the sources and flags) and loaded once
+per session; without a C++ compiler every test here is skipped with the reason. With
+DELTAPROP_HOST_SANITIZER=address (and the runtime preloaded: host.sanitizer_environment) the kernel tests
+run in an AddressSanitizer build, as test_every_kernel_runs_clean_under_address_sanitizer does.
 """
 
 import os
@@ -21,7 +23,6 @@ from conftest import TOLERANCE, rel_err
 
 from deltaprop.backend import cupy_backend as geometry  # constants only: CupyBackend is not created
 from deltaprop.kernels import reference
-from deltaprop.kernels.activations import ACTIVATIONS
 from deltaprop.kernels.cuda import host, loader
 from deltaprop.kernels.dtypes import DTYPES
 
@@ -370,10 +371,16 @@ TINY = textwrap.dedent("""\
         out[threadIdx.x] = written[threadIdx.x];
         out[64 + threadIdx.x] = second[threadIdx.x];
     }
+    __global__ void count(int* total, float* sum, float* largest, const float* x) {
+        atomicAdd(total, 1);
+        atomicAdd(sum, x[threadIdx.x]);
+        atomicMax(largest, x[threadIdx.x] * (blockIdx.x + 1));
+    }
     __global__ void takes(const double* x, float* out, int count, long long n, float scale) {}
     """)
 TINY_KERNELS = ("copy_bounded", "copy_off_by_one", "early_return", "divergent_barriers", "half_warp_sum",
-                  "mask_without_self", "warp_sum", "shuffles", "vector_load", "read_shared", "takes")
+                "mask_without_self", "warp_sum", "shuffles", "vector_load", "read_shared", "count",
+                "takes")
 
 
 def tiny_unit():
@@ -528,6 +535,13 @@ def test_shuffles_and_votes_exchange_in_lockstep(tiny):
     tiny.launch("warp_sum", (1,), (64,), (x, out))
     expected = np.repeat([x[:32].sum(), x[32:].sum()], 32) + 1  # + 1: the ballot of the odd lanes is 0xaaaaaaaa
     np.testing.assert_array_equal(out, expected)
+
+
+def test_atomics_from_every_thread_of_every_block_add_up(tiny):
+    x = np.arange(64, dtype=np.float32)
+    total, total_sum, largest = np.zeros(1, np.int32), np.zeros(1, np.float32), np.zeros(1, np.float32)
+    tiny.launch("count", (3,), (64,), (total, total_sum, largest, x))
+    assert (total[0], total_sum[0], largest[0]) == (3 * 64, 3 * x.sum(), 3 * x.max())
 
 
 def test_shuffles_read_the_lanes_cuda_documents(tiny):

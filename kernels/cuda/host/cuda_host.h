@@ -224,7 +224,6 @@ inline int __all_sync(unsigned int mask, int predicate, DP_CALLER) {
 inline int __any_sync(unsigned int mask, int predicate, DP_CALLER) {
     return __ballot_sync(mask, predicate, file, line) != 0;
 }
-inline unsigned int __activemask() { return 0xffffffffu; }  // this harness never diverges a warp's lanes
 inline int __popc(unsigned int x) { return __builtin_popcount(x); }
 inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
 inline int __ffs(int x) { return __builtin_ffs(x); }
