@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from deltaprop.backend.base import check_label_range
+from deltaprop.backend.checks import check_label_range
 from deltaprop.errors import NonFiniteLossError
 from deltaprop.model.losses import get_loss
 from deltaprop.model.optim import check_count, check_seed, get_optimizer
