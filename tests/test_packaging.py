@@ -17,7 +17,8 @@ import zipfile
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-SUBPACKAGES = ("backend", "benchmarks", "cli", "kernels", "kernels/cpu", "kernels/cuda", "model")
+SUBPACKAGES = ("backend", "benchmarks", "cli", "kernels", "kernels/cpu", "kernels/cuda", "kernels/cuda/host",
+               "kernels/cuda/host/include", "model")
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +52,13 @@ def test_the_wheel_holds_no_tests_scripts_or_caches(wheel_files):
     parts = [pathlib.PurePosixPath(name) for name in package]
     assert not [p for p in parts if p.name.startswith("test_") or p.name == "conftest.py" or "tests" in p.parts]
     assert not [p for p in parts if p.suffix in (".sh", ".pyc", ".nbi", ".nbc", ".png") or "__pycache__" in p.parts]
-    assert {p.suffix for p in parts} == {".py", ".cu", ".cuh", ".json", ".typed"}
+    assert {p.suffix for p in parts} == {".py", ".cu", ".cuh", ".h", ".cpp", ".json", ".typed"}  # .h/.cpp: the host harness
 
 
 @pytest.mark.slow
 def test_the_wheel_holds_every_module_of_the_package(wheel_files):
-    tracked = subprocess.run(["git", "ls-files", "*.py", "*.cu", "*.cuh", "py.typed", "benchmarks/bench_schema.json"],
+    tracked = subprocess.run(["git", "ls-files", "*.py", "*.cu", "*.cuh", "*.h", "*.cpp", "py.typed",
+                              "benchmarks/bench_schema.json"],
                              cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     if not tracked:
         pytest.skip("not a git checkout")
