@@ -19,22 +19,22 @@ import textwrap
 
 import numpy as np
 import pytest
-from conftest import TOLERANCE, rel_err
+from helpers import rel_err, tol
 
-from deltaprop.backend import cupy_backend as geometry  # constants only: CupyBackend is not created
+from deltaprop.backend.cupy_backend import NULL  # the null pointer the backend passes; CupyBackend is not created
 from deltaprop.kernels import reference
-from deltaprop.kernels.cuda import host, loader
+from deltaprop.kernels.cuda import host, launch, loader
 from deltaprop.kernels.dtypes import DTYPES
 
 pytestmark = pytest.mark.cuda_sim
 
 FAKE_MULTIPROCESSORS = 4
-MAX_BLOCKS = FAKE_MULTIPROCESSORS * geometry.BLOCKS_PER_SM
+GRID_LIMIT = launch.max_blocks(FAKE_MULTIPROCESSORS)
 # a result stored in a 16-bit type is within half an ulp of the exact value: one ulp of the largest
 # element, norm-wise; results in float32 and float64 (and every loss, kept in the compute type) as the
-# project's table
-STORED_TOLERANCE = {**TOLERANCE, "float16": 2.0**-10, "bfloat16": 2.0**-7}
-# rows of each length a row team serves (loader.row_team picks the team by the row length)
+# dtype table
+STORED_TOLERANCE = {**{dtype: tol(dtype) for dtype in loader.CUDA_DTYPES}, "float16": 2.0**-10, "bfloat16": 2.0**-7}
+# rows of each length a row team serves (launch.row_team picks the team by the row length)
 TEAM_COLUMNS = {"GroupTeam<1>": (1,), "GroupTeam<2>": (2,), "GroupTeam<4>": (3,), "GroupTeam<8>": (5,),
                 "GroupTeam<16>": (13,), "GroupTeam<32>": (31, 32, 33), "BlockTeam": (1025,)}
 FLAT_SIZES = (1, 3, 31, 33, 1025)
@@ -97,34 +97,18 @@ def device(array, misaligned=False):
     return host.exact_copy(array, array.itemsize if misaligned and array.itemsize < 16 else 0)
 
 
-def blocks(count, per_block):
-    return -(-count // per_block)
+# ---- the backend's launch geometry (kernels/cuda/launch.py) with the grid limit of the fake device --------
 
 
-# ---- the backend's launch geometry (backend/cupy_backend.py) with max_blocks of the fake device ----------
+def rows_launch(rows, cols, dtype, caches_row, grid_limit=GRID_LIMIT):
+    """(launch, cache flag) of a row-wise kernel, as CupyBackend._launch_rows."""
+    _, geometry, cache = launch.rows_launch(rows, cols, accum(dtype).itemsize, grid_limit, caches_row)
+    return geometry, int(cache)
 
 
-def flat_grid(n, dtype):
-    return (min(blocks(blocks(n, geometry.VECTOR_BYTES // storage(dtype).itemsize), geometry.THREADS), MAX_BLOCKS),)
-
-
-def rows_launch(rows, cols, dtype, caches_row):
-    """(grid, dynamic shared bytes, cache flag) of a row-wise kernel, as CupyBackend._launch_rows."""
-    _, lanes = loader.row_team(cols)
-    if lanes:
-        return (min(blocks(rows * lanes, geometry.THREADS), MAX_BLOCKS),), 0, 0
-    row_bytes = cols * accum(dtype).itemsize
-    cache = caches_row and row_bytes <= geometry.ROW_CACHE_BYTES
-    return (min(rows, MAX_BLOCKS),), row_bytes if cache else 0, int(cache)
-
-
-def bias_act_launch(rows, cols):
-    """(grid, block) of bias_act, as CupyBackend.bias_act."""
-    block_x = min(geometry.THREADS, 1 << (cols - 1).bit_length())
-    block_y = geometry.THREADS // block_x
-    grid_x = min(blocks(cols, block_x), MAX_BLOCKS)
-    grid_y = min(blocks(rows, block_y), max(MAX_BLOCKS // grid_x, 1), geometry.MAX_GRID_Y)
-    return (grid_x, grid_y), (block_x, block_y)
+def launched(program, expression, geometry, args):
+    """Run ``expression`` with ``geometry`` (a launch.Launch), as CupyBackend._launch."""
+    program.launch(expression, geometry.grid, geometry.block, args, shared_mem=geometry.shared_mem)
 
 
 def check(result, expected, tolerance, what):
@@ -140,38 +124,40 @@ def test_bias_act(programs, dtype, kernel, variant, expression, rng):
     program = programs(dtype)
     act = variant[0].removeprefix("act_")
     tolerance = STORED_TOLERANCE[dtype]
-    forced = ((1, 1), (32, 8))  # one block of 32 x 8: both grid-stride loops turn
+    forced = launch.Launch((1, 1), (32, 8))  # one block of 32 x 8: both grid-stride loops turn
     for index, (rows, cols) in enumerate(MATRIX_SHAPES):
         acc, b = sample(rng, (rows, cols), dtype), sample(rng, (cols,), dtype)
-        for grid, block in [bias_act_launch(rows, cols)] + ([forced] if cols == 33 else []):
+        for geometry in [launch.bias_act_launch(rows, cols, GRID_LIMIT)] + ([forced] if cols == 33 else []):
             misaligned = index % 2 == 1
             z = device(np.full((rows, cols), np.nan, storage(dtype)), misaligned)
             a = device(np.full((rows, cols), np.nan, storage(dtype)))
-            program.launch(expression, grid, block, (device(acc, misaligned), device(b, misaligned), z, a,
+            launched(program, expression, geometry, (device(acc, misaligned), device(b, misaligned), z, a,
                                                      np.int64(rows), np.int64(cols)))
             z_expected, _ = reference.bias_act(acc, b, act)
             _, a_of_stored_z = reference.bias_act(z, np.zeros(cols), act)  # act of the stored z, as the kernel
-            check(z, z_expected, tolerance, f"z of {rows}x{cols}, grid {grid}")
-            check(a, a_of_stored_z, tolerance, f"a of {rows}x{cols}, grid {grid}")
+            check(z, z_expected, tolerance, f"z of {rows}x{cols}, {geometry}")
+            check(a, a_of_stored_z, tolerance, f"a of {rows}x{cols}, {geometry}")
 
 
 def flat_cases(dtype):
-    """(n, misaligned buffers, grid, block): the backend's geometry at every size, aligned and not, and
-    one block of 32 threads (every thread walks several chunks)."""
-    cases = [(n, False, flat_grid(n, dtype), (geometry.THREADS,)) for n in FLAT_SIZES]
-    cases += [(n, True, flat_grid(n, dtype), (geometry.THREADS,)) for n in (33, 1025)]
-    return cases + [(1025, True, (1,), (32,)), (1025, False, (1,), (32,))]
+    """(n, misaligned buffers, launch): the backend's geometry at every size, aligned and not, and one
+    block of 32 threads (every thread walks several chunks)."""
+    itemsize = storage(dtype).itemsize
+    cases = [(n, False, launch.flat_launch(n, itemsize, GRID_LIMIT)) for n in FLAT_SIZES]
+    cases += [(n, True, launch.flat_launch(n, itemsize, GRID_LIMIT)) for n in (33, 1025)]
+    one_small_block = launch.Launch((1,), (32,))
+    return cases + [(1025, True, one_small_block), (1025, False, one_small_block)]
 
 
 @pytest.mark.parametrize("dtype, kernel, variant, expression", instantiations("act_backward"))
 def test_act_backward(programs, dtype, kernel, variant, expression, rng):
     program = programs(dtype)
     act = variant[0].removeprefix("act_")
-    for n, misaligned, grid, block in flat_cases(dtype):
+    for n, misaligned, geometry in flat_cases(dtype):
         g, z = sample(rng, n, dtype), sample(rng, n, dtype)
         out = device(np.full(n, np.nan, storage(dtype)), misaligned)
-        program.launch(expression, grid, block, (device(g), device(z, misaligned), out, np.int64(n)))
-        check(out, reference.act_backward(g, z, act), STORED_TOLERANCE[dtype], f"n={n}, grid {grid}x{block}")
+        launched(program, expression, geometry, (device(g), device(z, misaligned), out, np.int64(n)))
+        check(out, reference.act_backward(g, z, act), STORED_TOLERANCE[dtype], f"n={n}, {geometry}")
 
 
 OPTIMIZER_SETTINGS = {
@@ -201,31 +187,31 @@ def test_optimizers(programs, dtype, kernel, variant, expression, rng):
     program = programs(dtype)
     update = getattr(reference, kernel)
     for settings in OPTIMIZER_SETTINGS[kernel]:
-        for n, misaligned, grid, block in flat_cases(dtype):
+        for n, misaligned, geometry in flat_cases(dtype):
             params, grads = sample(rng, n, dtype), sample(rng, n, dtype)
             states = {"momentum_update": [sample(rng, n, dtype)],
                       "adam_update": [sample(rng, n, dtype, 0.1), np.abs(sample(rng, n, dtype, 0.01))]}.get(kernel, [])
             buffers = [device(x, misaligned and i % 2 == 0) for i, x in enumerate([params, grads, *states])]
-            program.launch(expression, grid, block,
-                           (*buffers, np.int64(n), *optimizer_scalars(kernel, settings, dtype)))
+            scalars = optimizer_scalars(kernel, settings, dtype)
+            launched(program, expression, geometry, (*buffers, np.int64(n), *scalars))
             expected = update(params, grads, *states, **settings)
             expected = expected if isinstance(expected, tuple) else (expected,)
             written = [buffers[0], *buffers[2:]]  # params, then the state buffers in the reference's order
             for name, result, value in zip(("params", "state 1", "state 2"), written, expected):
-                check(result, value, STORED_TOLERANCE[dtype], f"{kernel} {settings} {name}, n={n}, grid {grid}x{block}")
+                check(result, value, STORED_TOLERANCE[dtype], f"{kernel} {settings} {name}, n={n}, {geometry}")
 
 
 @pytest.mark.parametrize("dtype, kernel, variant, expression", instantiations("bias_grad"))
 def test_column_sums(programs, dtype, kernel, variant, expression, rng):
     program = programs(dtype)
-    shapes = [((1, 1), None), ((3, 31), None), ((33, 32), None), ((5, 33), None), ((2, 100), None),
-              ((37, 70), (1,))]  # the last: one block for three tiles of 32 columns
-    for (rows, cols), grid in shapes:
+    shapes = [((1, 1), GRID_LIMIT), ((3, 31), GRID_LIMIT), ((33, 32), GRID_LIMIT), ((5, 33), GRID_LIMIT),
+              ((2, 100), GRID_LIMIT), ((37, 70), 1)]  # the last: one block for three tiles of 32 columns
+    for (rows, cols), grid_limit in shapes:
         delta = sample(rng, (rows, cols), dtype)
         out = device(np.full(cols, np.nan, storage(dtype)), misaligned=cols % 2 == 1)
-        grid = grid or (min(blocks(cols, 32), MAX_BLOCKS),)
-        program.launch(expression, grid, (32, 32), (device(delta, cols == 33), out, np.int64(rows), np.int64(cols)))
-        check(out, reference.bias_grad(delta), STORED_TOLERANCE[dtype], f"{rows}x{cols}, grid {grid}")
+        geometry = launch.column_sums_launch(cols, grid_limit)
+        launched(program, expression, geometry, (device(delta, cols == 33), out, np.int64(rows), np.int64(cols)))
+        check(out, reference.bias_grad(delta), STORED_TOLERANCE[dtype], f"{rows}x{cols}, {geometry}")
 
 
 @pytest.mark.parametrize("dtype, kernel, variant, expression", instantiations("mean_of_rows"))
@@ -234,8 +220,8 @@ def test_mean_of_rows(programs, dtype, kernel, variant, expression, rng):
     for rows in (1, 3, 1025, 2049):
         row_loss = rng.random(rows).astype(accum(dtype))
         out = device(np.full(1, np.nan, accum(dtype)))
-        program.launch(expression, (1,), (geometry.MEAN_THREADS,), (device(row_loss), np.int64(rows), out))
-        check(out[0], row_loss.astype(np.float64).mean(), TOLERANCE[accum(dtype).name], f"{rows} rows")
+        launched(program, expression, launch.MEAN_LAUNCH, (device(row_loss), np.int64(rows), out))
+        check(out[0], row_loss.astype(np.float64).mean(), tol(accum(dtype)), f"{rows} rows")
 
 
 def row_targets(rng, kernel, targets, rows, cols, dtype):
@@ -250,21 +236,21 @@ def row_targets(rng, kernel, targets, rows, cols, dtype):
 
 
 def row_cases(team, dtype, caches_row):
-    """(rows, cols, misaligned, grid, shared bytes, cache): for each row length the team serves, 1 row
-    and 9 rows (misaligned) with the backend's geometry; then one block with rows enough for the team to
-    walk its rows several times, and for a block per row the row cache switched off."""
+    """(rows, cols, misaligned, launch, cache): for each row length the team serves, 1 row and 9 rows
+    (misaligned) with the backend's geometry; then the backend's geometry on a device of one block, with
+    rows enough for the team to walk its rows several times, and for a block per row the row cache
+    switched off (the geometry of a kernel that does not cache) on a device of two blocks."""
     cases = []
     for cols in TEAM_COLUMNS[team]:
-        assert loader.row_team(cols)[0] == team
+        assert launch.row_team(cols)[0] == team
         for rows, misaligned in ((1, False), (9, True)):
             cases.append((rows, cols, misaligned, *rows_launch(rows, cols, dtype, caches_row)))
     cols = TEAM_COLUMNS[team][-1]
-    lanes = loader.row_team(cols)[1]
-    rows_per_block = geometry.THREADS // lanes if lanes else 1
-    _, shared, cache = rows_launch(3, cols, dtype, caches_row)
-    cases.append((2 * rows_per_block + 3, cols, False, (1,), shared, cache))
-    if cache:
-        cases.append((3, cols, True, (2,), 0, 0))
+    lanes = launch.row_team(cols)[1]
+    rows = 2 * (launch.THREADS // lanes if lanes else 1) + 3  # a block serves THREADS // lanes rows at once
+    cases.append((rows, cols, False, *rows_launch(rows, cols, dtype, caches_row, grid_limit=1)))
+    if cases[-1][-1]:
+        cases.append((3, cols, True, *rows_launch(3, cols, dtype, caches_row=False, grid_limit=2)))
     return cases
 
 
@@ -274,27 +260,25 @@ def test_row_kernels(programs, dtype, kernel, variant, expression, rng):
     program = programs(dtype)
     team, targets = variant[-1], variant[-2]
     caches_row = kernel in ("softmax", "softmax_xent")  # softmax_rows takes the cache flag
-    for rows, cols, misaligned, grid, shared, cache in row_cases(team, dtype, caches_row):
+    for rows, cols, misaligned, geometry, cache in row_cases(team, dtype, caches_row):
         z = sample(rng, (rows, cols), dtype)
         delta = device(np.full((rows, cols), np.nan, storage(dtype)), misaligned)
-        where = f"{rows}x{cols}, grid {grid}, cache {cache}"
+        where = f"{rows}x{cols}, {geometry}, cache {cache}"
         tail = (np.int32(cache),) if caches_row else ()
         if kernel == "softmax":
-            program.launch(expression, grid, (geometry.THREADS,),
-                           (device(z, misaligned), geometry.NULL, delta, geometry.NULL, np.int64(rows), np.int64(cols),
-                            accum(dtype).type(1), *tail), shared_mem=shared)
+            launched(program, expression, geometry, (device(z, misaligned), NULL, delta, NULL, np.int64(rows),
+                                                     np.int64(cols), accum(dtype).type(1), *tail))
             check(delta, reference.softmax(z), STORED_TOLERANCE[dtype], where)
             continue
         t = row_targets(rng, kernel, targets, rows, cols, dtype)
         row_loss = device(np.full(rows, np.nan, accum(dtype)))
         scale = accum(dtype).type(1.0 / rows)
-        program.launch(expression, grid, (geometry.THREADS,),
-                       (device(z, misaligned), device(t, misaligned and t.ndim == 2), delta, row_loss, np.int64(rows),
-                        np.int64(cols), scale, *tail), shared_mem=shared)
+        launched(program, expression, geometry, (device(z, misaligned), device(t, misaligned and t.ndim == 2), delta,
+                                                 row_loss, np.int64(rows), np.int64(cols), scale, *tail))
         loss = LOSS_REFERENCE[kernel]
         check(delta, loss(z, t, scale=float(scale))[1], STORED_TOLERANCE[dtype], f"delta of {where}")
         expected_rows = [loss(z[r:r + 1], t[r:r + 1])[0] for r in range(rows)]
-        check(row_loss, expected_rows, TOLERANCE[accum(dtype).name], f"row losses of {where}")
+        check(row_loss, expected_rows, tol(accum(dtype)), f"row losses of {where}")
 
 
 @pytest.mark.parametrize("team", ["GroupTeam<4>", "BlockTeam"])
@@ -302,12 +286,11 @@ def test_a_label_outside_the_classes_makes_its_row_loss_nan(programs, team, rng)
     cols = TEAM_COLUMNS[team][0]
     z, labels = sample(rng, (3, cols), "float32"), np.array([0, cols, -1], np.int64)
     row_loss = np.zeros(3, np.float32)
-    grid, shared, cache = rows_launch(3, cols, "float32", True)
-    programs("float32").launch(f"softmax_rows<float, LabelTargets<float>, {team}>", grid, (geometry.THREADS,),
-                   (z, labels, geometry.NULL, row_loss, np.int64(3), np.int64(cols), np.float32(1), np.int32(cache)),
-                   shared_mem=shared)
+    geometry, cache = rows_launch(3, cols, "float32", True)
+    launched(programs("float32"), f"softmax_rows<float, LabelTargets<float>, {team}>", geometry,
+             (z, labels, NULL, row_loss, np.int64(3), np.int64(cols), np.float32(1), np.int32(cache)))
     assert np.isfinite(row_loss[0]) and np.isnan(row_loss[1:]).all()
-    check(row_loss[:1], [reference.softmax_xent(z[:1], labels[:1])[0]], TOLERANCE["float32"], "the good row")
+    check(row_loss[:1], [reference.softmax_xent(z[:1], labels[:1])[0]], tol("float32"), "the good row")
 
 
 # ---- the harness itself: each fault is caught ------------------------------------------------------------
@@ -486,20 +469,23 @@ def thread_sanitizer_units():
 def test_the_kernels_that_share_memory_have_no_data_race_under_thread_sanitizer():
     built(thread_sanitizer_units(), sanitizer="thread")
     status, out, err = run_sanitized("thread", """
+        from deltaprop.kernels.cuda import launch
         program = host.build(t.thread_sanitizer_units(), sanitizer="thread")
         rng = np.random.default_rng(5)
         z, labels = rng.standard_normal((3, 1025)).astype(np.float32), np.array([0, 7, 1024])
         delta, row_loss = np.empty_like(z), np.empty(3, np.float32)
-        program.launch(t.THREAD_SANITIZER_CASES[0], (2,), (256,), (z, labels, delta, row_loss, np.int64(3),
-                       np.int64(1025), np.float32(1 / 3), np.int32(1)), shared_mem=1025 * 4)
+        geometry, cache = t.rows_launch(3, 1025, "float32", True, grid_limit=2)  # two blocks, the row cached
+        t.launched(program, t.THREAD_SANITIZER_CASES[0], geometry, (z, labels, delta, row_loss, np.int64(3),
+                   np.int64(1025), np.float32(1 / 3), np.int32(cache)))
         z = rng.standard_normal((9, 33)).astype(np.float32)
-        program.launch(t.THREAD_SANITIZER_CASES[1], (1,), (256,), (z, None, np.empty_like(z), None, np.int64(9),
-                       np.int64(33), np.float32(1), np.int32(0)))
+        geometry, cache = t.rows_launch(9, 33, "float32", True, grid_limit=1)
+        t.launched(program, t.THREAD_SANITIZER_CASES[1], geometry, (z, None, np.empty_like(z), None, np.int64(9),
+                   np.int64(33), np.float32(1), np.int32(cache)))
         d = rng.standard_normal((37, 70)).astype(np.float32)
-        program.launch(t.THREAD_SANITIZER_CASES[2], (1,), (32, 32), (d, np.empty(70, np.float32), np.int64(37),
-                       np.int64(70)))
-        program.launch(t.THREAD_SANITIZER_CASES[3], (1,), (1024,), (np.ones(3000, np.float32), np.int64(3000),
-                       np.empty(1, np.float32)))
+        t.launched(program, t.THREAD_SANITIZER_CASES[2], launch.column_sums_launch(70, 1),
+                   (d, np.empty(70, np.float32), np.int64(37), np.int64(70)))
+        t.launched(program, t.THREAD_SANITIZER_CASES[3], launch.MEAN_LAUNCH,
+                   (np.ones(3000, np.float32), np.int64(3000), np.empty(1, np.float32)))
         print("no race", flush=True)
         """)
     assert status == 0 and "no race" in out and "ThreadSanitizer" not in err, err[-3000:]
