@@ -44,6 +44,12 @@ class Layout:
         self.scratch_size = 2 * max(self.sizes)
         self.work_size = work_at + self.scratch_size
 
+    @staticmethod
+    def parameter_count(sizes) -> int:
+        """P, the length of the flat parameter buffer of a network of ``sizes``, as a Python int (which may
+        exceed what the int64 offsets can hold)."""
+        return sum(int(n_out) * (int(n_in) + 1) for n_in, n_out in zip(sizes[:-1], sizes[1:]))
+
     @property
     def depth(self) -> int:
         """L, the number of layers with weights."""

@@ -146,13 +146,14 @@ class MLP:
         self.backend = get_backend(backend)
         self.dtype = resolve_dtype(dtype, self.backend.device)
         self.seed = check_seed("seed", seed)
-        self._layout = self._param_layout(self.sizes)
-        try:
+        try:  # sizes whose offsets overflow int64 fail in the layout, others in the allocation
+            self._layout = self._param_layout(self.sizes)
             self.params = self.backend.empty(self.n_params, self.dtype)  # aligned, where the backend aligns
             self.grads = self.backend.zeros(self.params.shape, self.dtype)
-        except (MemoryError, ValueError) as e:
-            gib = 2 * self.n_params * self.dtype.itemsize / 2**30
-            raise MemoryError(f"sizes: {self.sizes} need {self.n_params} parameters ({gib:.3g} GiB with the "
+        except (MemoryError, ValueError, OverflowError) as e:
+            n_params = Layout.parameter_count(self.sizes)
+            gib = 2 * n_params * self.dtype.itemsize / 2**30
+            raise MemoryError(f"sizes: {self.sizes} need {n_params} parameters ({gib:.3g} GiB with the "
                               f"gradients), more than can be allocated here ({e})") from None
         self.params[...] = self.backend.asarray(self._initial_params(), self.dtype)
         self.weights, self.biases = self._views(self.params)

@@ -98,7 +98,7 @@ def test_layout_offsets_match_the_parameter_and_workspace_views():
     """The offsets a compiled step reads and the views the model uses are one layout."""
     net = MLP([6, 5, 4, 3], backend="numpy", seed=0)
     layout = Layout(net.sizes, 7)
-    assert layout.n_params == net.n_params == 6 * 5 + 5 + 5 * 4 + 4 + 4 * 3 + 3
+    assert layout.n_params == net.n_params == Layout.parameter_count(net.sizes) == 6 * 5 + 5 + 5 * 4 + 4 + 4 * 3 + 3
     for row, W, b in zip(layout.offsets.tolist(), net.weights, net.biases):
         n_in, n_out, w_at, b_at = row[:4]
         assert W.shape == (n_out, n_in)
