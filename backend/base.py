@@ -21,6 +21,35 @@ from deltaprop.kernels.dtypes import SUPPORTED, dtypes_for, resolve_dtype
 # then straddle cache lines): which one a process got made the step's speed differ from run to run.
 HOST_ALIGNMENT = 64
 
+# the Backend methods that compute a loss with its delta
+LOSS_KERNELS = ("softmax_xent", "sigmoid_xent", "squared_error")
+# what Backend.warmup can prepare for: MLP.train_step; MLP.fit (the gradients step and the optimizer
+# updates); predict, predict_proba and evaluate (the forward pass, output maps and loss); every kernel
+# of the contract called alone (the model's kernel-by-kernel loop, `deltaprop check`, `bench --kernels`)
+WARMUP_USES = ("train_step", "fit", "predict", "kernels")
+
+
+def warmup_selection(backend, dtypes, activations, losses, batches, uses):
+    """``Backend.warmup``'s arguments checked, with their defaults: (dtypes, activations, losses, batches
+    (None: every size), uses)."""
+    def names(argument, given, known=None):
+        if isinstance(given, str) or not all(isinstance(v, str) or argument == "dtypes" for v in given) or (
+                known is not None and not set(given) <= set(known)):
+            among = f" among {list(known)}" if known is not None else ""
+            raise ValueError(f"warmup: {argument}: expected a list of names{among}, got {given!r}")
+        return list(given)
+
+    dtypes = [resolve_dtype(d, backend.device, "warmup: dtypes")
+              for d in names("dtypes", backend.dtypes if dtypes is None else dtypes)]
+    activations = [get_activation(a).name for a in names("activations", activations)]
+    losses = names("losses", losses, LOSS_KERNELS)
+    uses = names("uses", WARMUP_USES if uses is None else uses, WARMUP_USES)
+    if batches is not None and (isinstance(batches, (str, int)) or not all(
+            isinstance(b, (int, np.integer)) and not isinstance(b, bool) and b >= 1 for b in batches)):
+        raise ValueError(f"warmup: batches: expected a list of positive integer batch sizes, got {batches!r}")
+    return dtypes, activations, losses, batches, uses
+
+
 # ---- the shared argument checks ----------------------------------------------------------------------
 
 
@@ -185,8 +214,19 @@ class Backend:
     def synchronize(self) -> None:
         """Wait until every kernel launched so far has finished (a no-op on the CPU)."""
 
-    def warmup(self, dtypes=None) -> float:
-        """Compile every kernel for ``dtypes`` (default: all of ``self.dtypes``) up front; returns seconds spent."""
+    def warmup(self, dtypes=None, activations=("relu",), losses=("softmax_xent",), batches=None, uses=None,
+               progress=None) -> float:
+        """Compiles up front what the chosen work runs, so that no later call compiles (benchmarks call it so
+        that compile time is never timed); returns the seconds spent (0 for a backend that compiles nothing).
+
+        dtypes: default every one of ``self.dtypes``; activations: of the hidden layers; losses: loss
+        kernels ("softmax_xent", "sigmoid_xent", "squared_error"); batches: the batch sizes to be ready for
+        (default every size: a backend may compile a step per class of sizes); uses: what will run, any of
+        WARMUP_USES (default all of them). progress: None, or ``progress(done, total, what)``, called before
+        each part that has to be compiled (not for one loaded from a disk cache): ``what`` names the part,
+        ``done`` counts the parts before it, of ``total``.
+        """
+        warmup_selection(self, dtypes, activations, losses, batches, uses)  # the same errors on every backend
         return 0.0
 
     def describe(self) -> dict:
@@ -194,7 +234,9 @@ class Backend:
         return {"name": self.name, "device": self.device, "numpy": np.__version__}
 
     def fused_sgd_step(self, activation, loss, dtype):
-        """A compiled whole SGD training step, or None: then the model runs its kernel-by-kernel loop.
+        """Compiled whole SGD training steps by batch size, or None: then the model runs its kernel-by-kernel
+        loop. ``steps[B]`` is the step for batches of B rows (a backend may compile one per class of batch
+        sizes, each on first use; every one computes the same function at any batch size).
 
         activation: the hidden layers' activation; loss: the loss kernel's name ("softmax_xent",
         "sigmoid_xent", "squared_error"); dtype: the arrays' dtype. The callable,
@@ -209,8 +251,8 @@ class Backend:
         return None
 
     def fused_grads_step(self, activation, loss, dtype):
-        """A compiled forward + loss + backward that writes the gradients, or None: then the model runs
-        its kernel-by-kernel loop.
+        """Compiled forward + loss + backward steps that write the gradients, by batch size as for
+        ``fused_sgd_step``, or None: then the model runs its kernel-by-kernel loop.
 
         Arguments as for ``fused_sgd_step``. The callable, ``step(x, targets, params, grads, work, plan)
         -> (summed loss, bad_row)``, computes the same function as forward, the loss kernel and backward:

@@ -38,6 +38,7 @@ from deltaprop.backend.base import (
     check_rows,
     check_shape,
     check_targets,
+    warmup_selection,
 )
 from deltaprop.kernels.activations import get_activation
 from deltaprop.kernels.cuda.loader import Modules, row_team
@@ -226,10 +227,13 @@ class CupyBackend(Backend):
     def synchronize(self) -> None:
         self._cupy.cuda.Device().synchronize()
 
-    def warmup(self, dtypes=None) -> float:
-        """Compile every kernel module for ``dtypes`` and create the cuBLAS handle; returns seconds spent."""
+    def warmup(self, dtypes=None, activations=("relu",), losses=("softmax_xent",), batches=None, uses=None,
+               progress=None) -> float:
+        """Compiles every kernel module for ``dtypes`` (whatever the other choices: a module holds every
+        activation and loss) and creates the cuBLAS handle; returns seconds spent. No progress is reported."""
+        dtypes = [d.name for d in warmup_selection(self, dtypes, activations, losses, batches, uses)[0]]
         start = time.perf_counter()
-        self._modules.compile_all(self.dtypes if dtypes is None else dtypes)
+        self._modules.compile_all(dtypes)
         self._cupy.cuda.device.get_cublas_handle()
         self.synchronize()
         return time.perf_counter() - start

@@ -252,14 +252,14 @@ class MLP:
         kernel-by-kernel loop. Raises the loss kernels' error for a label outside [0, C) and
         NonFiniteLossError for a NaN or infinite loss, ``grads`` left as it was in both cases.
         """
-        step = self._fused_grads_step if self.use_fused_step else None
-        if step is None:
+        steps = self._fused_grads_step if self.use_fused_step else None
+        if steps is None:
             x = self._inputs(x)
             cache = self._forward(x)
             return self._backward(cache, self._targets(y, x.shape[0])), cache.logits
         x, y = self._fused_inputs(x, y, "loss_and_grads")
         ws = self._workspace(len(x))
-        return self._fused_loss(*step(x, y, self.params, self.grads, ws.work, ws.plan), y), ws.z[-1]
+        return self._fused_loss(*steps[len(x)](x, y, self.params, self.grads, ws.work, ws.plan), y), ws.z[-1]
 
     # train_step runs the backend's fused step where it has one; False forces the kernel-by-kernel loop
     use_fused_step = True
@@ -271,8 +271,8 @@ class MLP:
         untouched, if the loss is NaN or infinite. Allocation-free after the first call at a batch size.
         The fused step of a backend that has one never stores the gradients: ``grads`` is left as it was.
         """
-        step = self._fused_step if self.use_fused_step else None
-        if step is None:
+        steps = self._fused_step if self.use_fused_step else None
+        if steps is None:
             x = self._inputs(x)
             loss = self._backward(self._forward(x), self._targets(y, x.shape[0]))
             self.backend.sgd_update(self.params, self.grads, lr)
@@ -283,7 +283,7 @@ class MLP:
         ws = self._workspace(len(x))
         if lr != self._lr:  # the scalar costs ~0.3 µs to make; a fixed or stepwise lr makes it once
             self._lr, self._lr_scalar = lr, self.dtype.type(lr)
-        total, bad_row = step(x, y, self.params, ws.work, ws.plan, self._lr_scalar)
+        total, bad_row = steps[len(x)](x, y, self.params, ws.work, ws.plan, self._lr_scalar)
         if bad_row < 0:
             loss = total / len(x)
             if isfinite(loss):
@@ -309,12 +309,12 @@ class MLP:
 
     @cached_property
     def _fused_step(self):
-        """The backend's compiled SGD step for this network (None where it has none), looked up once."""
+        """The backend's compiled SGD steps by batch size (None where it has none), looked up once."""
         return self.backend.fused_sgd_step(self.activation, get_loss(self.loss).kernel, self.dtype)
 
     @cached_property
     def _fused_grads_step(self):
-        """The backend's compiled gradients step for this network (None where it has none), looked up once."""
+        """The backend's compiled gradients steps by batch size (None where it has none), looked up once."""
         return self.backend.fused_grads_step(self.activation, get_loss(self.loss).kernel, self.dtype)
 
     def _ready(self, x, y):
