@@ -24,9 +24,10 @@ HOST_ALIGNMENT = 64
 # the Backend methods that compute a loss with its delta
 LOSS_KERNELS = ("softmax_xent", "sigmoid_xent", "squared_error")
 # what Backend.warmup can prepare for: MLP.train_step; MLP.fit (the gradients step and the optimizer
-# updates); predict, predict_proba and evaluate (the forward pass, output maps and loss); every kernel
-# of the contract called alone (the model's kernel-by-kernel loop, `deltaprop check`, `bench --kernels`)
-WARMUP_USES = ("train_step", "fit", "predict", "kernels")
+# updates); predict and predict_proba (the forward pass and the output maps); evaluate (the forward pass
+# and the losses); every kernel of the contract alone (the model's kernel-by-kernel loop, `deltaprop
+# check`, `bench --kernels`)
+WARMUP_USES = ("train_step", "fit", "predict", "evaluate", "kernels")
 
 
 def warmup_selection(backend, dtypes, activations, losses, batches, uses):

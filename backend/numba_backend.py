@@ -95,15 +95,16 @@ def _warm_updates(backend, dtype):
     backend.adam_update(flat.copy(), flat, np.zeros_like(flat), np.zeros_like(flat), 1)
 
 
-def _warm_forward(backend, dtype, activations, losses):
-    """What predict, predict_proba and evaluate run: z = a @ W.T, bias + activation, the output maps, the losses."""
+def _warm_forward(backend, dtype, activations, losses, evaluate):
+    """What predict and predict_proba run (z = a @ W.T, bias + activation, the losses' output maps) and,
+    where ``evaluate``, the losses of ``evaluate``."""
     x = np.ones((TINY, TINY), dtype)
     backend.gemm(x, x, np.empty_like(x), trans_b=True)
-    for activation in [*activations, "identity", *(["sigmoid"] if "sigmoid_xent" in losses else [])]:
+    for activation in dict.fromkeys([*activations, "identity", *(["sigmoid"] if "sigmoid_xent" in losses else [])]):
         backend.bias_act(x, x[0], activation, np.empty_like(x), np.empty_like(x))
     if "softmax_xent" in losses:
         backend.softmax(x, np.empty_like(x))
-    for loss in losses:
+    for loss in losses if evaluate else ():
         getattr(backend, loss)(x, _targets(loss, x), np.empty_like(x))
 
 
@@ -151,9 +152,10 @@ def warmup_parts(backend, dtypes, activations, losses, batches, uses) -> dict:
                                 _warm_step, backend, name, dtype, activation, loss, batch)
         if "fit" in uses or "kernels" in uses:
             parts[f"optimizer updates {dtype}"] = partial(_warm_updates, backend, dtype)
-        if "predict" in uses:
-            parts[f"forward pass and losses {dtype} {' '.join(activations)}"] = partial(
-                _warm_forward, backend, dtype, activations, losses)
+        for use in ("predict", "evaluate"):
+            if use in uses:
+                parts[f"forward pass{' and losses' * (use == 'evaluate')} {dtype} {' '.join(activations)}"] = partial(
+                    _warm_forward, backend, dtype, activations, losses, use == "evaluate")
         if "kernels" in uses:
             parts[f"gemm {dtype}"] = partial(_warm_gemms, backend, dtype)
             for activation in dict.fromkeys([*activations, "identity"]):

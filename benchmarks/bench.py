@@ -132,7 +132,7 @@ class BackendSubject:
 
     kind = "backend"
 
-    def __init__(self, name, sizes, dtype):
+    def __init__(self, name, sizes, dtype, batches=None, kernels=True):
         from deltaprop.model import MLP
 
         self.backend = backends.get_backend(name)
@@ -140,9 +140,16 @@ class BackendSubject:
         self.net = MLP(sizes, activation=ACTIVATION, loss=LOSS, backend=self.backend, dtype=dtype, seed=SEED)
         self.clock = clock_for(self.backend)
         self._inputs = {}
+        self._needs = {"batches": batches, "uses": ["train_step", *(["kernels"] if kernels else [])]}
 
     def compile(self) -> float:
-        return self.backend.warmup([self.dtype])
+        """Compiles what the run times (the step at its batch sizes, the kernels alone where it times them)."""
+        from deltaprop.cli.warmup import CompileProgress
+        from deltaprop.model.losses import get_loss
+
+        with CompileProgress(self.backend) as progress:
+            return self.backend.warmup([self.dtype], [ACTIVATION], [get_loss(LOSS).kernel], progress=progress,
+                                       **self._needs)
 
     def inputs(self, batch):
         """x (B, n0) and labels y (B,) on the backend's device, made once per batch size."""
@@ -263,7 +270,7 @@ class Plan:
 def _make_subject(name, plan, threads):
     if name in PEERS:
         return make_peer(name, plan.sizes, plan.dtype, threads)
-    return BackendSubject(name, plan.sizes, plan.dtype)
+    return BackendSubject(name, plan.sizes, plan.dtype, plan.effort.batches, plan.kernels)
 
 
 def measure(plan: Plan) -> dict:

@@ -16,12 +16,14 @@ import sys
 
 from deltaprop import __version__
 
-# subcommand -> (module of deltaprop.benchmarks, one-line help)
+# subcommand -> (module of deltaprop.benchmarks, or a full module path; one-line help)
 SUBCOMMANDS = {
     "bench": ("bench", "time a training step and each kernel on every backend and peer"),
     "check": ("check", "every kernel and a training step on each usable backend against the reference"),
     "info": ("info", "version, usable backends and why the others are not, BLAS and threads"),
     "train": ("train", "train an MLP on a dataset and report its test accuracy"),
+    "cache": ("deltaprop.cli.cache", "where compiled kernels are cached, what is there; --clear empties it"),
+    "warmup": ("deltaprop.cli.warmup", "compile kernels ahead of time into the cache (for container images)"),
 }
 
 
@@ -41,7 +43,8 @@ def build_parser(argv) -> argparse.ArgumentParser:
     for name, (module, help_text) in SUBCOMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
         if name == chosen:  # only the chosen subcommand's module is imported
-            sub.set_defaults(module=importlib.import_module(f"deltaprop.benchmarks.{module}"))
+            path = module if "." in module else f"deltaprop.benchmarks.{module}"
+            sub.set_defaults(module=importlib.import_module(path))
             sub.get_default("module").add_arguments(sub)
     return parser
 

@@ -210,6 +210,16 @@ def stale_folders() -> list[Path]:
     return [folder for folder in _folders(location) if folder != location.path]
 
 
+def describe() -> dict:
+    """What `deltaprop info` and `deltaprop cache` print: the folder, why it is there, what it holds, and the
+    stale folders beside it."""
+    location = cache_location()
+    entries, stale = cache_entries(location.path), stale_folders()
+    return {"path": str(location.path), "origin": location.origin, "kernels": len(entries),
+            "versions": sum(e.versions for e in entries), "bytes": folder_size(location.path),
+            "stale_folders": len(stale), "stale_bytes": sum(folder_size(f) for f in stale)}
+
+
 def clear_cache() -> tuple[int, int]:
     """Removes the kernel caches of deltaprop (the current folder and the stale ones beside it; only Numba's
     cache files, and the folders left empty); returns (files removed, bytes freed). Kernels already

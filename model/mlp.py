@@ -245,11 +245,12 @@ class MLP:
         loss = self._loss_grads(x, y)[0]
         return loss, [(dW.copy(), db.copy()) for dW, db in zip(self.grad_weights, self.grad_biases)]
 
-    def _loss_grads(self, x, y):
+    def _loss_grads(self, x, y, step_batch=None):
         """Forward, loss and backward into ``grads``: (mean loss, logits (B, n_L) in the workspace).
 
         One compiled call where the backend has a fused gradients step (and ``use_fused_step``), else the
-        kernel-by-kernel loop. Raises the loss kernels' error for a label outside [0, C) and
+        kernel-by-kernel loop. ``step_batch``: run the fused step of batches of that size (default B's),
+        as ``fit`` does for its last, smaller batch, so that one epoch compiles and runs one step. Raises the loss kernels' error for a label outside [0, C) and
         NonFiniteLossError for a NaN or infinite loss, ``grads`` left as it was in both cases.
         """
         steps = self._fused_grads_step if self.use_fused_step else None
@@ -259,7 +260,8 @@ class MLP:
             return self._backward(cache, self._targets(y, x.shape[0])), cache.logits
         x, y = self._fused_inputs(x, y, "loss_and_grads")
         ws = self._workspace(len(x))
-        return self._fused_loss(*steps[len(x)](x, y, self.params, self.grads, ws.work, ws.plan), y), ws.z[-1]
+        step = steps[step_batch or len(x)]
+        return self._fused_loss(*step(x, y, self.params, self.grads, ws.work, ws.plan), y), ws.z[-1]
 
     # train_step runs the backend's fused step where it has one; False forces the kernel-by-kernel loop
     use_fused_step = True

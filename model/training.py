@@ -256,7 +256,7 @@ def fit(net, X, y, epochs=10, batch_size=32, optimizer=None, lr=None, schedule=N
             loss_sum, hits = 0.0, 0
             for start, stop in _chunks(n, batch_size):
                 targets = y_epoch[start:stop]
-                loss, logits = net._loss_grads(X_epoch[start:stop], targets)
+                loss, logits = net._loss_grads(X_epoch[start:stop], targets, batch_size)
                 if scorer.kind:
                     hits += scorer.count(logits, targets)
                 loss_sum += loss * (stop - start)
