@@ -157,6 +157,8 @@ def check_backend(backend, dtype, seed=0):
 
 def run(args) -> int:
     from deltaprop.backend import available_backends, get_backend
+    from deltaprop.backend.base import LOSS_KERNELS
+    from deltaprop.cli.warmup import CompileProgress
 
     names = args.backends.split(",") if args.backends else available_backends()
     failures = 0
@@ -164,6 +166,8 @@ def run(args) -> int:
     for name in names:
         backend = get_backend(name)
         dtypes = args.dtypes.split(",") if args.dtypes else [d for d in backend.dtypes if DTYPES[d].numpy is not None]
+        with CompileProgress(backend) as progress:  # every kernel alone and the step, for every activation and loss
+            backend.warmup(dtypes, sorted(ACTIVATIONS), LOSS_KERNELS, [BATCH], ["kernels", "train_step"], progress)
         for dtype in dtypes:
             for be_name, dt, what, err, tol, ok in check_backend(backend, dtype, args.seed):
                 failures += not ok
