@@ -3,7 +3,8 @@
 Every override keeps Backend's signature and runs the same shared ``check_*`` argument checks, so it
 refuses bad input with the same messages; the docstrings of Backend give the shapes and the semantics.
 Importing this module imports no Numba and compiles nothing: Numba loads when the backend is made, and
-each kernel compiles (or loads from Numba's on-disk cache) on first use or in ``warmup``.
+each kernel compiles (or loads from the disk cache of ``kernels.cache``) on first use or in ``warmup``,
+which compiles only what it is asked for (``warmup_parts``).
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
     cache_dir()       the folder the Numba kernels of this process load from and save to
     cache_entries()   what it holds: one entry per cached kernel, with its compiled versions and size
+    describe()        the folder, why it is that one, its size and the stale folders beside it
     clear_cache()     removes every kernel cache of deltaprop (this version's and stale ones)
 
 The folder is, first rule that applies:
