@@ -24,6 +24,7 @@ from deltaprop.benchmarks import report
 from deltaprop.benchmarks.peers import PEERS
 from deltaprop.benchmarks.workload import PRESETS
 from deltaprop.cli import UsageError, output_file
+from deltaprop.cli.warmup import CompileProgress
 
 
 def _positive_ints(text: str) -> tuple[int, ...]:
@@ -125,7 +126,7 @@ def run(args) -> int:
     spec = spec_from_args(args)
     progress = Progress(spec.points)
     try:
-        result = bench.measure(spec, progress)
+        result = bench.measure(spec, progress, CompileProgress)
     finally:
         progress.close()
     print(report.render(result))
