@@ -67,6 +67,17 @@ def output_file(path: str) -> str:
     return path
 
 
+def positive_ints(text: str) -> tuple[int, ...]:
+    """An argparse type for comma-separated positive integers ("1,32,256")."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like 1,32, got {text!r}")
+    return values
+
+
 def build_parser(argv) -> argparse.ArgumentParser:
     parser = OneLineErrorParser(prog="deltaprop", description="Backpropagation kernels for MLPs on GPUs and CPUs: "
                                 "time them, check them against the reference, train a network.")

@@ -15,7 +15,7 @@ import sys
 import time
 
 from deltaprop.backend.checks import WARMUP_USES
-from deltaprop.cli import UsageError
+from deltaprop.cli import UsageError, positive_ints
 from deltaprop.kernels.activations import ACTIVATIONS
 from deltaprop.model.losses import LOSSES
 
@@ -67,16 +67,6 @@ def _choices(known):
     return parse
 
 
-def _batches(text):
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive batch sizes like 1,32, got {text!r}")
-    return values
-
-
 def add_arguments(parser) -> None:
     parser.add_argument("--backend", default="numba", help="the backend whose kernels to compile (default: numba)")
     parser.add_argument("--dtype", type=_choices(("float32", "float64")), default=["float32"],
@@ -87,7 +77,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--loss", type=_choices(sorted(LOSSES)), default=["softmax_cross_entropy"],
                         metavar="NAME,...", help=f"losses among {', '.join(sorted(LOSSES))}, or all "
                                                  "(default: softmax_cross_entropy)")
-    parser.add_argument("--batch", type=_batches, metavar="B,...",
+    parser.add_argument("--batch", type=positive_ints, metavar="B,...",
                         help="batch sizes to be ready for (default: every size)")
     parser.add_argument("--for", dest="uses", type=_choices(WARMUP_USES), metavar="USE,...",
                         help=f"what will run, among {', '.join(WARMUP_USES)} (default: all)")
