@@ -6,7 +6,7 @@ what is meant.
 
 from __future__ import annotations
 
-from typing import Any, Callable, TypeAlias
+from typing import Any, Callable, Mapping, TypeAlias
 
 import numpy.typing as npt
 
@@ -17,5 +17,7 @@ Array: TypeAlias = Any
 ArrayInput: TypeAlias = Any
 # a dtype: a name ("float32") or anything numpy.dtype takes
 DTypeLike: TypeAlias = npt.DTypeLike
-# a backend's compiled training step (see Backend.fused_sgd_step), or None where it has none
-FusedStep: TypeAlias = "Callable[..., Any] | None"
+# a backend's compiled training steps by batch size (see Backend.fused_sgd_step), or None where it has none
+FusedSteps: TypeAlias = "Mapping[int, Callable[..., Any]] | None"
+# Backend.warmup's progress(done, total, what)
+WarmupProgress: TypeAlias = "Callable[[int, int, str], None]"

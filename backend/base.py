@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from deltaprop.arrays import Array, ArrayInput, DTypeLike, FusedStep
+from deltaprop.arrays import Array, ArrayInput, DTypeLike, FusedSteps, WarmupProgress
 from deltaprop.backend.checks import (
     check_adam,
     check_bias_grad,
@@ -27,6 +27,7 @@ from deltaprop.backend.checks import (
     check_label_range,
     check_loss,
     check_rows,
+    check_warmup,
 )
 from deltaprop.kernels.activations import get_activation
 from deltaprop.kernels.dtypes import dtypes_for
@@ -100,16 +101,30 @@ class Backend:
     def synchronize(self) -> None:
         """Wait until every kernel launched so far has finished (a no-op on the CPU)."""
 
-    def warmup(self, dtypes: Iterable[str] | None = None) -> float:
-        """Compile every kernel for ``dtypes`` (default: all of ``self.dtypes``) up front; returns seconds spent."""
+    def warmup(self, dtypes: Iterable[DTypeLike] | None = None, activations: Iterable[str] = ("relu",),
+               losses: Iterable[str] = ("softmax_xent",), batches: Iterable[int] | None = None,
+               uses: Iterable[str] | None = None, progress: WarmupProgress | None = None) -> float:
+        """Compiles up front what the chosen work runs, so that no later call compiles (benchmarks call it so
+        that compile time is never timed); returns the seconds spent (0 for a backend that compiles nothing).
+
+        dtypes: default every one of ``self.dtypes``; activations: of the hidden layers; losses: loss
+        kernels ("softmax_xent", "sigmoid_xent", "squared_error"); batches: the batch sizes to be ready for
+        (default every size: a backend may compile a step per class of sizes); uses: what will run, any of
+        ``checks.WARMUP_USES`` (default all of them). progress: None, or ``progress(done, total, what)``, called before
+        each part that has to be compiled (not for one loaded from a disk cache): ``what`` names the part,
+        ``done`` counts the parts before it, of ``total``.
+        """
+        check_warmup(self, dtypes, activations, losses, batches, uses)  # the same errors on every backend
         return 0.0
 
     def describe(self) -> dict[str, Any]:
         """Facts about this backend for `deltaprop info` and benchmark reports."""
         return {"name": self.name, "device": self.device, "numpy": np.__version__}
 
-    def fused_sgd_step(self, activation: str, loss: str, dtype: DTypeLike) -> FusedStep:
-        """A compiled whole SGD training step, or None: then the model runs its kernel-by-kernel loop.
+    def fused_sgd_step(self, activation: str, loss: str, dtype: DTypeLike) -> FusedSteps:
+        """Compiled whole SGD training steps by batch size, or None: then the model runs its kernel-by-kernel
+        loop. ``steps[B]`` is the step for batches of B rows (a backend may compile one per class of batch
+        sizes, each on first use; every one computes the same function at any batch size).
 
         activation: the hidden layers' activation; loss: the loss kernel's name ("softmax_xent",
         "sigmoid_xent", "squared_error"); dtype: the arrays' dtype. The callable,
@@ -124,9 +139,9 @@ class Backend:
         """
         return None
 
-    def fused_grads_step(self, activation: str, loss: str, dtype: DTypeLike) -> FusedStep:
-        """A compiled forward + loss + backward that writes the gradients, or None: then the model runs
-        its kernel-by-kernel loop.
+    def fused_grads_step(self, activation: str, loss: str, dtype: DTypeLike) -> FusedSteps:
+        """Compiled forward + loss + backward steps that write the gradients, by batch size as for
+        ``fused_sgd_step``, or None: then the model runs its kernel-by-kernel loop.
 
         Arguments as for ``fused_sgd_step``. The callable, ``step(x, targets, params, grads, work, offsets)
         -> (summed loss, bad_row)``, computes the same function as forward, the loss kernel and backward:

@@ -9,7 +9,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from deltaprop.kernels.activations import get_activation
 from deltaprop.kernels.dtypes import SUPPORTED, resolve_dtype
+
+# the Backend methods that compute a loss with its delta
+LOSS_KERNELS = ("softmax_xent", "sigmoid_xent", "squared_error")
+# what Backend.warmup can prepare for: MLP.train_step; MLP.fit (the gradients step and the optimizer
+# updates); predict and predict_proba (the forward pass and the output maps); evaluate (the forward pass
+# and the losses); every kernel of the contract alone (the model's kernel-by-kernel loop, `deltaprop
+# check`, `bench --kernels`)
+WARMUP_USES = ("train_step", "fit", "predict", "evaluate", "kernels")
 
 
 def _shape(x):
@@ -140,3 +149,26 @@ def check_adam(device, params, grads, m, v, step):
         raise ValueError(f"adam_update: step: expected the 1-based update count (>= 1), got {step}")
     return dtype
 
+
+
+def _names(argument, given, known=None):
+    """``given`` as a list of names (of ``known`` where given), else a ValueError naming ``argument``."""
+    if isinstance(given, str) or not all(isinstance(v, str) or argument == "dtypes" for v in given) or (
+            known is not None and not set(given) <= set(known)):
+        among = f" among {list(known)}" if known is not None else ""
+        raise ValueError(f"warmup: {argument}: expected a list of names{among}, got {given!r}")
+    return list(given)
+
+
+def check_warmup(backend, dtypes, activations, losses, batches, uses):
+    """``Backend.warmup``'s arguments checked, with their defaults: (dtypes, activations, losses, batches
+    (None: every size), uses)."""
+    dtypes = [resolve_dtype(d, backend.device, "warmup: dtypes")
+              for d in _names("dtypes", backend.dtypes if dtypes is None else dtypes)]
+    activations = [get_activation(a).name for a in _names("activations", activations)]
+    losses = _names("losses", losses, LOSS_KERNELS)
+    uses = _names("uses", WARMUP_USES if uses is None else uses, WARMUP_USES)
+    if batches is not None and (isinstance(batches, (str, int)) or not all(
+            isinstance(b, (int, np.integer)) and not isinstance(b, bool) and b >= 1 for b in batches)):
+        raise ValueError(f"warmup: batches: expected a list of positive integer batch sizes, got {batches!r}")
+    return dtypes, activations, losses, batches, uses

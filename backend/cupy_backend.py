@@ -132,10 +132,13 @@ class CupyBackend(Backend):
     def synchronize(self) -> None:
         self._cupy.cuda.Device().synchronize()
 
-    def warmup(self, dtypes=None) -> float:
-        """Compile every kernel module for ``dtypes`` and create the cuBLAS handle; returns seconds spent."""
+    def warmup(self, dtypes=None, activations=("relu",), losses=("softmax_xent",), batches=None, uses=None,
+               progress=None) -> float:
+        """Compiles every kernel module for ``dtypes`` (whatever the other choices: a module holds every
+        activation and loss) and creates the cuBLAS handle; returns seconds spent. No progress is reported."""
+        dtypes = [d.name for d in checks.check_warmup(self, dtypes, activations, losses, batches, uses)[0]]
         start = time.perf_counter()
-        self._modules.compile_all(self.dtypes if dtypes is None else dtypes)
+        self._modules.compile_all(dtypes)
         self._cupy.cuda.device.get_cublas_handle()
         self.synchronize()
         return time.perf_counter() - start

@@ -3,19 +3,21 @@
 Every override keeps Backend's signature and runs the same argument checks (``backend/checks.py``), so
 it refuses bad input with the same messages; the docstrings of Backend give the shapes and the semantics.
 Importing this module imports no Numba and compiles nothing: Numba loads when the backend is made, and
-each kernel compiles (or loads from Numba's on-disk cache) on first use or in ``warmup``.
+each kernel compiles (or loads from the disk cache of ``kernels.cache``) on first use or in ``warmup``,
+which compiles only what it is asked for (``warmup_parts``).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import time
+from functools import partial
 
 import numpy as np
 
 from deltaprop.backend.base import Backend, adam_bias_corrections
 from deltaprop.backend import checks
-from deltaprop.kernels.activations import ACTIVATIONS, get_activation
+from deltaprop.kernels.activations import get_activation
 from deltaprop.kernels.dtypes import resolve_dtype
 from deltaprop.kernels.layout import Layout
 
@@ -36,6 +38,120 @@ def _blas_info() -> list[dict]:
     return [{k: lib.get(k) for k in keys} for lib in threadpool_info() if lib.get("user_api") == "blas"]
 
 
+class StepsByBatch(dict):
+    """{batch size: the fused step for batches of that many rows}, each looked up on first use of its size
+    (``kernels.cpu.step_for_batch``); after that, ``steps[B]`` is one dict lookup."""
+
+    def __init__(self, lookup, *kernel):
+        super().__init__()
+        self._lookup, self._kernel = lookup, kernel
+
+    def __missing__(self, batch):
+        step = self[batch] = self._lookup(*self._kernel, batch)
+        return step
+
+
+# A part of a warm-up compiles the kernels of one call on tiny arrays of the dtype, shaped and typed as the
+# model passes them (x and buffers C-contiguous, int64 labels, scalars of the dtype), so that the model's
+# first call finds every signature it needs.
+TINY = 4  # rows and widths of the warm-up arrays
+
+
+def _targets(loss, x):
+    """int64 labels for softmax cross-entropy, a target matrix of x's dtype for the other losses."""
+    return np.zeros(len(x), np.int64) if loss == "softmax_xent" else np.full(x.shape, 0.5, x.dtype)
+
+
+def _warm_step(backend, name, dtype, activation, loss, batch):
+    """The fused step ``name`` for batches like ``batch`` (its variant), through the backend's mapping."""
+    layout = Layout([TINY, TINY, TINY], batch)
+    params, work = np.full(layout.n_params, 0.1, dtype), np.empty(layout.work_size, dtype)
+    x = np.ones((batch, TINY), dtype)
+    if name == "sgd_step":
+        steps = backend.fused_sgd_step(activation, loss, dtype)
+        steps[batch](x, _targets(loss, x), params, work, layout.offsets, dtype.type(0.1))
+    else:
+        steps = backend.fused_grads_step(activation, loss, dtype)
+        steps[batch](x, _targets(loss, x), params, np.empty_like(params), work, layout.offsets)
+
+
+def _warm_updates(backend, dtype):
+    flat = np.ones(TINY, dtype)
+    backend.sgd_update(flat.copy(), flat, 0.1)
+    backend.momentum_update(flat.copy(), flat, np.zeros_like(flat), 0.1)
+    backend.adam_update(flat.copy(), flat, np.zeros_like(flat), np.zeros_like(flat), 1)
+
+
+def _warm_forward(backend, dtype, activations, losses, evaluate):
+    """What predict and predict_proba run (z = a @ W.T, bias + activation, the losses' output maps) and,
+    where ``evaluate``, the losses of ``evaluate``."""
+    x = np.ones((TINY, TINY), dtype)
+    backend.gemm(x, x, np.empty_like(x), trans_b=True)
+    for activation in dict.fromkeys([*activations, "identity", *(["sigmoid"] if "sigmoid_xent" in losses else [])]):
+        backend.bias_act(x, x[0], activation, np.empty_like(x), np.empty_like(x))
+    if "softmax_xent" in losses:
+        backend.softmax(x, np.empty_like(x))
+    for loss in losses if evaluate else ():
+        getattr(backend, loss)(x, _targets(loss, x), np.empty_like(x))
+
+
+def _warm_gemms(backend, dtype):
+    """2-D and 3-D GEMMs in each transposition."""
+    x, stack = np.ones((TINY, TINY), dtype), np.ones((2, TINY, TINY), dtype)
+    for trans_a in (False, True):
+        for trans_b in (False, True):
+            backend.gemm(x, x, np.empty_like(x), trans_a, trans_b)
+            backend.gemm(stack, stack, np.empty_like(stack), trans_a, trans_b)
+
+
+def _warm_elementwise(backend, dtype, activation):
+    x = np.ones((TINY, TINY), dtype)
+    backend.bias_act(x, x[0], activation, np.empty_like(x), np.empty_like(x))
+    backend.act_backward(x, x, activation, np.empty_like(x))
+
+
+def _warm_losses(backend, dtype, losses):
+    """Each loss with int labels and with a target matrix, the softmax, the bias gradient."""
+    x = np.ones((TINY, TINY), dtype)
+    backend.softmax(x, np.empty_like(x))
+    for loss in losses:
+        getattr(backend, loss)(x, np.zeros(TINY, np.int64), np.empty_like(x))
+        getattr(backend, loss)(x, np.full(x.shape, 0.25, dtype), np.empty_like(x))
+    backend.bias_grad(x, np.empty_like(x[0]))
+
+
+def warmup_parts(backend, dtypes, activations, losses, batches, uses) -> dict:
+    """{what: a call that compiles it} for ``NumbaBackend.warmup``, in the order a command needs them."""
+    from deltaprop.kernels.cpu.step import SMALL_BATCH
+
+    # one batch size per variant of the fused steps: the small-batch loops, the GEMMs
+    variants = {SMALL_BATCH: f"batch <= {SMALL_BATCH}", SMALL_BATCH + 1: f"batch > {SMALL_BATCH}"}
+    if batches is not None:
+        variants = {b: v for b, v in variants.items() if any((n <= SMALL_BATCH) == (b <= SMALL_BATCH) for n in batches)}
+    parts = {}
+    for dtype in dtypes:
+        for name, use in (("sgd_step", "train_step"), ("grads_step", "fit")):
+            if use in uses:
+                for activation in activations:
+                    for loss in losses:
+                        for batch, variant in variants.items():
+                            parts[f"{name} {dtype} {activation} {loss} ({variant})"] = partial(
+                                _warm_step, backend, name, dtype, activation, loss, batch)
+        if "fit" in uses or "kernels" in uses:
+            parts[f"optimizer updates {dtype}"] = partial(_warm_updates, backend, dtype)
+        for use in ("predict", "evaluate"):
+            if use in uses:
+                parts[f"forward pass{' and losses' * (use == 'evaluate')} {dtype} {' '.join(activations)}"] = partial(
+                    _warm_forward, backend, dtype, activations, losses, use == "evaluate")
+        if "kernels" in uses:
+            parts[f"gemm {dtype}"] = partial(_warm_gemms, backend, dtype)
+            for activation in dict.fromkeys([*activations, "identity"]):
+                parts[f"bias_act, act_backward {dtype} {activation}"] = partial(
+                    _warm_elementwise, backend, dtype, activation)
+            parts[f"softmax, losses, bias_grad {dtype}"] = partial(_warm_losses, backend, dtype, losses)
+    return parts
+
+
 class NumbaBackend(Backend):
     """The kernel contract on the CPU with Numba (serial @njit kernels beside a multi-threaded BLAS)."""
 
@@ -43,9 +159,9 @@ class NumbaBackend(Backend):
     device = "cpu"
 
     def __init__(self):
-        from deltaprop.kernels.cpu import get_kernel  # imports Numba: when the backend is made, not imported
+        from deltaprop.kernels.cpu import get_kernel, step_for_batch  # imports Numba: when the backend is made
 
-        self._kernel = get_kernel
+        self._kernel, self._step_for_batch = get_kernel, step_for_batch
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
@@ -53,49 +169,24 @@ class NumbaBackend(Backend):
             return False, "Numba is not installed (pip install numba)"
         return True, ""
 
-    def warmup(self, dtypes=None) -> float:
-        start = time.perf_counter()
-        rng = np.random.default_rng(0)
-        for name in dtypes or self.dtypes:
-            dtype = resolve_dtype(name, self.device)
-            x = rng.standard_normal((4, 4)).astype(dtype)
-            stack = rng.standard_normal((2, 4, 4)).astype(dtype)
-            for trans_a in (False, True):
-                for trans_b in (False, True):
-                    self.gemm(x, x, np.empty_like(x), trans_a, trans_b)
-                    self.gemm(stack, stack, np.empty_like(stack), trans_a, trans_b)
-            for act in ACTIVATIONS:
-                self.bias_act(x, x[0], act, np.empty_like(x), np.empty_like(x))
-                self.act_backward(x, x, act, np.empty_like(x))
-            self.softmax(x, np.empty_like(x))
-            for loss in (self.softmax_xent, self.sigmoid_xent, self.squared_error):
-                loss(x, np.arange(4), np.empty_like(x))
-                loss(x, self.softmax(x), np.empty_like(x))
-            self.bias_grad(x, np.empty_like(x[0]))
-            flat = x.ravel()
-            self.sgd_update(flat.copy(), flat, 0.1)
-            self.momentum_update(flat.copy(), flat, np.zeros_like(flat), 0.1)
-            self.adam_update(flat.copy(), flat, np.zeros_like(flat), np.zeros_like(flat), 1)
-            self._warm_step(dtype)
-        return time.perf_counter() - start
+    def warmup(self, dtypes=None, activations=("relu",), losses=("softmax_xent",), batches=None, uses=None,
+               progress=None) -> float:
+        from deltaprop.kernels.cpu import report_compiles
 
-    def _warm_step(self, dtype):
-        """Compiles the fused steps that benchmarks train (relu, softmax cross-entropy, int labels)."""
-        layout = Layout([4, 4, 4], 4)
-        params = np.full(layout.n_params, 0.1, dtype)
-        x, labels = np.ones((4, 4), dtype), np.zeros(4, np.int64)
-        step = self.fused_sgd_step("relu", "softmax_xent", dtype)
-        step(x, labels, params, np.empty(layout.work_size, dtype), layout.offsets, dtype.type(0.1))
-        grads_step = self.fused_grads_step("relu", "softmax_xent", dtype)
-        grads_step(x, labels, params, np.empty_like(params), np.empty(layout.work_size, dtype), layout.offsets)
+        start = time.perf_counter()
+        parts = warmup_parts(self, *checks.check_warmup(self, dtypes, activations, losses, batches, uses))
+        for done, (what, run) in enumerate(parts.items()):
+            with report_compiles(None if progress is None else partial(progress, done, len(parts), what)):
+                run()
+        return time.perf_counter() - start
 
     def fused_sgd_step(self, activation, loss, dtype):
         get_activation(activation)
-        return self._kernel("sgd_step", resolve_dtype(dtype, self.device), activation, loss)
+        return StepsByBatch(self._step_for_batch, "sgd_step", resolve_dtype(dtype, self.device), activation, loss)
 
     def fused_grads_step(self, activation, loss, dtype):
         get_activation(activation)
-        return self._kernel("grads_step", resolve_dtype(dtype, self.device), activation, loss)
+        return StepsByBatch(self._step_for_batch, "grads_step", resolve_dtype(dtype, self.device), activation, loss)
 
     def describe(self) -> dict:
         import numba

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 
@@ -86,7 +87,7 @@ class BackendSubject:
 
     kind = "backend"
 
-    def __init__(self, name, sizes, dtype):
+    def __init__(self, name, sizes, dtype, batches=None, kernels=True, compile_progress=None):
         from deltaprop.model import MLP
 
         self.backend = backends.get_backend(name)
@@ -94,9 +95,18 @@ class BackendSubject:
         self.net = MLP(sizes, activation=ACTIVATION, loss=LOSS, backend=self.backend, dtype=dtype, seed=SEED)
         self.clock = clock_for(self.backend)
         self._inputs = {}
+        self._needs = {"batches": batches, "uses": ["train_step", *(["kernels"] if kernels else [])]}
+        self._compile_progress = compile_progress
 
     def compile(self) -> float:
-        return self.backend.warmup([self.dtype])
+        """Compiles what the run times (the step at its batch sizes, the kernels alone where it times them),
+        told to ``compile_progress(backend)``'s context (a ``Backend.warmup`` progress) where given."""
+        from deltaprop.model.losses import get_loss
+
+        reporter = nullcontext() if self._compile_progress is None else self._compile_progress(self.backend)
+        with reporter as progress:
+            return self.backend.warmup([self.dtype], [ACTIVATION], [get_loss(LOSS).kernel], progress=progress,
+                                       **self._needs)
 
     def inputs(self, batch):
         """x (B, n0) and labels y (B,) on the backend's device, made once per batch size."""
@@ -159,20 +169,22 @@ class BenchSpec:
         return len(self.effort.batches) * (1 + self.kernels)
 
 
-def _make_subject(name, spec, threads):
+def _make_subject(name, spec, threads, compile_progress):
     if name in PEERS:
         return make_peer(name, spec.sizes, spec.dtype, threads)
-    return BackendSubject(name, spec.sizes, spec.dtype)
+    return BackendSubject(name, spec.sizes, spec.dtype, spec.effort.batches, spec.kernels, compile_progress)
 
 
-def measure(spec: BenchSpec, progress=None) -> dict:
+def measure(spec: BenchSpec, progress=None, compile_progress=None) -> dict:
     """Runs ``spec``; returns the report (the JSON of ``--json``).
 
     ``progress``, when given, is told of each timed point: ``progress.point(label, rounds)`` as it starts
     (it returns a callback for each round done, or None), ``progress.finish(rounds_done)`` as it ends.
+    ``compile_progress(backend)``, when given, is a context manager whose value is the ``progress`` of
+    ``Backend.warmup``, told of what each backend compiles before the timing starts.
     """
     machine = describe_machine()
-    subjects = [_make_subject(name, spec, machine["threads"]) for name in spec.subjects]
+    subjects = [_make_subject(name, spec, machine["threads"], compile_progress) for name in spec.subjects]
     compile_s = {s.name: s.compile() for s in subjects}
     devices = list(dict.fromkeys(s.device for s in subjects))
     peakers = {d: b for d in devices if (b := peak_backend(d, subjects)) is not None}

@@ -4,6 +4,8 @@
     deltaprop check    every kernel and a whole step on each usable backend against the reference
     deltaprop info     version, backends usable here (and why the others are not), BLAS and threads
     deltaprop train    train an MLP on a dataset and report its test accuracy
+    deltaprop cache    where compiled kernels are cached and what is there; --clear empties it
+    deltaprop warmup   compile kernels ahead of time into the cache (for container images)
 
 Each module has ``add_arguments(parser)`` and ``run(args) -> exit status``; a new subcommand is a module
 and one row of SUBCOMMANDS. Modules parse, call the model and the backends, and print; no math here.
@@ -29,6 +31,8 @@ SUBCOMMANDS = {
     "check": "every kernel and a training step on each usable backend against the reference",
     "info": "version, usable backends and why the others are not, BLAS and threads",
     "train": "train an MLP on a dataset and report its test accuracy",
+    "cache": "where compiled kernels are cached, what is there; --clear empties it",
+    "warmup": "compile kernels ahead of time into the cache (for container images)",
 }
 
 # the errors that mean the user asked for something this machine or these files cannot give: exit 2
@@ -61,6 +65,17 @@ def output_file(path: str) -> str:
         raise argparse.ArgumentTypeError(f"expected a file in a writable folder, got {path!r} "
                                          f"({folder} is not writable)")
     return path
+
+
+def positive_ints(text: str) -> tuple[int, ...]:
+    """An argparse type for comma-separated positive integers ("1,32,256")."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like 1,32, got {text!r}")
+    return values
 
 
 def build_parser(argv) -> argparse.ArgumentParser:

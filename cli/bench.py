@@ -23,17 +23,8 @@ from dataclasses import replace
 from deltaprop.benchmarks import report
 from deltaprop.benchmarks.peers import PEERS
 from deltaprop.benchmarks.workload import PRESETS
-from deltaprop.cli import UsageError, output_file
-
-
-def _positive_ints(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        values = ()
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like 784,512,10, got {text!r}")
-    return values
+from deltaprop.cli import UsageError, output_file, positive_ints
+from deltaprop.cli.warmup import CompileProgress
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -45,9 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     workload.add_argument("--preset", choices=sorted(PRESETS), default="mlp",
                           help="network widths: " + "; ".join(f"{k} {'-'.join(map(str, v))}" for k, v in PRESETS.items())
                           + " (ReLU; default mlp)")
-    workload.add_argument("--sizes", type=_positive_ints, metavar="N0,N1,...",
+    workload.add_argument("--sizes", type=positive_ints, metavar="N0,N1,...",
                           help="layer widths of a ReLU network instead of a preset, input first")
-    parser.add_argument("--batch", type=_positive_ints, metavar="B,...",
+    parser.add_argument("--batch", type=positive_ints, metavar="B,...",
                         help="batch sizes (default 1,32,256,2048; --quick 1,32,256)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--backends", type=_names, metavar="NAME,...",
@@ -125,7 +116,7 @@ def run(args) -> int:
     spec = spec_from_args(args)
     progress = Progress(spec.points)
     try:
-        result = bench.measure(spec, progress)
+        result = bench.measure(spec, progress, CompileProgress)
     finally:
         progress.close()
     print(report.render(result))

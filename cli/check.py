@@ -42,12 +42,17 @@ def _backends_and_dtypes(args):
 
 
 def run(args) -> int:
-    from deltaprop.benchmarks.check import check_backend
+    from deltaprop.backend.checks import LOSS_KERNELS
+    from deltaprop.benchmarks.check import BATCH, check_backend
+    from deltaprop.cli.warmup import CompileProgress
+    from deltaprop.kernels.activations import ACTIVATIONS
 
     chosen = _backends_and_dtypes(args)
     failures = 0
     print(f"{'backend':<7} {'dtype':<8} {'kernel':<34} {'rel err':>11} {'tolerance':>9}  result")
     for backend, dtypes in chosen:
+        with CompileProgress(backend) as progress:  # every kernel alone and the step, for every activation and loss
+            backend.warmup(dtypes, sorted(ACTIVATIONS), LOSS_KERNELS, [BATCH], ["kernels", "train_step"], progress)
         for dtype in dtypes:
             for name, dt, what, err, tol, ok in check_backend(backend, dtype, args.seed):
                 failures += not ok

@@ -35,8 +35,10 @@ def facts(load=False) -> dict:
     try:
         import numba
 
+        from deltaprop.kernels import cache
+
         numba_facts = {"version": numba.__version__, "threads": numba.config.NUMBA_NUM_THREADS,
-                       "cache_dir": numba.config.CACHE_DIR or "(next to the sources)"}
+                       "kernel_cache": cache.describe()}
     except ImportError as e:
         numba_facts = {"version": None, "error": str(e)}
     return {
@@ -60,7 +62,11 @@ def run(args) -> int:
     print(f"cpus: {f['cpu_count']}")
     numba = f["numba"]
     print(f"numba: {numba['version'] or 'not importable: ' + numba['error']}"
-          + (f" ({numba['threads']} threads, cache {numba['cache_dir']})" if numba["version"] else ""))
+          + (f" ({numba['threads']} threads)" if numba["version"] else ""))
+    if numba["version"]:
+        from deltaprop.cli.cache import summary
+
+        print(f"kernel cache: {summary(numba['kernel_cache'])}")
     for pool in f["blas"]:
         print(f"blas: {pool['name']} {pool['version'] or ''} ({blas_threads(pool)}, "
               f"{pool['architecture'] or 'architecture unknown'})")

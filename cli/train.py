@@ -206,12 +206,13 @@ def _train(args):
         raise DataError(str(e)) from None
     print(f"{source}: {len(y_train)} training and {len(y_test)} test samples, {X.shape[1]} features, "
           f"{len(classes)} classes; {net!r}", flush=True)
-    warmup = net.backend.warmup([net.dtype.name])
+    warmup = _compile(net, ["fit"], [args.batch_size])  # fit runs its last, smaller batch with the same step
     started = time.perf_counter()
     net.fit(X_train, y_train, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
             lr=args.lr, patience=args.patience, seed=args.seed, progress=False, callback=_print_epoch(args.epochs))
     net.backend.synchronize()
     wall = time.perf_counter() - started
+    warmup += _compile(net, ["predict"])
     predicted = net.backend.to_numpy(net.predict(X_test))
     correct = int((predicted == y_test).sum())
     print(f"test accuracy {correct / len(y_test):.4f} ({correct}/{len(y_test)})  "
@@ -219,6 +220,17 @@ def _train(args):
     if args.save:
         net.save(args.save)
         print(f"saved {args.save}")
+
+
+def _compile(net, uses, batches=None) -> float:
+    """Compiles what ``uses`` run (``Backend.warmup``) for batches of ``batches`` rows, with a progress
+    line; returns the seconds."""
+    from deltaprop.cli.warmup import CompileProgress
+    from deltaprop.model.losses import get_loss
+
+    with CompileProgress(net.backend) as progress:
+        return net.backend.warmup([net.dtype], [net.activation], [get_loss(net.loss).kernel],
+                                  batches, uses, progress=progress)
 
 
 def run(args) -> int:

@@ -305,25 +305,27 @@ class MLP:
             loss = self.forward_backward(x, y)[0]
             return loss, [(dW.copy(), db.copy()) for dW, db in zip(self.grad_weights, self.grad_biases)]
 
-    def forward_backward(self, x: ArrayInput, y: ArrayInput) -> tuple[float, Array]:
+    def forward_backward(self, x: ArrayInput, y: ArrayInput, step_batch: int | None = None) -> tuple[float, Array]:
         """Forward, loss and backward of x (B, n0) and y (labels (B,) or targets (B, n_L)) into ``grads``
         (the flat (P,) buffer; views ``grad_weights``, ``grad_biases``), without an update.
 
         Returns (mean loss, logits (B, n_L) in the calling thread's workspace). One compiled call where
         the backend has a fused gradients step (and ``use_fused_step``), else the kernel-by-kernel loop.
-        Raises the loss kernels' error for a label outside [0, C) and NonFiniteLossError for a NaN or
-        infinite loss, ``grads`` left as it was in both cases.
+        step_batch: run the fused step compiled for batches of that size (default B), as ``fit`` does for
+        its last, smaller batch, so that an epoch compiles and runs one step. Raises the loss kernels'
+        error for a label outside [0, C) and NonFiniteLossError for a NaN or infinite loss, ``grads`` left
+        as it was in both cases.
         """
-        step = self._fused_grads_step if self.use_fused_step else None
+        steps = self._fused_grads_step if self.use_fused_step else None
         with self._training:
-            if step is None:
+            if steps is None:
                 x = self.as_inputs(x)
                 y = self.as_targets(y, x.shape[0])
                 cache = self._forward(x)
                 return self._backward(cache, y), cache.logits
             x, y = self._fused_inputs(x, y, "loss_and_grads")
             ws = self._workspace(len(x))
-            total, bad_row = step(x, y, self.params, self.grads, ws.work, ws.offsets)
+            total, bad_row = steps[step_batch or len(x)](x, y, self.params, self.grads, ws.work, ws.offsets)
             return self._fused_loss(total, bad_row, y), ws.z[-1]
 
     # train_step runs the backend's fused step where it has one; False forces the kernel-by-kernel loop
@@ -337,8 +339,8 @@ class MLP:
         infinite. Allocation-free after the first call at a batch size. The fused step of a backend that
         has one never stores the gradients: ``grads`` is left as it was.
         """
-        step = self._fused_step if self.use_fused_step else None
-        if step is None:
+        steps = self._fused_step if self.use_fused_step else None
+        if steps is None:
             x = self.as_inputs(x)
             y = self.as_targets(y, x.shape[0])
             lr = check_learning_rate("train_step: lr", lr)
@@ -355,14 +357,15 @@ class MLP:
             if lr != self._lr:  # checked and made a scalar of the dtype only when it changes (NaN always does)
                 self._lr_scalar = self.dtype.type(check_learning_rate("train_step: lr", lr))
                 self._lr = lr
+            batch = len(x)
             ws = self._threads.recent  # _workspace's own first check, without the call
-            if ws is None or ws.batch != len(x):
-                ws = self._workspace(len(x))
-            total, bad_row = step(x, y, self.params, ws.work, ws.offsets, self._lr_scalar)
+            if ws is None or ws.batch != batch:
+                ws = self._workspace(batch)
+            total, bad_row = steps[batch](x, y, self.params, ws.work, ws.offsets, self._lr_scalar)
         finally:
             lock.release()
         if bad_row < 0:
-            loss = total / len(x)
+            loss = total / batch
             if isfinite(loss):
                 return loss
         return self._fused_loss(total, bad_row, y)
@@ -386,12 +389,12 @@ class MLP:
 
     @cached_property
     def _fused_step(self):
-        """The backend's compiled SGD step for this network (None where it has none), looked up once."""
+        """The backend's compiled SGD steps by batch size (None where it has none), looked up once."""
         return self.backend.fused_sgd_step(self.activation, get_loss(self.loss).kernel, self.dtype)
 
     @cached_property
     def _fused_grads_step(self):
-        """The backend's compiled gradients step for this network (None where it has none), looked up once."""
+        """The backend's compiled gradients steps by batch size (None where it has none), looked up once."""
         return self.backend.fused_grads_step(self.activation, get_loss(self.loss).kernel, self.dtype)
 
     def _ready(self, x, y):

@@ -311,7 +311,7 @@ def fit(net, X, y, epochs=10, batch_size=32, optimizer=None, lr=None, schedule=N
             loss_sum, hits = 0.0, 0
             for batch, (start, stop) in enumerate(_chunks(n, batch_size), 1):
                 targets = y_epoch[start:stop]
-                loss, logits = net.forward_backward(X_epoch[start:stop], targets)
+                loss, logits = net.forward_backward(X_epoch[start:stop], targets, batch_size)
                 if scorer.kind:
                     hits += scorer.count(logits, targets)
                 loss_sum += loss * (stop - start)

@@ -141,7 +141,7 @@ def test_steps_cached_by_different_processes_keep_their_own_activation(tmp_path)
     """Each process compiles one step into the shared cache; a third loads both and each still computes its
     own activation (the builders' closures share a qualname: their symbols must not collide)."""
     def run(code):
-        env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+        env = {**os.environ, "DELTAPROP_CACHE_DIR": str(tmp_path)}  # the kernel cache in tmp_path, whatever else is set
         result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         return result.stdout.split()
 

@@ -21,6 +21,8 @@ numba = pytest.importorskip("numba")
 from numba.extending import register_jitable  # noqa: E402
 
 from deltaprop.backend import get_backend  # noqa: E402
+from deltaprop.backend.checks import LOSS_KERNELS  # noqa: E402
+from deltaprop.kernels.activations import ACTIVATIONS  # noqa: E402
 from deltaprop.kernels.cpu import JIT_OPTIONS, built_kernels  # noqa: E402
 
 _DEFINE = re.compile(r"^define .*?@(\S+?)\(", re.MULTILINE)
@@ -29,7 +31,7 @@ _DEFINE = re.compile(r"^define .*?@(\S+?)\(", re.MULTILINE)
 def promotions(dispatcher, signature) -> list[str]:
     """What computes in float64 in a fresh compile of ``dispatcher`` for ``signature``: the kernel's own
     variables and calls typed float64, and the nopython functions whose LLVM IR uses doubles."""
-    fresh = numba.njit(**{**JIT_OPTIONS, "cache": False})(dispatcher.py_func)
+    fresh = numba.njit(**JIT_OPTIONS)(dispatcher.py_func)  # not cached: JIT_OPTIONS leave that to kernels.cache
     fresh.compile(signature)
     annotation = fresh.overloads[tuple(signature)].type_annotation
     typed = [f"{var}: {ty}" for var, ty in annotation.typemap.items() if "float64" in str(ty)]
@@ -44,7 +46,9 @@ def promotions(dispatcher, signature) -> list[str]:
 
 @pytest.fixture(scope="module")
 def float32_kernels():
-    get_backend("numba").warmup(["float32"])
+    backend = get_backend("numba")
+    backend.warmup(["float32"], activations=sorted(ACTIVATIONS), losses=LOSS_KERNELS, uses=["kernels"])
+    backend.warmup(["float32"], uses=["train_step", "fit"])  # relu, softmax cross-entropy: both variants
     return {key: d for key, d in built_kernels().items() if key[1] == "float32"}
 
 
@@ -89,7 +93,7 @@ def test_promotion_is_detected():
 
 
 def _run(code, cache_dir):
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(cache_dir)}
+    env = {**os.environ, "DELTAPROP_CACHE_DIR": str(cache_dir)}  # the kernel cache in cache_dir, whatever else is set
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return result.stdout.strip()
 
@@ -123,7 +127,7 @@ def test_fused_steps_load_from_the_cache_in_a_new_process(tmp_path):
         "import numpy as np; from deltaprop import MLP;"
         "net = MLP([4, 5, 3], backend='numba', seed=0); x = np.ones((2, 4), np.float32); y = np.array([0, 2]);"
         "net.train_step(x, y); net.loss_and_grads(x, y);"
-        "print(*(sum(s.stats.cache_hits.values()) for s in (net._fused_step, net._fused_grads_step)))"
+        "print(*(sum(s[2].stats.cache_hits.values()) for s in (net._fused_step, net._fused_grads_step)))"
     )
     assert _run(code, tmp_path) == "0 0"
     assert _run(code, tmp_path) == "1 1"

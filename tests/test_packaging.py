@@ -71,6 +71,10 @@ def test_the_wheel_holds_every_module_of_the_package(wheel_files):
     assert {"LICENSE", "entry_points.txt", "METADATA"} <= metadata
 
 
+def numba_cache_files(folder):
+    return sorted(path for path in folder.rglob("*") if path.suffix in (".nbi", ".nbc"))
+
+
 def site_packages(venv):
     return pathlib.Path(sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)}))
 
@@ -81,9 +85,10 @@ def test_the_package_installs_over_itself_plain_editable_plain(source, tmp_path)
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     python = venv / "bin" / "python"
-    # each import runs in a folder of its own, so that `deltaprop` cannot come from the current folder;
-    # NUMBA_CACHE_DIR keeps Numba's cache files out of site-packages/deltaprop, which pip does not remove
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba-cache"), "PYTHONPATH": ""}
+    # each import runs in a folder of its own, so that `deltaprop` cannot come from the current folder; no
+    # cache variable set: the kernels go to the per-user default, here a fresh folder under tmp_path
+    env = {name: value for name, value in os.environ.items() if name not in ("NUMBA_CACHE_DIR", "DELTAPROP_CACHE_DIR")}
+    env.update(PYTHONPATH="", XDG_CACHE_HOME=str(tmp_path / "user-cache"))
     use = ("import deltaprop, deltaprop.kernels.activations, numpy as np; from deltaprop.model import MLP; "
            "net = MLP([4, 3], backend='numba', seed=0); "
            "net.train_step(np.ones((2, 4), np.float32), np.array([0, 2]), lr=0.1); print(deltaprop.__file__)")
@@ -95,3 +100,6 @@ def test_the_package_installs_over_itself_plain_editable_plain(source, tmp_path)
                                   timeout=600)
         assert imported.returncode == 0, f"step {step} ({kind}): {imported.stderr}"
         assert pathlib.Path(imported.stdout.strip()) == expected[kind], f"step {step} ({kind})"
+        if step == 0:  # the first use compiled into the per-user cache, and left nothing in the package
+            assert numba_cache_files(tmp_path / "user-cache" / "deltaprop") != []
+            assert numba_cache_files(site_packages(venv) / "deltaprop") == []

@@ -5,8 +5,11 @@
 
 Each entry of BUILDERS takes the scalar type T (numpy.float32 or numpy.float64) and the variant, and
 returns a plain Python function whose constants are all made with T, so that nothing in a float32
-kernel is promoted to float64; it is compiled with ``njit(cache=True)`` (honouring NUMBA_CACHE_DIR), so
-compile time is paid once per machine. Importing this package compiles nothing.
+kernel is promoted to float64; it is compiled with ``njit`` and cached on disk in the folder that
+``deltaprop.kernels.cache`` chooses (never inside the package), so compile time is paid once per
+machine. Importing this package compiles nothing and touches no file.
+
+The fused steps come in two variants (see ``step.py``): ``step_for_batch`` gives the one for a batch size.
 
 Why the closures hold only NumPy scalars and plain functions (made callable from jitted code with
 ``register_jitable``): Numba keys its on-disk cache of a closure on the pickled closure cells, with
@@ -22,14 +25,18 @@ remaining flags do not speed up.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from functools import partial
 
 import numba
+import numba.core.event
 import numpy as np
 
+from deltaprop.kernels import cache
 from deltaprop.kernels.cpu import elementwise, gemm, losses, optimizers, step
 
-JIT_OPTIONS = {"cache": True, "nogil": True, "error_model": "numpy"}
+JIT_OPTIONS = {"nogil": True, "error_model": "numpy"}  # and disk caching, turned on by ``cache.enable``
 
 # kernel name -> builder(T, *variant) returning the Python function to compile
 BUILDERS = {
@@ -42,9 +49,11 @@ BUILDERS = {
     "sgd_update": optimizers.build_sgd,
     "momentum_update": optimizers.build_momentum,
     "adam_update": optimizers.build_adam,
-    "sgd_step": step.build_sgd_step,  # variant: (activation name, loss kernel name)
-    "grads_step": step.build_grads_step,  # variant: (activation name, loss kernel name)
+    "sgd_step": step.build_sgd_step,  # variant: (activation name, loss kernel name, small)
+    "grads_step": step.build_grads_step,  # variant: (activation name, loss kernel name, small)
 }
+# the jitted functions defined at module level, which the fused steps call: cached like the kernels
+MODULE_KERNELS = (step.small_dense, step.small_update, step.small_grads)
 
 _compiled: dict[tuple, numba.core.dispatcher.Dispatcher] = {}
 
@@ -54,13 +63,53 @@ def get_kernel(name: str, dtype, *variant):
     key = (name, np.dtype(dtype), *variant)  # a dtype compares equal to its name; `.name` costs microseconds
     dispatcher = _compiled.get(key)
     if dispatcher is None:
+        _enable_module_kernels()
         kernel = BUILDERS[name](key[1].type, *variant)
-        # A name per variant: the variants of one builder would otherwise share one cache index file
-        # (whose entries processes compiling at once can overwrite) and one symbol name when loaded.
-        kernel.__qualname__ = "_".join([kernel.__qualname__, key[1].name, *map(str, variant)])
-        dispatcher = numba.njit(**JIT_OPTIONS)(kernel)
+        # A name per kernel and variant: the kernels of one builder would otherwise share one cache index
+        # file (whose entries processes compiling at once can overwrite) and one symbol name when loaded.
+        scope = kernel.__qualname__.rpartition(".")[0]
+        kernel.__qualname__ = f"{scope}.{'_'.join([name, key[1].name, *map(str, variant)])}".lstrip(".")
+        dispatcher = cache.enable(numba.njit(**JIT_OPTIONS)(kernel))
         _compiled[key] = dispatcher
     return dispatcher
+
+
+def step_for_batch(name: str, dtype, activation: str, loss: str, batch: int):
+    """The fused step ``name`` ("sgd_step" or "grads_step") that serves batches of ``batch`` rows: the
+    small-batch variant up to ``step.SMALL_BATCH`` rows, the GEMM one above."""
+    return get_kernel(name, dtype, activation, loss, batch <= step.SMALL_BATCH)
+
+
+class _FirstCompile(numba.core.event.Listener):
+    """Calls ``on_first()`` when the first compile starts (Numba announces no load from the disk cache)."""
+
+    def __init__(self, on_first):
+        self.on_first = on_first
+
+    def on_start(self, event):
+        if self.on_first is not None:
+            on_first, self.on_first = self.on_first, None
+            on_first()
+
+    def on_end(self, event):
+        pass
+
+
+@contextlib.contextmanager
+def report_compiles(on_first):
+    """Within the block, ``on_first()`` is called once, when a kernel starts compiling (not when kernels
+    load from the disk cache); None: nothing is reported."""
+    if on_first is None:
+        yield
+        return
+    with numba.core.event.install_listener("numba:compile", _FirstCompile(on_first)):
+        yield
+
+
+@functools.cache
+def _enable_module_kernels() -> None:
+    for dispatcher in MODULE_KERNELS:
+        cache.enable(dispatcher)
 
 
 def built_kernels() -> dict[tuple, numba.core.dispatcher.Dispatcher]:

@@ -13,6 +13,11 @@ each W that propagates delta through the old W and applies the outer-product upd
 read once instead of three times. Larger batches propagate delta through the old W with a GEMM, then
 update W with a second one, W -= lr * delta.T @ a, accumulated in place (dW is never stored: one pass
 over W instead of three).
+
+The two are variants compiled apart (``small``, a constant of the closure, so that Numba prunes the
+other branch before typing it): each computes the same function at any batch size, but compiles only
+its own loops, which halves the first compile of the GEMM step. ``kernels.cpu.step_for_batch`` picks
+the variant by the batch size.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ SMALL_BATCH = 8  # at most this many rows: the outer-product update fused with d
 # they are compiled apart, because fastmath flags pass down to inlined helpers and would undo the
 # compensated sums of the loss and the bias gradient. No nnan/ninf: NaN and inf must propagate. The flags
 # are a dict, not a set: the steps' cache key pickles them, and a set of strings pickles in a random order.
-SMALL_BATCH_JIT = {"cache": True, "nogil": True, "error_model": "numpy",
+# Disk caching is turned on by ``kernels.cpu`` (MODULE_KERNELS), in the folder of ``kernels.cache``.
+SMALL_BATCH_JIT = {"nogil": True, "error_model": "numpy",
                    "fastmath": dict.fromkeys(("reassoc", "contract", "nsz", "arcp"), True)}
 
 
@@ -204,7 +210,7 @@ def jitable_variant(fn, variant):
     return register_jitable(fn)
 
 
-def build_start_step(T, act, loss):
+def build_start_step(T, act, loss, small):
     """The start of a fused step, shared by the SGD step and the gradients step: ``start_step(x, targets,
     params, work, offsets) -> (summed loss, bad_row, serial, proceed)`` puts BLAS on one thread for small GEMMs
     (``serial``, for ``restore_blas``), runs the forward pass and the loss, and leaves z[l], a[l] (the
@@ -225,7 +231,7 @@ def build_start_step(T, act, loss):
             a_in = x if l == 0 else matrix_at(work, offsets[l - 1, A_AT], batch, n_in)
             z = matrix_at(work, offsets[l, Z_AT], batch, n_out)
             W = matrix_at(params, w_at, n_out, n_in)
-            if batch <= SMALL_BATCH:
+            if small:
                 small_dense(a_in, W, z)
             else:
                 gemm_into(a_in, W.T, z, one, zero)
@@ -242,7 +248,7 @@ def build_start_step(T, act, loss):
             restore_blas(serial)
         return total, bad_row, serial, proceed
 
-    start_step.__qualname__ = f"start_step_{act}_{loss}"
+    start_step.__qualname__ = f"start_step_{act}_{loss}_{'small' if small else 'gemm'}"  # a symbol per variant
     return register_jitable(start_step)
 
 
@@ -259,13 +265,16 @@ def layer_views(x, work, offsets, l):
 @register_jitable
 def step_scratch(work, offsets):
     """(the last 2 * n_max elements of ``work``, n_max), n_max being the widest layer."""
-    n_max = max(offsets[0, N_IN], offsets[:, N_OUT].max())
+    n_max = offsets[0, N_IN]
+    for l in range(offsets.shape[0]):
+        n_max = max(n_max, offsets[l, N_OUT])
     return work[work.shape[0] - 2 * n_max:], n_max
 
 
-def build_sgd_step(T, act, loss):
-    """The step for activation ``act`` on the hidden layers and the loss kernel ``loss`` on the last."""
-    start_step = build_start_step(T, act, loss)
+def build_sgd_step(T, act, loss, small):
+    """The step for activation ``act`` on the hidden layers and the loss kernel ``loss`` on the last; with
+    the small-batch loops where ``small``, else with GEMMs."""
+    start_step = build_start_step(T, act, loss, small)
     act_backward = jitable_variant(elementwise.build_act_backward(T, act), act)
     act_backward_sums = jitable_variant(elementwise.build_act_backward_sums(T, act), act)
     sgd = register_jitable(optimizers.build_sgd(T))
@@ -288,7 +297,7 @@ def build_sgd_step(T, act, loss):
             n_in, n_out, a_in, delta, g = layer_views(x, work, offsets, l)
             w_at, b_at = offsets[l, W_AT], offsets[l, B_AT]
             W, b = matrix_at(params, w_at, n_out, n_in), params[b_at:b_at + n_out]
-            if batch <= SMALL_BATCH:
+            if small:
                 small_update(W, b, delta, a_in, g, l > 0, lr)
             else:
                 if l > 0:
@@ -300,7 +309,7 @@ def build_sgd_step(T, act, loss):
                 sgd(b, db, lr, zero)
             if l > 0:
                 z_below = matrix_at(work, offsets[l - 1, Z_AT], batch, n_in)
-                if batch <= SMALL_BATCH:
+                if small:
                     act_backward(g, z_below, g)
                 else:  # delta[l-1] and its column sums, db[l-1], in one pass over it
                     act_backward_sums(g, z_below, g, scratch[:n_in], scratch[n_max:n_max + n_in])
@@ -310,10 +319,10 @@ def build_sgd_step(T, act, loss):
     return sgd_step
 
 
-def build_grads_step(T, act, loss):
+def build_grads_step(T, act, loss, small):
     """Forward, loss and backward for activation ``act`` and loss kernel ``loss``, the gradients written
     into the flat ``grads`` buffer (the parameters' layout) for an optimizer's update kernel to apply."""
-    start_step = build_start_step(T, act, loss)
+    start_step = build_start_step(T, act, loss, small)
     act_backward_sums = jitable_variant(elementwise.build_act_backward_sums(T, act), act)
     zero, one = T(0), T(1)
     gemm_into = chosen_gemm_into()
@@ -333,7 +342,7 @@ def build_grads_step(T, act, loss):
             n_in, n_out, a_in, delta, g = layer_views(x, work, offsets, l)
             w_at, b_at = offsets[l, W_AT], offsets[l, B_AT]
             W, dW = matrix_at(params, w_at, n_out, n_in), matrix_at(grads, w_at, n_out, n_in)
-            if batch <= SMALL_BATCH:
+            if small:
                 small_grads(W, dW, delta, a_in, g, l > 0)
             else:
                 gemm_into(delta.T, a_in, dW, one, zero)  # dW = delta.T @ a[l-1]
