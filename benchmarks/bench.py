@@ -28,7 +28,7 @@ from deltaprop import backend as backends
 from deltaprop.benchmarks.machine import describe_machine
 from deltaprop.benchmarks.peers import PEERS, make_peer, peer_status
 from deltaprop.benchmarks.timing import HostClock, Timed, cupy_clock, interleave, time_first_call
-from deltaprop.benchmarks.workload import (ACTIVATION, FLOPS_FORMULA, LEARNING_RATE, LOSS, PRESETS, SEED,
+from deltaprop.benchmarks.workload import (ACTIVATION, FLOPS_FORMULA, LEARNING_RATE, LOSS, SEED,
                                            host_batch, kernel_calls, step_flops)
 
 SCHEMA = "deltaprop-bench/1"

@@ -12,7 +12,7 @@ import numpy as np
 
 from deltaprop.kernels import reference
 from deltaprop.kernels.activations import ACTIVATIONS
-from deltaprop.kernels.dtypes import DTYPES, tolerance
+from deltaprop.kernels.dtypes import tolerance
 
 BATCH, WIDTH, CLASSES = 37, 65, 10
 
@@ -45,35 +45,35 @@ class _Inputs:
         return host, self.device(host)
 
 
-def _gemm_cases(be, data):
+def _gemm_cases(backend, data):
     a, a_d = data.pair(BATCH, WIDTH)
     b, b_d = data.pair(WIDTH, CLASSES)
     c, c_d = data.pair(BATCH, CLASSES)
     s, s_d = data.pair(3, BATCH, WIDTH)
     t, t_d = data.pair(3, CLASSES, WIDTH)
-    yield "gemm", be.gemm(a_d, b_d), reference.gemm(a, b)
-    yield "gemm trans_a", be.gemm(a_d, c_d, trans_a=True), reference.gemm(a, c, trans_a=True)
-    yield "gemm trans_b", be.gemm(c_d, b_d, trans_b=True), reference.gemm(c, b, trans_b=True)
-    yield ("gemm alpha, beta", be.gemm(a_d, b_d, out=c_d.copy(), alpha=0.5, beta=-2.0),
+    yield "gemm", backend.gemm(a_d, b_d), reference.gemm(a, b)
+    yield "gemm trans_a", backend.gemm(a_d, c_d, trans_a=True), reference.gemm(a, c, trans_a=True)
+    yield "gemm trans_b", backend.gemm(c_d, b_d, trans_b=True), reference.gemm(c, b, trans_b=True)
+    yield ("gemm alpha, beta", backend.gemm(a_d, b_d, out=c_d.copy(), alpha=0.5, beta=-2.0),
            reference.gemm(a, b, c, alpha=0.5, beta=-2.0))
-    yield "gemm batched", be.gemm(s_d, t_d, trans_b=True), reference.gemm(s, t, trans_b=True)
+    yield "gemm batched", backend.gemm(s_d, t_d, trans_b=True), reference.gemm(s, t, trans_b=True)
 
 
-def _elementwise_cases(be, data):
+def _elementwise_cases(backend, data):
     acc, acc_d = data.pair(BATCH, WIDTH)
     b, b_d = data.pair(WIDTH)
     g, g_d = data.pair(BATCH, WIDTH)
     for act in ACTIVATIONS:
         z_ref, a_ref = reference.bias_act(acc, b, act)
-        z_d, a_d = be.bias_act(acc_d, b_d, act)
+        z_d, a_d = backend.bias_act(acc_d, b_d, act)
         yield f"bias_act {act} (z)", z_d, z_ref
         yield f"bias_act {act} (a)", a_d, a_ref
-        yield f"act_backward {act}", be.act_backward(g_d, acc_d, act), reference.act_backward(g, acc, act)
-    yield "bias_grad", be.bias_grad(g_d), reference.bias_grad(g)
-    yield "softmax", be.softmax(acc_d), reference.softmax(acc)
+        yield f"act_backward {act}", backend.act_backward(g_d, acc_d, act), reference.act_backward(g, acc, act)
+    yield "bias_grad", backend.bias_grad(g_d), reference.bias_grad(g)
+    yield "softmax", backend.softmax(acc_d), reference.softmax(acc)
 
 
-def _loss_cases(be, data):
+def _loss_cases(backend, data):
     z, z_d = data.pair(BATCH, CLASSES)
     labels, labels_d = data.labels()
     probs = reference.softmax(data.rng.standard_normal((BATCH, CLASSES))).astype(data.dtype)
@@ -84,45 +84,47 @@ def _loss_cases(be, data):
         for kind, host, device in (("labels", labels, labels_d), ("targets", targets, targets_d)):
             if kernel == "softmax_xent" and kind == "targets":
                 host, device = probs, data.device(probs)
-            delta = be.empty(z_d.shape, z_d.dtype)
-            loss = getattr(be, kernel)(z_d, device, delta_out=delta)
+            delta = backend.empty(z_d.shape, z_d.dtype)
+            loss = getattr(backend, kernel)(z_d, device, delta_out=delta)
             ref_loss, ref_delta = ref(z, host)
             yield f"{kernel} {kind} (loss)", np.float64(float(loss)), ref_loss
             yield f"{kernel} {kind} (delta)", delta, ref_delta
 
 
-def _update_cases(be, data):
+def _update_cases(backend, data):
     size = 1000
     p, p_d = data.pair(size)
     g, g_d = data.pair(size)
     v, v_d = data.pair(size)
     m, m_d = data.pair(size)
     s, s_d = data.pair(size, low=0.0)
-    be.sgd_update(p_d, g_d, 0.1, weight_decay=0.01)
+    backend.sgd_update(p_d, g_d, 0.1, weight_decay=0.01)
     yield "sgd_update", p_d, reference.sgd_update(p, g, 0.1, weight_decay=0.01)
     p_d = data.device(p)
-    be.momentum_update(p_d, g_d, v_d, 0.1, momentum=0.9, nesterov=True, weight_decay=0.01)
+    backend.momentum_update(p_d, g_d, v_d, 0.1, momentum=0.9, nesterov=True, weight_decay=0.01)
     ref_p, ref_v = reference.momentum_update(p, g, v, 0.1, momentum=0.9, nesterov=True, weight_decay=0.01)
     yield "momentum_update (params)", p_d, ref_p
     yield "momentum_update (velocity)", v_d, ref_v
     p_d = data.device(p)
-    be.adam_update(p_d, g_d, m_d, s_d, 3, lr=0.01, weight_decay=0.01, decoupled=True)
+    backend.adam_update(p_d, g_d, m_d, s_d, 3, lr=0.01, weight_decay=0.01, decoupled=True)
     ref_p, ref_m, ref_s = reference.adam_update(p, g, m, s, 3, lr=0.01, weight_decay=0.01, decoupled=True)
     yield "adamw_update (params)", p_d, ref_p
-    yield "adamw_update (m, v)", be.xp.concatenate([m_d, s_d]), np.concatenate([ref_m, ref_s])
+    yield "adamw_update (m, v)", backend.xp.concatenate([m_d, s_d]), np.concatenate([ref_m, ref_s])
 
 
-def _step_cases(be, data):
+def _step_cases(backend, data):
     from deltaprop.model import MLP
 
-    net = MLP([WIDTH, 48, 32, CLASSES], activation="relu", backend=be, dtype=data.dtype, seed=data.rng.integers(1000))
-    weights = [be.to_numpy(W).copy() for W in net.weights]
-    biases = [be.to_numpy(b).copy() for b in net.biases]
+    net = MLP([WIDTH, 48, 32, CLASSES], activation="relu", backend=backend, dtype=data.dtype,
+              seed=data.rng.integers(1000))
+    weights = [backend.to_numpy(W).copy() for W in net.weights]
+    biases = [backend.to_numpy(b).copy() for b in net.biases]
     batches = [(data.pair(BATCH, WIDTH)[0], data.labels()[0]) for _ in range(3)]
     losses = [net.train_step(x, y, lr=0.05) for x, y in batches]
     ref_w, ref_b, ref_losses = reference.sgd_steps(weights, biases, batches, "relu", "softmax_cross_entropy", 0.05)
     yield "train_step x3 (losses)", np.array(losses), np.array(ref_losses)
-    yield "train_step x3 (params)", net.params, np.concatenate([np.concatenate([W.ravel(), b]) for W, b in zip(ref_w, ref_b)])
+    expected = np.concatenate([np.concatenate([W.ravel(), b]) for W, b in zip(ref_w, ref_b)])
+    yield "train_step x3 (params)", net.params, expected
 
 
 CASES = (_gemm_cases, _elementwise_cases, _loss_cases, _update_cases, _step_cases)

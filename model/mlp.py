@@ -219,18 +219,18 @@ class MLP:
         """The calling thread's workspace for ``batch`` rows (made on first use; the least recently used
         of more than _WORKSPACES_KEPT is dropped)."""
         mine = self._threads
-        ws = mine.recent
-        if ws is not None and ws.batch == batch:
-            return ws
-        ws = mine.by_batch.get(batch)
-        if ws is None:
-            ws = mine.by_batch[batch] = _Workspace(self.backend, self.sizes, batch, self.dtype)
+        workspace = mine.recent
+        if workspace is not None and workspace.batch == batch:
+            return workspace
+        workspace = mine.by_batch.get(batch)
+        if workspace is None:
+            workspace = mine.by_batch[batch] = _Workspace(self.backend, self.sizes, batch, self.dtype)
             if len(mine.by_batch) > _WORKSPACES_KEPT:
                 mine.by_batch.popitem(last=False)
         else:
             mine.by_batch.move_to_end(batch)
-        mine.recent = ws
-        return ws
+        mine.recent = workspace
+        return workspace
 
     # ---- inputs ----
 
@@ -269,15 +269,16 @@ class MLP:
         return self._forward(self.as_inputs(x))
 
     def _forward(self, x):
-        be, ws = self.backend, self._workspace(x.shape[0])
+        backend, workspace = self.backend, self._workspace(x.shape[0])
         inputs = [x]  # a[l-1] of each layer: a[l] is z[l] itself for the identity activation
-        for l, (W, b, z) in enumerate(zip(self.weights, self.biases, ws.z)):
-            be.gemm(inputs[-1], W, out=z, trans_b=True)  # z = a @ W.T
+        for l, (W, b, z) in enumerate(zip(self.weights, self.biases, workspace.z)):
+            backend.gemm(inputs[-1], W, out=z, trans_b=True)  # z = a @ W.T
             if l < self.depth - 1:
-                inputs.append(be.bias_act(z, b, self.activation, z_out=z, a_out=ws.a[l])[1])  # z += b; a = act(z)
+                # z += b; a = act(z)
+                inputs.append(backend.bias_act(z, b, self.activation, z_out=z, a_out=workspace.a[l])[1])
             else:
-                be.bias_act(z, b, "identity", z_out=z, a_out=z)  # the logits; the loss applies the output map
-        return ForwardCache(a=inputs, z=ws.z)
+                backend.bias_act(z, b, "identity", z_out=z, a_out=z)  # the logits; the loss applies the output map
+        return ForwardCache(a=inputs, z=workspace.z)
 
     def backward(self, cache: ForwardCache, y: ArrayInput) -> float:
         """From a forward pass's cache and the targets, writes dJ/dW and dJ/db into ``self.grads``
@@ -288,15 +289,17 @@ class MLP:
             return self._backward(cache, y)
 
     def _backward(self, cache, y):
-        be, ws = self.backend, self._workspace(cache.a[0].shape[0])
-        loss = _finite(float(getattr(be, get_loss(self.loss).kernel)(cache.logits, y, delta_out=ws.delta[-1])))
+        backend, workspace = self.backend, self._workspace(cache.a[0].shape[0])
+        loss_kernel = getattr(backend, get_loss(self.loss).kernel)
+        loss = _finite(float(loss_kernel(cache.logits, y, delta_out=workspace.delta[-1])))
         for l in reversed(range(self.depth)):
-            delta = ws.delta[l]
-            be.gemm(delta, cache.a[l], out=self.grad_weights[l], trans_a=True)  # dW = delta.T @ a[l-1]
-            be.bias_grad(delta, out=self.grad_biases[l])  # db = column sums of delta
+            delta = workspace.delta[l]
+            backend.gemm(delta, cache.a[l], out=self.grad_weights[l], trans_a=True)  # dW = delta.T @ a[l-1]
+            backend.bias_grad(delta, out=self.grad_biases[l])  # db = column sums of delta
             if l > 0:
-                be.gemm(delta, self.weights[l], out=ws.delta[l - 1])  # delta @ W[l]
-                be.act_backward(ws.delta[l - 1], cache.z[l - 1], self.activation, out=ws.delta[l - 1])
+                backend.gemm(delta, self.weights[l], out=workspace.delta[l - 1])  # delta @ W[l]
+                backend.act_backward(workspace.delta[l - 1], cache.z[l - 1], self.activation,
+                                     out=workspace.delta[l - 1])
         return loss
 
     def loss_and_grads(self, x: ArrayInput, y: ArrayInput) -> tuple[float, list[tuple[Array, Array]]]:
@@ -324,9 +327,10 @@ class MLP:
                 cache = self._forward(x)
                 return self._backward(cache, y), cache.logits
             x, y = self._fused_inputs(x, y, "loss_and_grads")
-            ws = self._workspace(len(x))
-            total, bad_row = steps[step_batch or len(x)](x, y, self.params, self.grads, ws.work, ws.offsets)
-            return self._fused_loss(total, bad_row, y), ws.z[-1]
+            workspace = self._workspace(len(x))
+            step = steps[step_batch or len(x)]
+            total, bad_row = step(x, y, self.params, self.grads, workspace.work, workspace.offsets)
+            return self._fused_loss(total, bad_row, y), workspace.z[-1]
 
     # train_step runs the backend's fused step where it has one; False forces the kernel-by-kernel loop
     use_fused_step = True
@@ -358,10 +362,10 @@ class MLP:
                 self._lr_scalar = self.dtype.type(check_learning_rate("train_step: lr", lr))
                 self._lr = lr
             batch = len(x)
-            ws = self._threads.recent  # _workspace's own first check, without the call
-            if ws is None or ws.batch != batch:
-                ws = self._workspace(batch)
-            total, bad_row = steps[batch](x, y, self.params, ws.work, ws.offsets, self._lr_scalar)
+            workspace = self._threads.recent  # _workspace's own first check, without the call
+            if workspace is None or workspace.batch != batch:
+                workspace = self._workspace(batch)
+            total, bad_row = steps[batch](x, y, self.params, workspace.work, workspace.offsets, self._lr_scalar)
         finally:
             lock.release()
         if bad_row < 0:

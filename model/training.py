@@ -185,16 +185,16 @@ def _forward_chunks(net, X, chunk_size):
 def predict_proba(net, X, chunk_size=DEFAULT_CHUNK):
     """The loss's output map of the logits: softmax rows, sigmoids, or the outputs (identity). (N, n_L)."""
     X = _rows(X, "X", net.sizes[0])
-    be, output = net.backend, get_loss(net.loss).output
-    out = be.empty((X.shape[0], net.sizes[-1]), net.dtype)
-    zero_bias = be.zeros((net.sizes[-1],), net.dtype)
+    backend, output = net.backend, get_loss(net.loss).output
+    out = backend.empty((X.shape[0], net.sizes[-1]), net.dtype)
+    zero_bias = backend.zeros((net.sizes[-1],), net.dtype)
     for start, stop, logits in _forward_chunks(net, X, chunk_size):
         if output == "softmax":
-            be.softmax(logits, out=out[start:stop])
+            backend.softmax(logits, out=out[start:stop])
         elif output == "identity":
             out[start:stop] = logits
         else:
-            be.bias_act(logits, zero_bias, output, z_out=logits, a_out=out[start:stop])
+            backend.bias_act(logits, zero_bias, output, z_out=logits, a_out=out[start:stop])
     return out
 
 
@@ -283,7 +283,7 @@ def fit(net, X, y, epochs=10, batch_size=32, optimizer=None, lr=None, schedule=N
     seed = net.seed if seed is None else check_seed("seed", seed)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback: expected None or a callable (epoch, logs), got {callback!r}")
-    be, xp = net.backend, net.backend.xp
+    backend, xp = net.backend, net.backend.xp
     X, y = _dataset(net, X, y)
     if validation_data is not None:
         if not (isinstance(validation_data, (tuple, list)) and len(validation_data) == 2):
@@ -293,19 +293,19 @@ def fit(net, X, y, epochs=10, batch_size=32, optimizer=None, lr=None, schedule=N
         optimizer = net.optimizer  # carry on with the state of the last fit (or of a loaded checkpoint)
     optimizer = get_optimizer("adam" if optimizer is None else optimizer, lr, schedule)
     stopper = _EarlyStopping(net, patience) if patience is not None else None
-    net.optimizer = optimizer.bind(be, net.params)
+    net.optimizer = optimizer.bind(backend, net.params)
     n = X.shape[0]
     n_batches = -(-n // batch_size)
     optimizer.total_steps = optimizer.step_count + epochs * n_batches
-    scorer = _Scorer(be, net.loss)
+    scorer = _Scorer(backend, net.loss)
     rng = np.random.default_rng(seed)
-    X_epoch, y_epoch = (be.empty(X.shape, X.dtype), be.empty(y.shape, y.dtype)) if shuffle else (X, y)
+    X_epoch, y_epoch = (backend.empty(X.shape, X.dtype), backend.empty(y.shape, y.dtype)) if shuffle else (X, y)
     history, bar = History(), _progress_bar(progress, epochs)
     epoch = batch = None
     try:
         for epoch in range(1, epochs + 1):
             if shuffle:
-                order = be.asarray(rng.permutation(n))
+                order = backend.asarray(rng.permutation(n))
                 xp.take(X, order, axis=0, out=X_epoch)
                 xp.take(y, order, axis=0, out=y_epoch)
             loss_sum, hits = 0.0, 0

@@ -1,7 +1,6 @@
 """`deltaprop check` and `deltaprop info` as a user runs them."""
 
 import numpy as np
-import pytest
 
 from deltaprop.backend import Backend, available_backends, register_backend
 from deltaprop.cli import main

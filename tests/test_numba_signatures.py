@@ -14,7 +14,6 @@ import re
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 numba = pytest.importorskip("numba")
