@@ -160,7 +160,8 @@ class MLP:
         self.grad_weights, self.grad_biases = self._views(self.grads)
         self._threads = _ThreadWorkspaces()
         self._training = threading.RLock()  # held by whatever writes params, grads or the optimizer state
-        self._lr: float | None = None  # the last learning rate, and it as a scalar of the dtype
+        # the last learning rate, and it as a scalar of the dtype; NaN equals no lr, so the first one is checked
+        self._lr: float = math.nan
         self._lr_scalar: np.floating | None = None
         self.optimizer = None  # the Optimizer of the last fit (or of a loaded checkpoint), with its state
 

@@ -117,10 +117,12 @@ def test_training_from_two_threads_is_serialised(backend_name):
 
 @pytest.mark.parametrize("backend_name", CPU_BACKENDS)
 @pytest.mark.parametrize("lr", [float("nan"), float("inf"), -0.1, 0.0, None, "0.1", True, [0.1]])
-def test_train_step_refuses_a_bad_learning_rate_and_changes_nothing(backend_name, lr):
+@pytest.mark.parametrize("first_call", [True, False], ids=["first call", "after a good call"])
+def test_train_step_refuses_a_bad_learning_rate_and_changes_nothing(backend_name, lr, first_call):
     x, y = blobs(8)
     net = MLP(SIZES, backend=backend_name, seed=0)
-    net.train_step(x, y, lr=0.1)  # the fast path has a cached lr now
+    if not first_call:
+        net.train_step(x, y, lr=0.1)  # the fast path has a cached lr now
     before = snapshot(net)
     with pytest.raises(ValueError, match=rf"train_step: lr: expected a finite real number > 0, got {re.escape(repr(lr))}"):
         net.train_step(x, y, lr=lr)
