@@ -44,6 +44,18 @@ class UsageError(Exception):
     the message is the one line to print."""
 
 
+def backend_for(flag: str, name: str):
+    """The backend called ``name``, given on the command line as ``flag``; a UsageError naming the flag
+    (not the library's argument name) for an unknown name or one that cannot run here."""
+    from deltaprop.backend import get_backend
+
+    try:
+        return get_backend(name)
+    except (BackendUnavailableError, ValueError) as e:
+        message = str(e)
+        raise UsageError(f"{flag}: {message.removeprefix('backend: ')}") from None
+
+
 class OneLineErrorParser(argparse.ArgumentParser):
     """A bad flag gets one line, "deltaprop COMMAND: error: ...", and exit status 2 (argparse's default
     prints the whole usage first). Subcommand parsers are of this class too."""

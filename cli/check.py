@@ -7,7 +7,7 @@ row fails, 2 for a backend or dtype that is unknown or cannot run here.
 
 from __future__ import annotations
 
-from deltaprop.cli import UsageError
+from deltaprop.cli import UsageError, backend_for
 
 
 def _names(text: str) -> list[str]:
@@ -24,15 +24,12 @@ def add_arguments(parser) -> None:
 
 def _backends_and_dtypes(args):
     """[(backend, [dtype, ...])] to check; a UsageError for a name or dtype that is wrong here."""
-    from deltaprop.backend import available_backends, get_backend
+    from deltaprop.backend import available_backends
     from deltaprop.kernels.dtypes import DTYPES
 
     chosen = []
     for name in args.backends or available_backends():
-        try:
-            backend = get_backend(name)
-        except ValueError as e:
-            raise UsageError(f"--backends: {e}") from None
+        backend = backend_for("--backends", name)
         computable = [d for d in backend.dtypes if DTYPES[d].numpy is not None]
         for dtype in args.dtypes or ():
             if dtype not in computable:

@@ -24,7 +24,7 @@ import zipfile
 
 import numpy as np
 
-from deltaprop.cli import UsageError, output_file
+from deltaprop.cli import UsageError, backend_for, output_file
 from deltaprop.errors import NonFiniteLossError
 from deltaprop.kernels.activations import ACTIVATIONS
 from deltaprop.model.optim import OPTIMIZERS
@@ -195,13 +195,14 @@ def _train(args):
     if importlib.util.find_spec("sklearn") is None:
         raise UsageError("needs scikit-learn (the digits and the test split), which is not installed: "
                          "pip install 'deltaprop[train]'")
+    backend = backend_for("--backend", args.backend)  # before the data, so that a bad name costs nothing
     source = "digits" if args.dataset else args.data
     X, y = _load_digits() if args.dataset else _load_file(args.data)
     X, y, classes = _checked(X, y, source)
     X_train, X_test, y_train, y_test = _split(X, y, source)
     try:
         net = MLP(_sizes_for(args, X.shape[1], len(classes)), activation=args.activation,
-                  backend=args.backend, dtype=args.dtype, seed=args.seed)
+                  backend=backend, dtype=args.dtype, seed=args.seed)
     except (TypeError, ValueError) as e:
         raise DataError(str(e)) from None
     print(f"{source}: {len(y_train)} training and {len(y_test)} test samples, {X.shape[1]} features, "

@@ -15,7 +15,7 @@ import sys
 import time
 
 from deltaprop.backend.checks import WARMUP_USES
-from deltaprop.cli import UsageError, positive_ints
+from deltaprop.cli import backend_for, positive_ints
 from deltaprop.kernels.activations import ACTIVATIONS
 from deltaprop.model.losses import LOSSES
 
@@ -84,14 +84,9 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from deltaprop.backend import get_backend
-    from deltaprop.errors import BackendUnavailableError
     from deltaprop.model.losses import get_loss
 
-    try:
-        backend = get_backend(args.backend)
-    except (BackendUnavailableError, ValueError) as e:
-        raise UsageError(f"--backend: {e}") from None
+    backend = backend_for("--backend", args.backend)
     with CompileProgress(backend) as progress:
         seconds = backend.warmup(args.dtype, args.activation, [get_loss(name).kernel for name in args.loss],
                                  args.batch, args.uses, progress=progress)

@@ -70,6 +70,10 @@ BAD_VALUES = {
     "bench dtype": (["bench", "--dtype", "float8"], "argument --dtype: invalid choice: 'float8'"),
     "check seed": (["check", "--seed", "x"], "argument --seed: invalid int value: 'x'"),
     "train epochs": (["train", "--dataset", "digits", "--epochs", "-3"], "argument --epochs: expected a positive integer"),
+    # a backend name is refused naming the flag, once: "--backend: expected", never "--backend: backend: ..."
+    "check backend": (["check", "--backends", "tpu"], "error: --backends: expected 'auto' or one of"),
+    "train backend": (["train", "--dataset", "digits", "--backend", "tpu"], "error: --backend: expected 'auto' or one of"),
+    "warmup backend": (["warmup", "--backend", "tpu"], "error: --backend: expected 'auto' or one of"),
 }
 
 

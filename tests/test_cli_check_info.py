@@ -44,7 +44,7 @@ def test_check_fails_a_wrong_kernel_and_exits_1(capsys):
 
 def test_check_refuses_an_unknown_backend(capsys):
     assert main(["check", "--backends", "tpu"]) == 2
-    assert capsys.readouterr().err == ("deltaprop check: error: --backends: backend: expected 'auto' or one of "
+    assert capsys.readouterr().err == ("deltaprop check: error: --backends: expected 'auto' or one of "
                                        "['cupy', 'numba', 'numpy'], got 'tpu'\n")
 
 
