@@ -30,7 +30,9 @@ from deltaprop.kernels.cuda.launch import ACTIVATION_FUNCTORS, LOSS_VARIANTS, NO
 from deltaprop.kernels.dtypes import DTYPES, dtypes_for
 
 HERE = Path(__file__).parent
-# Passed to RawModule; CuPy adds -ftz=true, -arch, --device-as-default-execution-space and its include paths.
+# Passed to RawModule; CuPy adds -ftz=true, -arch=sm_XX for the device (then NVRTC emits CUBIN, which a
+# driver older than the NVRTC loads; PTX it might not: so no architecture option here),
+# --device-as-default-execution-space and its include paths.
 NVRTC_OPTIONS = ("--std=c++17",)
 
 
