@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from deltaprop.kernels.activations import get_activation
-from deltaprop.kernels.dtypes import SUPPORTED, resolve_dtype
+from deltaprop.kernels.dtypes import floating, resolve_dtype, supports
 
 # the Backend methods that compute a loss with its delta
 LOSS_KERNELS = ("softmax_xent", "sigmoid_xent", "squared_error")
@@ -29,7 +29,7 @@ def check_dtypes(kernel, device, **arrays):
     """All named arrays (None skipped) share one dtype that ``device`` computes in; returns it."""
     first_name = next(iter(arrays))
     dtype = arrays[first_name].dtype
-    if dtype not in SUPPORTED[device]:
+    if not supports(device, dtype):
         resolve_dtype(dtype, device, f"{kernel}: {first_name}")  # raises, naming what is supported
     for name, a in arrays.items():
         if a is not None and a.dtype is not dtype and a.dtype != dtype:  # `is` first: dtypes are singletons
@@ -99,12 +99,11 @@ def check_targets(kernel, z, targets):
     """``targets`` is an int label vector (B,), or a (B, C) target matrix of z's dtype; returns "labels"
     or "matrix"."""
     batch, classes = _shape(z)
-    kind = targets.dtype.kind
-    if targets.ndim == 1 and kind in "iu":
+    if targets.ndim == 1 and targets.dtype.kind in "iu":
         if targets.shape[0] != batch:
             raise ValueError(f"{kernel}: labels: expected {batch} labels (one per row of z), got {targets.shape[0]}")
         return "labels"
-    if targets.ndim == 2 and kind == "f":
+    if targets.ndim == 2 and floating(targets.dtype):
         check_shape(kernel, "targets", targets, (batch, classes))
         if targets.dtype != z.dtype:
             raise TypeError(f"{kernel}: targets: expected dtype {z.dtype} (the dtype of z), got {targets.dtype}")
