@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from deltaprop.kernels.activations import get_activation
-from deltaprop.kernels.dtypes import floating, resolve_dtype, supports
+from deltaprop.kernels.dtypes import accumulation_dtype, floating, resolve_dtype, supports
 
 # the Backend methods that compute a loss with its delta
 LOSS_KERNELS = ("softmax_xent", "sigmoid_xent", "squared_error")
@@ -130,15 +130,21 @@ def check_label_range(kernel, labels, classes, xp=np):
         raise ValueError(f"{kernel}: labels: expected class labels in [0, {classes - 1}], got {bad}")
 
 
-def check_flat(kernel, device, **buffers):
-    """Flat parameter-shaped buffers: 1-D, one size, one dtype, which it returns."""
-    (first_name, first), *_ = buffers.items()
-    for name, a in buffers.items():
+def check_flat(kernel, device, params, grads, **states):
+    """The flat (P,) buffers of an optimizer update: params and grads of one dtype, which it returns, and
+    the named optimizer ``states`` in that dtype's accumulation dtype (float32 for the 16-bit types)."""
+    for name, a in {"params": params, "grads": grads, **states}.items():
         if a.ndim != 1:
             raise ValueError(f"{kernel}: {name}: expected a 1-D flat buffer, got shape {_shape(a)}")
-        if a.shape != first.shape:
-            raise ValueError(f"{kernel}: {name}: expected shape {_shape(first)} (that of {first_name}), got {_shape(a)}")
-    return check_dtypes(kernel, device, **buffers)
+        if a.shape != params.shape:
+            raise ValueError(f"{kernel}: {name}: expected shape {_shape(params)} (that of params), got {_shape(a)}")
+    dtype = check_dtypes(kernel, device, params=params, grads=grads)
+    state_dtype = accumulation_dtype(dtype)
+    for name, a in states.items():
+        if a.dtype != state_dtype:
+            raise TypeError(f"{kernel}: {name}: expected dtype {state_dtype} (the optimizer state dtype of {dtype}"
+                            f" params), got {a.dtype}")
+    return dtype
 
 
 def check_adam(device, params, grads, m, v, step):

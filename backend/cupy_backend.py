@@ -38,11 +38,10 @@ from deltaprop.kernels.activations import get_activation
 from deltaprop.kernels.cuda import launch
 from deltaprop.kernels.cuda.cublas import CUBLAS_TYPES, blas_layout, cublas_gemm
 from deltaprop.kernels.cuda.loader import Modules
-from deltaprop.kernels.dtypes import DTYPES
+from deltaprop.kernels.dtypes import DTYPES, accumulation_dtype
 
 INSTALL_HINT = "pip install 'deltaprop[cuda]' (cupy-cuda13x, nvidia-cuda-nvrtc, ml_dtypes)"
 NULL = np.uint64(0)  # a null pointer argument
-ACCUM_SCALAR = {"float": np.float32, "double": np.float64}  # NumPy scalar of each accum_ctype
 DLPACK_CUDA_DEVICES = (2, 13)  # kDLCUDA, kDLCUDAManaged
 
 
@@ -75,7 +74,7 @@ def cuda_usability(driver: int, linked: int, count: int) -> tuple[bool, str]:
 
 
 def _accum_scalar(dtype) -> type:
-    return ACCUM_SCALAR[DTYPES[dtype.name].accum_ctype]
+    return accumulation_dtype(dtype).type
 
 
 def _numpy_dtype(dtype):

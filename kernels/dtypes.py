@@ -51,6 +51,17 @@ DTYPES: dict[str, DType] = {
 }
 
 
+# accum_ctype -> its NumPy dtype
+ACCUMULATION = {"float": np.dtype(np.float32), "double": np.dtype(np.float64)}
+
+
+def accumulation_dtype(dtype) -> np.dtype:
+    """The NumPy dtype a kernel computes ``dtype`` (a name or NumPy dtype of the table) in: float32 for the
+    16-bit types. Optimizer state is kept in it, as mixed-precision training does (an fp16 Adam ``v``
+    underflows, a bf16 one stops decaying)."""
+    return ACCUMULATION[DTYPES[_name(dtype)].accum_ctype]
+
+
 def dtypes_for(device: str) -> tuple[str, ...]:
     """Names of the dtypes a device of kind ``device`` ("cpu" or "cuda") computes in."""
     return tuple(name for name, d in DTYPES.items() if device in d.devices)

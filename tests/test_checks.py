@@ -26,7 +26,8 @@ def test_the_kernel_checks_take_bfloat16_arrays_on_cuda():
     assert checks.check_bias_grad("cuda", delta, bias) == BFLOAT16
     assert checks.check_gemm(z, np.ones((3, 2), BFLOAT16), None, False, False, "cuda") == (4, 2)
     assert checks.check_flat("sgd_update", "cuda", params=flat, grads=flat) == BFLOAT16
-    assert checks.check_adam("cuda", flat, flat, flat, flat, 1) == BFLOAT16
+    state = np.zeros(7, np.float32)  # optimizer state is kept in the accumulation dtype
+    assert checks.check_adam("cuda", flat, flat, state, state, 1) == BFLOAT16
     targets = np.eye(4, 3).astype(BFLOAT16)
     assert checks.check_loss("squared_error", "cuda", z, targets, delta, None) == ("matrix", 0.25)
     assert checks.check_loss("softmax_xent", "cuda", z, np.array([0, 2, 1, 0]), delta, 2.0) == ("labels", 2.0)
@@ -38,3 +39,10 @@ def test_bfloat16_is_refused_on_the_cpu_and_beside_another_dtype_by_name():
         checks.check_bias_grad("cpu", z, None)
     with pytest.raises(TypeError, match=r"squared_error: targets: expected dtype bfloat16 \(the dtype of z\), got float16"):
         checks.check_loss("squared_error", "cuda", z, np.ones((4, 3), np.float16), None, None)
+
+
+def test_optimizer_state_of_16_bit_params_is_refused_unless_float32():
+    flat = np.zeros(7, BFLOAT16)
+    with pytest.raises(TypeError, match=r"adam_update: v: expected dtype float32 \(the optimizer state dtype of"
+                                        r" bfloat16 params\), got bfloat16"):
+        checks.check_adam("cuda", flat, flat, np.zeros(7, np.float32), flat, 1)

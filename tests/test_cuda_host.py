@@ -189,16 +189,40 @@ def test_optimizers(programs, dtype, kernel, variant, expression, rng):
     for settings in OPTIMIZER_SETTINGS[kernel]:
         for n, misaligned, geometry in flat_cases(dtype):
             params, grads = sample(rng, n, dtype), sample(rng, n, dtype)
-            states = {"momentum_update": [sample(rng, n, dtype)],
+            states = {"momentum_update": [sample(rng, n, dtype)],  # kept in the compute type
                       "adam_update": [sample(rng, n, dtype, 0.1), np.abs(sample(rng, n, dtype, 0.01))]}.get(kernel, [])
+            states = [state.astype(accum(dtype)) for state in states]
             buffers = [device(x, misaligned and i % 2 == 0) for i, x in enumerate([params, grads, *states])]
             scalars = optimizer_scalars(kernel, settings, dtype)
             launched(program, expression, geometry, (*buffers, np.int64(n), *scalars))
             expected = update(params, grads, *states, **settings)
             expected = expected if isinstance(expected, tuple) else (expected,)
             written = [buffers[0], *buffers[2:]]  # params, then the state buffers in the reference's order
-            for name, result, value in zip(("params", "state 1", "state 2"), written, expected):
-                check(result, value, STORED_TOLERANCE[dtype], f"{kernel} {settings} {name}, n={n}, {geometry}")
+            bounds = (STORED_TOLERANCE[dtype], *[STORED_TOLERANCE[accum(dtype).name]] * len(states))
+            for name, result, value, bound in zip(("params", "state 1", "state 2"), written, expected, bounds):
+                check(result, value, bound, f"{kernel} {settings} {name}, n={n}, {geometry}")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_a_first_adam_step_on_16_bit_weights_moves_each_by_about_lr(programs, dtype):
+    """Adam's first step moves a weight by lr * g / (|g| + eps), about lr, whatever the gradient's size.
+    With g = 1e-4, (1 - beta2) * g^2 = 1e-11 is below float16's smallest subnormal: a v kept in float16
+    would be 0 and the step lr * g / eps, 10^4 times lr. The state is float32, as the backend allocates it."""
+    n, lr = 1000, 1e-2
+    settings = dict(step=1, lr=lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=False)
+    params = np.linspace(-1, 1, n).astype(storage(dtype))
+    grads = np.full(n, 1e-4, storage(dtype))
+    m, v = np.zeros(n, accum(dtype)), np.zeros(n, accum(dtype))
+    buffers = [device(x) for x in (params, grads, m, v)]
+    geometry = launch.flat_launch(n, params.itemsize, GRID_LIMIT)
+    expression = next(e for e, (k, _) in loader.name_expressions("optim.cu", dtype).items() if k == "adam_update")
+    launched(programs(dtype), expression, geometry,
+             (*buffers, np.int64(n), *optimizer_scalars("adam_update", settings, dtype)))
+    expected, _, _ = reference.adam_update(params, grads, m, v, **settings)
+    moved = np.asarray(params, np.float64) - np.asarray(buffers[0], np.float64)
+    assert np.allclose(moved, lr, rtol=0.05, atol=STORED_TOLERANCE[dtype]), f"moved by {moved.min()} to {moved.max()}"
+    check(buffers[0], expected, STORED_TOLERANCE[dtype], "params")
+    check(buffers[3], (1 - 0.999) * np.asarray(grads, np.float64) ** 2, tol("float32"), "v")
 
 
 @pytest.mark.parametrize("dtype, kernel, variant, expression", instantiations("bias_grad"))

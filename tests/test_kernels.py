@@ -371,7 +371,7 @@ BAD_CALLS = {
     ),
     "momentum velocity dtype": (
         lambda backend, dt: backend.momentum_update(_x(dt, (5,)), _x(dt, (5,)), _x(np.float16, (5,)), 0.1),
-        TypeError, r"momentum_update: velocity: expected dtype float\d\d \(the dtype of params\), got float16",
+        TypeError, r"momentum_update: velocity: expected dtype float\d\d \(the optimizer state dtype of float\d\d params\), got float16",
     ),
     "adam step 0": (
         lambda backend, dt: backend.adam_update(*(_x(dt, (5,)) for _ in range(4)), 0),
