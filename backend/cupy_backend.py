@@ -281,8 +281,13 @@ class CupyBackend(Backend):
         rows, cols = delta.shape
         outputs = Outputs(self.xp, "bias_grad")
         out, result = outputs.output("out", out, (cols,), dtype)
-        self._launch("bias_grad", dtype, (), launch.column_sums_launch(cols, self.max_blocks),
-                     (delta, result, np.int64(rows), np.int64(cols)))
+        geometry = launch.column_sums_launch(rows, cols, self.max_blocks)
+        partial = NULL if geometry.second is None else self._cupy.empty((geometry.chunks, cols), _accum_scalar(dtype))
+        self._launch("bias_grad", dtype, (), geometry.first,
+                     (delta, result, partial, np.int64(rows), np.int64(cols), np.int64(geometry.chunk_rows)))
+        if geometry.second is not None:
+            self._launch("column_sums_of_partials", dtype, (), geometry.second,
+                         (partial, result, np.int64(geometry.chunks), np.int64(cols)))
         outputs.write_back()
         return out
 

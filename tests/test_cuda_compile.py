@@ -19,7 +19,7 @@ CONTRACT_KERNELS = {
     name for name, member in vars(Backend).items()
     if inspect.isfunction(member) and not name.startswith("_") and name not in NOT_KERNELS
 }
-HELPERS = {"mean_of_rows"}  # kernels of the table that serve others rather than a contract kernel
+HELPERS = {"mean_of_rows", "column_sums_of_partials"}  # kernels of the table that serve others rather than a contract kernel
 # kernels that move 16-byte chunks where aligned (common.cuh), row-wise ones with a warp or a block per row
 CHUNKED = {"softmax", "softmax_xent", "sigmoid_xent", "squared_error", "act_backward", "sgd_update",
            "momentum_update", "adam_update"}

@@ -225,17 +225,37 @@ def test_a_first_adam_step_on_16_bit_weights_moves_each_by_about_lr(programs, dt
     check(buffers[3], (1 - 0.999) * np.asarray(grads, np.float64) ** 2, tol("float32"), "v")
 
 
+def column_sums(program, dtype, delta, geometry, misaligned=False):
+    """bias_grad as CupyBackend.bias_grad launches it with ``geometry`` (a launch.ColumnSumsLaunch)."""
+    rows, cols = delta.shape
+    first, second = (loader.KERNELS[k].name_expression(DTYPES[dtype].ctype, ()) for k in ("bias_grad", "column_sums_of_partials"))
+    out = device(np.full(cols, np.nan, storage(dtype)), misaligned=misaligned)
+    partial = None if geometry.second is None else device(np.full((geometry.chunks, cols), np.nan, accum(dtype)))
+    launched(program, first, geometry.first,
+             (device(delta, misaligned), out, partial, np.int64(rows), np.int64(cols), np.int64(geometry.chunk_rows)))
+    if geometry.second is not None:
+        launched(program, second, geometry.second, (partial, out, np.int64(geometry.chunks), np.int64(cols)))
+    return out
+
+
 @pytest.mark.parametrize("dtype, kernel, variant, expression", instantiations("bias_grad"))
 def test_column_sums(programs, dtype, kernel, variant, expression, rng):
     program = programs(dtype)
-    shapes = [((1, 1), GRID_LIMIT), ((3, 31), GRID_LIMIT), ((33, 32), GRID_LIMIT), ((5, 33), GRID_LIMIT),
-              ((2, 100), GRID_LIMIT), ((37, 70), 1)]  # the last: one block for three tiles of 32 columns
-    for (rows, cols), grid_limit in shapes:
+    h200 = launch.max_blocks(132)
+    cases = [((1, 1), GRID_LIMIT), ((3, 31), GRID_LIMIT), ((33, 32), GRID_LIMIT), ((5, 33), GRID_LIMIT),
+             ((2, 100), GRID_LIMIT), ((37, 70), 1),  # one block for three tiles of 32 columns
+             ((5000, 10), GRID_LIMIT), ((5000, 10), h200), ((1000, 70), h200), ((3, 1025), h200)]
+    geometries = [((rows, cols), launch.column_sums_launch(rows, cols, limit)) for (rows, cols), limit in cases]
+    # rows split by hand: 3 chunks of one row; chunks over a grid-stride of two blocks for three tiles
+    geometries += [((3, 1025), launch.column_chunks_launch(1025, 1, 3, 33)),
+                   ((300, 70), launch.column_chunks_launch(70, 7, 43, 2))]
+    assert sum(geometry.chunks > 1 for _, geometry in geometries) >= 5
+    for (rows, cols), geometry in geometries:
         delta = sample(rng, (rows, cols), dtype)
-        out = device(np.full(cols, np.nan, storage(dtype)), misaligned=cols % 2 == 1)
-        geometry = launch.column_sums_launch(cols, grid_limit)
-        launched(program, expression, geometry, (device(delta, cols == 33), out, np.int64(rows), np.int64(cols)))
+        out = column_sums(program, dtype, delta, geometry, misaligned=cols % 2 == 1)
         check(out, reference.bias_grad(delta), STORED_TOLERANCE[dtype], f"{rows}x{cols}, {geometry}")
+        again = column_sums(program, dtype, delta, geometry)
+        assert np.asarray(again).tobytes() == np.asarray(out).tobytes(), f"{rows}x{cols}: not bit-identical"
 
 
 @pytest.mark.parametrize("dtype, kernel, variant, expression", instantiations("mean_of_rows"))
@@ -506,8 +526,8 @@ def test_the_kernels_that_share_memory_have_no_data_race_under_thread_sanitizer(
         t.launched(program, t.THREAD_SANITIZER_CASES[1], geometry, (z, None, np.empty_like(z), None, np.int64(9),
                    np.int64(33), np.float32(1), np.int32(cache)))
         d = rng.standard_normal((37, 70)).astype(np.float32)
-        t.launched(program, t.THREAD_SANITIZER_CASES[2], launch.column_sums_launch(70, 1),
-                   (d, np.empty(70, np.float32), np.int64(37), np.int64(70)))
+        t.launched(program, t.THREAD_SANITIZER_CASES[2], launch.column_sums_launch(37, 70, 1).first,
+                   (d, np.empty(70, np.float32), None, np.int64(37), np.int64(70), np.int64(37)))
         t.launched(program, t.THREAD_SANITIZER_CASES[3], launch.MEAN_LAUNCH,
                    (np.ones(3000, np.float32), np.int64(3000), np.empty(1, np.float32)))
         print("no race", flush=True)

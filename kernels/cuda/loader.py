@@ -63,6 +63,7 @@ KERNELS: dict[str, CudaKernel] = {
        for loss, variant in LOSS_VARIANTS.items()},  # a loss's own arguments, then its targets and team
     "mean_of_rows": CudaKernel("rows.cu", "mean_of_rows"),  # the loss kernels' second, deterministic step
     "bias_grad": CudaKernel("columns.cu", "column_sums"),
+    "column_sums_of_partials": CudaKernel("columns.cu", "column_sums_of_partials"),  # bias_grad's second pass
     "sgd_update": CudaKernel("optim.cu", "sgd_update"),
     "momentum_update": CudaKernel("optim.cu", "momentum_update"),
     "adam_update": CudaKernel("optim.cu", "adam_update"),
