@@ -138,6 +138,8 @@ def check_flat(kernel, device, params, grads, **states):
             raise ValueError(f"{kernel}: {name}: expected a 1-D flat buffer, got shape {_shape(a)}")
         if a.shape != params.shape:
             raise ValueError(f"{kernel}: {name}: expected shape {_shape(params)} (that of params), got {_shape(a)}")
+    if params.shape == (0,):  # a zero-size launch is an error on CUDA: refused on every backend alike
+        raise ValueError(f"{kernel}: params: expected a non-empty flat buffer, got shape (0,)")
     dtype = check_dtypes(kernel, device, params=params, grads=grads)
     state_dtype = accumulation_dtype(dtype)
     for name, a in states.items():
