@@ -463,8 +463,9 @@ def test_every_kernel_runs_clean_under_address_sanitizer():
                            "-k", " or ".join(ADDRESS_SANITIZER_DTYPES)], env=env, capture_output=True, text=True,
                           timeout=600)
     report = done.stdout[-3000:] + done.stderr[-3000:]
-    every_instantiation = sum(len(loader.name_expressions(source, dtype))
-                              for dtype in ADDRESS_SANITIZER_DTYPES for source in loader.sources())
+    every_instantiation = sum(kernel != "column_sums_of_partials"  # bias_grad's second pass: in test_column_sums
+                              for dtype in ADDRESS_SANITIZER_DTYPES for source in loader.sources()
+                              for kernel, _ in loader.name_expressions(source, dtype).values())
     assert done.returncode == 0 and f"{every_instantiation} passed" in done.stdout, report
     assert "Sanitizer" not in report, report
 
