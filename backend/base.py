@@ -259,7 +259,9 @@ class Backend:
         """SGD with momentum as torch.optim.SGD (dampening 0); velocity starts at zeros.
 
         g = grads + weight_decay * params; velocity = momentum * velocity + g;
-        params -= lr * (g + momentum * velocity if nesterov else velocity). All flat (P,) buffers.
+        params -= lr * (g + momentum * velocity if nesterov else velocity). All flat (P,) buffers;
+        velocity in the accumulation dtype of params (``kernels.dtypes.accumulation_dtype``: float32 for
+        the 16-bit types).
         """
         scalar = check_flat("momentum_update", self.device, params=params, grads=grads, velocity=velocity).type
         lr, mu, wd = scalar(lr), scalar(momentum), scalar(weight_decay)
@@ -276,7 +278,7 @@ class Backend:
         step is the 1-based count of this update (for the bias corrections); m, v start at zeros.
         AdamW first scales params by (1 - lr * weight_decay). Then m = b1 m + (1 - b1) g,
         v = b2 v + (1 - b2) g^2, params -= lr / (1 - b1^step) * m / (sqrt(v / (1 - b2^step)) + eps).
-        All flat (P,) buffers.
+        All flat (P,) buffers; m and v in the accumulation dtype of params (float32 for the 16-bit types).
         """
         scalar = check_adam(self.device, params, grads, m, v, step).type
         lr, b1, b2, eps, wd = scalar(lr), scalar(beta1), scalar(beta2), scalar(eps), scalar(weight_decay)

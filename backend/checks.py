@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from deltaprop.kernels.activations import get_activation
-from deltaprop.kernels.dtypes import SUPPORTED, resolve_dtype
+from deltaprop.kernels.dtypes import accumulation_dtype, floating, resolve_dtype, supports
 
 # the Backend methods that compute a loss with its delta
 LOSS_KERNELS = ("softmax_xent", "sigmoid_xent", "squared_error")
@@ -29,7 +29,7 @@ def check_dtypes(kernel, device, **arrays):
     """All named arrays (None skipped) share one dtype that ``device`` computes in; returns it."""
     first_name = next(iter(arrays))
     dtype = arrays[first_name].dtype
-    if dtype not in SUPPORTED[device]:
+    if not supports(device, dtype):
         resolve_dtype(dtype, device, f"{kernel}: {first_name}")  # raises, naming what is supported
     for name, a in arrays.items():
         if a is not None and a.dtype is not dtype and a.dtype != dtype:  # `is` first: dtypes are singletons
@@ -99,12 +99,11 @@ def check_targets(kernel, z, targets):
     """``targets`` is an int label vector (B,), or a (B, C) target matrix of z's dtype; returns "labels"
     or "matrix"."""
     batch, classes = _shape(z)
-    kind = targets.dtype.kind
-    if targets.ndim == 1 and kind in "iu":
+    if targets.ndim == 1 and targets.dtype.kind in "iu":
         if targets.shape[0] != batch:
             raise ValueError(f"{kernel}: labels: expected {batch} labels (one per row of z), got {targets.shape[0]}")
         return "labels"
-    if targets.ndim == 2 and kind == "f":
+    if targets.ndim == 2 and floating(targets.dtype):
         check_shape(kernel, "targets", targets, (batch, classes))
         if targets.dtype != z.dtype:
             raise TypeError(f"{kernel}: targets: expected dtype {z.dtype} (the dtype of z), got {targets.dtype}")
@@ -131,15 +130,23 @@ def check_label_range(kernel, labels, classes, xp=np):
         raise ValueError(f"{kernel}: labels: expected class labels in [0, {classes - 1}], got {bad}")
 
 
-def check_flat(kernel, device, **buffers):
-    """Flat parameter-shaped buffers: 1-D, one size, one dtype, which it returns."""
-    (first_name, first), *_ = buffers.items()
-    for name, a in buffers.items():
+def check_flat(kernel, device, params, grads, **states):
+    """The flat (P,) buffers of an optimizer update: params and grads of one dtype, which it returns, and
+    the named optimizer ``states`` in that dtype's accumulation dtype (float32 for the 16-bit types)."""
+    for name, a in {"params": params, "grads": grads, **states}.items():
         if a.ndim != 1:
             raise ValueError(f"{kernel}: {name}: expected a 1-D flat buffer, got shape {_shape(a)}")
-        if a.shape != first.shape:
-            raise ValueError(f"{kernel}: {name}: expected shape {_shape(first)} (that of {first_name}), got {_shape(a)}")
-    return check_dtypes(kernel, device, **buffers)
+        if a.shape != params.shape:
+            raise ValueError(f"{kernel}: {name}: expected shape {_shape(params)} (that of params), got {_shape(a)}")
+    if params.shape == (0,):  # a zero-size launch is an error on CUDA: refused on every backend alike
+        raise ValueError(f"{kernel}: params: expected a non-empty flat buffer, got shape (0,)")
+    dtype = check_dtypes(kernel, device, params=params, grads=grads)
+    state_dtype = accumulation_dtype(dtype)
+    for name, a in states.items():
+        if a.dtype != state_dtype:
+            raise TypeError(f"{kernel}: {name}: expected dtype {state_dtype} (the optimizer state dtype of {dtype}"
+                            f" params), got {a.dtype}")
+    return dtype
 
 
 def check_adam(device, params, grads, m, v, step):

@@ -38,11 +38,10 @@ from deltaprop.kernels.activations import get_activation
 from deltaprop.kernels.cuda import launch
 from deltaprop.kernels.cuda.cublas import CUBLAS_TYPES, blas_layout, cublas_gemm
 from deltaprop.kernels.cuda.loader import Modules
-from deltaprop.kernels.dtypes import DTYPES
+from deltaprop.kernels.dtypes import DTYPES, accumulation_dtype
 
 INSTALL_HINT = "pip install 'deltaprop[cuda]' (cupy-cuda13x, nvidia-cuda-nvrtc, ml_dtypes)"
 NULL = np.uint64(0)  # a null pointer argument
-ACCUM_SCALAR = {"float": np.float32, "double": np.float64}  # NumPy scalar of each accum_ctype
 DLPACK_CUDA_DEVICES = (2, 13)  # kDLCUDA, kDLCUDAManaged
 
 
@@ -51,8 +50,31 @@ def _cuda_version(encoded: int) -> str:
     return f"{encoded // 1000}.{encoded % 1000 // 10}"
 
 
+def cuda_usability(driver: int, linked: int, count: int) -> tuple[bool, str]:
+    """(usable, why not) from the driver's CUDA version, that of the runtime CuPy links statically (both
+    encoded as 1000 * major + 10 * minor) and the number of visible devices.
+
+    CUDA's minor-version compatibility runs a runtime on any driver of its major version or newer (a
+    13.2 runtime on a 13.0 driver), so only the majors are compared."""
+    major = linked // 1000
+    if driver == 0:
+        return False, (
+            "no NVIDIA driver is installed (CUDA reports driver version 0): install an NVIDIA driver for"
+            f" CUDA {major}.0 or newer, and a GPU"
+        )
+    if driver // 1000 < major:
+        return False, (
+            f"the NVIDIA driver supports CUDA {_cuda_version(driver)}; CuPy's CUDA {_cuda_version(linked)} runtime"
+            f" needs a driver for CUDA {major}.0 or newer: update the driver, or install the"
+            f" cupy-cuda{driver // 1000}x wheel"
+        )
+    if count == 0:
+        return False, "no CUDA device is visible (is CUDA_VISIBLE_DEVICES empty?)"
+    return True, ""
+
+
 def _accum_scalar(dtype) -> type:
-    return ACCUM_SCALAR[DTYPES[dtype.name].accum_ctype]
+    return accumulation_dtype(dtype).type
 
 
 def _numpy_dtype(dtype):
@@ -78,29 +100,20 @@ class CupyBackend(Backend):
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
-        """(usable here, why not): CuPy installed, a driver new enough for its CUDA runtime, a device."""
+        """(usable here, why not): CuPy installed, a driver of CuPy's CUDA major version or newer, a device."""
         if importlib.util.find_spec("cupy") is None:
             return False, f"CuPy is not installed: {INSTALL_HINT}"
         try:
             from cupy_backends.cuda.api import runtime  # the CUDA runtime only: no `import cupy`
 
-            driver, needed = runtime.driverGetVersion(), runtime.runtimeGetVersion()
-            if driver == 0:
-                return False, (
-                    "no NVIDIA driver is installed (CUDA reports driver version 0): install the NVIDIA driver"
-                    f" for CUDA {_cuda_version(needed)} or newer, and a GPU"
-                )
-            if driver < needed:
-                return False, (
-                    f"the NVIDIA driver supports CUDA {_cuda_version(driver)}, CuPy needs {_cuda_version(needed)}:"
-                    f" update the driver, or install the cupy-cuda{driver // 1000}x wheel"
-                )
-            count = runtime.getDeviceCount()
+            driver, linked = runtime.driverGetVersion(), runtime.runtimeGetVersion()
+            try:
+                count = runtime.getDeviceCount()
+            except runtime.CUDARuntimeError:
+                count = 0  # no driver, or one too old: the versions say which
         except Exception as error:  # a broken install or a refusing driver: report it, never raise
             return False, f"CuPy cannot reach a CUDA device ({type(error).__name__}: {error}); {INSTALL_HINT}"
-        if count == 0:
-            return False, "no CUDA device is visible (is CUDA_VISIBLE_DEVICES empty?)"
-        return True, ""
+        return cuda_usability(driver, linked, count)
 
     # ---- lifecycle and arrays ----
 
@@ -156,7 +169,7 @@ class CupyBackend(Backend):
             "multiprocessors": properties["multiProcessorCount"],
             "memory_gib": round(properties["totalGlobalMem"] / 2**30, 1),
             "driver_cuda": _cuda_version(runtime.driverGetVersion()),
-            "cuda_runtime": _cuda_version(runtime.runtimeGetVersion()),
+            "cupy_cuda_runtime": _cuda_version(runtime.runtimeGetVersion()),  # linked into CuPy
             "nvrtc": ".".join(str(v) for v in nvrtc.getVersion()),
             "cupy": self._cupy.__version__,
         }
@@ -268,8 +281,13 @@ class CupyBackend(Backend):
         rows, cols = delta.shape
         outputs = Outputs(self.xp, "bias_grad")
         out, result = outputs.output("out", out, (cols,), dtype)
-        self._launch("bias_grad", dtype, (), launch.column_sums_launch(cols, self.max_blocks),
-                     (delta, result, np.int64(rows), np.int64(cols)))
+        geometry = launch.column_sums_launch(rows, cols, self.max_blocks)
+        partial = NULL if geometry.second is None else self._cupy.empty((geometry.chunks, cols), _accum_scalar(dtype))
+        self._launch("bias_grad", dtype, (), geometry.first,
+                     (delta, result, partial, np.int64(rows), np.int64(cols), np.int64(geometry.chunk_rows)))
+        if geometry.second is not None:
+            self._launch("column_sums_of_partials", dtype, (), geometry.second,
+                         (partial, result, np.int64(geometry.chunks), np.int64(cols)))
         outputs.write_back()
         return out
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from deltaprop.kernels import reference
 from deltaprop.kernels.activations import ACTIVATIONS
-from deltaprop.kernels.dtypes import tolerance
+from deltaprop.kernels.dtypes import accumulation_dtype, tolerance
 
 BATCH, WIDTH, CLASSES = 37, 65, 10
 
@@ -31,9 +31,10 @@ class _Inputs:
         self.backend, self.dtype = backend, dtype
         self.rng = np.random.default_rng(seed)
 
-    def pair(self, *shape, low=None):
+    def pair(self, *shape, low=None, state=False):
+        """``state``: an optimizer state buffer, in the accumulation dtype (float32 for the 16-bit types)."""
         host = (self.rng.uniform(low, 1.0, shape) if low is not None else self.rng.standard_normal(shape))
-        host = host.astype(self.dtype)
+        host = host.astype(accumulation_dtype(self.dtype) if state else self.dtype)
         return host, self.device(host)
 
     def device(self, host):
@@ -95,9 +96,9 @@ def _update_cases(backend, data):
     size = 1000
     p, p_d = data.pair(size)
     g, g_d = data.pair(size)
-    v, v_d = data.pair(size)
-    m, m_d = data.pair(size)
-    s, s_d = data.pair(size, low=0.0)
+    v, v_d = data.pair(size, state=True)
+    m, m_d = data.pair(size, state=True)
+    s, s_d = data.pair(size, low=0.0, state=True)
     backend.sgd_update(p_d, g_d, 0.1, weight_decay=0.01)
     yield "sgd_update", p_d, reference.sgd_update(p, g, 0.1, weight_decay=0.01)
     p_d = data.device(p)

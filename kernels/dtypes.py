@@ -11,6 +11,7 @@ imported only when bfloat16 is asked for.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ class DType:
     tolerance: float
     extension: str | None = None  # the module that registers the NumPy type where NumPy has none
 
+    @functools.cache
     def numpy_dtype(self) -> np.dtype | None:
         """The NumPy dtype, registering it through ``extension`` if needed; None where that is not installed."""
         if self.numpy is not None:
@@ -49,33 +51,53 @@ DTYPES: dict[str, DType] = {
 }
 
 
+# accum_ctype -> its NumPy dtype
+ACCUMULATION = {"float": np.dtype(np.float32), "double": np.dtype(np.float64)}
+
+
+def accumulation_dtype(dtype) -> np.dtype:
+    """The NumPy dtype a kernel computes ``dtype`` (a name or NumPy dtype of the table) in: float32 for the
+    16-bit types. Optimizer state is kept in it, as mixed-precision training does (an fp16 Adam ``v``
+    underflows, a bf16 one stops decaying)."""
+    return ACCUMULATION[DTYPES[_name(dtype)].accum_ctype]
+
+
 def dtypes_for(device: str) -> tuple[str, ...]:
     """Names of the dtypes a device of kind ``device`` ("cpu" or "cuda") computes in."""
     return tuple(name for name, d in DTYPES.items() if device in d.devices)
 
 
-def _supported(device: str) -> dict:
-    """{numpy dtype: numpy dtype} of what ``device`` computes in (a dict for a hashable, fast lookup)."""
-    return {DTYPES[name].numpy: DTYPES[name].numpy for name in dtypes_for(device) if DTYPES[name].numpy is not None}
+def floating(dtype) -> DType | None:
+    """The table's entry for an array's dtype (a NumPy dtype), or None where it is not one of the table's
+    floating dtypes: the one test of "a floating dtype of ours" (bfloat16, whose NumPy kind is 'V',
+    included: an array can have it only once ml_dtypes is imported)."""
+    entry = DTYPES.get(getattr(dtype, "name", None))
+    return entry if entry is not None and entry.numpy_dtype() == dtype else None
 
 
-# device kind -> the NumPy dtypes it computes in, for the argument checks every kernel call makes
-SUPPORTED = {device: _supported(device) for device in ("cpu", "cuda")}
+def supports(device: str, dtype) -> bool:
+    """Whether a device of kind ``device`` computes in the array dtype ``dtype`` (the kernels' check)."""
+    entry = floating(dtype)
+    return entry is not None and device in entry.devices
 
 
 def resolve_dtype(dtype, device: str = "cpu", argument: str = "dtype") -> np.dtype:
-    """``dtype`` (a name, NumPy dtype or type) as a NumPy dtype that ``device`` supports, else TypeError."""
-    supported = SUPPORTED[device]
-    found = supported.get(dtype) if isinstance(dtype, np.dtype) else None
-    if found is not None:  # the hot path: kernels check their arguments' dtypes on every call
-        return found
-    try:
-        found = supported.get(np.dtype(dtype)) if dtype is not None else None
-    except TypeError:
-        found = None
-    if found is None:
+    """``dtype`` (a name of the table, NumPy dtype or type) as a NumPy dtype that ``device`` supports, else
+    TypeError (naming ml_dtypes where bfloat16 is asked for without it)."""
+    entry = DTYPES.get(dtype) if isinstance(dtype, str) and dtype in DTYPES else floating(_as_numpy(dtype))
+    if entry is None or device not in entry.devices:
         raise TypeError(f"{argument}: expected one of {list(dtypes_for(device))} on {device}, got {_name(dtype)}")
+    found = entry.numpy_dtype()
+    if found is None:
+        raise TypeError(f"{argument}: {entry.name} needs the {entry.extension} package: pip install {entry.extension}")
     return found
+
+
+def _as_numpy(dtype) -> np.dtype | None:
+    try:
+        return np.dtype(dtype) if dtype is not None else None
+    except TypeError:
+        return None
 
 
 def tolerance(dtype) -> float:

@@ -11,7 +11,8 @@ Keys of format version 1 (all plain arrays; nothing is pickled):
     optimizer          str; "" when the network has none
     optimizer_hyper    JSON of the hyper-parameters; optimizer_schedule: JSON of the schedule
     optimizer_step     int64 ()                          updates made so far
-    state/<name>       (P,) in ``dtype``                 each flat state buffer (velocity, m, v)
+    state/<name>       (P,) in float32 or float64         each flat state buffer (velocity, m, v), in ``dtype``'s
+                                                         accumulation dtype (float32 for 16-bit ``dtype``)
 
 ``save`` checks first that ``load`` will accept what it writes (finite parameters and state, a named
 schedule), then writes through ``deltaprop.atomic.write_atomic``: a crash or a kill never leaves a
@@ -31,6 +32,7 @@ import numpy as np
 from deltaprop.atomic import write_atomic
 from deltaprop.backend import get_backend
 from deltaprop.errors import CheckpointError
+from deltaprop.kernels.dtypes import accumulation_dtype
 from deltaprop.model.optim import OPTIMIZERS, SCHEDULES, get_schedule, schedule_spec
 
 MAGIC = "deltaprop-checkpoint"
@@ -144,7 +146,8 @@ def _optimizer(arrays, path, size, dtype):
     if found != expected:
         raise CheckpointError(f"checkpoint {path!r}: optimizer {name!r} state: expected {sorted(expected)}, "
                               f"got {sorted(found)}")
-    optimizer.state = {key[len("state/"):]: _flat(arrays, key, path, size, dtype) for key in sorted(expected)}
+    state_dtype = accumulation_dtype(dtype)
+    optimizer.state = {key[len("state/"):]: _flat(arrays, key, path, size, state_dtype) for key in sorted(expected)}
     return optimizer
 
 

@@ -40,7 +40,7 @@ from deltaprop.backend import get_backend
 from deltaprop.backend.checks import check_label_range, check_shape
 from deltaprop.errors import NonFiniteLossError
 from deltaprop.kernels.activations import get_activation
-from deltaprop.kernels.dtypes import resolve_dtype
+from deltaprop.kernels.dtypes import floating, resolve_dtype
 from deltaprop.kernels.layout import Layout
 from deltaprop.model import io, training
 from deltaprop.model.losses import get_loss
@@ -251,7 +251,7 @@ class MLP:
         y = self.backend.asarray(y)
         if y.ndim == 1 and y.dtype.kind in "iu":
             y = self.backend.asarray(y, np.int64)
-        elif y.ndim == 2 and y.dtype.kind in "fiub":
+        elif y.ndim == 2 and (floating(y.dtype) or y.dtype.kind in "fiub"):  # bfloat16's kind is V
             y = self.backend.asarray(y, self.dtype)
         else:
             raise TypeError(

@@ -20,6 +20,8 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from deltaprop.kernels.dtypes import accumulation_dtype
+
 if TYPE_CHECKING:
     from deltaprop.arrays import Array
     from deltaprop.backend import Backend
@@ -179,13 +181,15 @@ class Optimizer(ABC):
         return ()
 
     def bind(self, backend: Backend, params: Array) -> Optimizer:
-        """Allocates zeroed state buffers shaped like ``params`` (flat (P,)) on ``backend``, unless the
-        ones already held match in shape and dtype (then the state carries on). Returns self."""
+        """Allocates zeroed state buffers shaped like ``params`` (flat (P,)) on ``backend``, in the
+        accumulation dtype of ``params`` (float32 for 16-bit parameters), unless the ones already held
+        match in shape and dtype (then the state carries on). Returns self."""
         self.backend = backend
+        state_dtype = accumulation_dtype(params.dtype)
         for key in self.state_names():
             held = self.state.get(key)
-            if held is None or held.shape != params.shape or held.dtype != params.dtype:
-                self.state[key] = backend.zeros(params.shape, params.dtype)
+            if held is None or held.shape != params.shape or held.dtype != state_dtype:
+                self.state[key] = backend.zeros(params.shape, state_dtype)
         return self
 
     def current_lr(self) -> float:

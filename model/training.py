@@ -25,6 +25,7 @@ import numpy as np
 
 from deltaprop.backend.checks import check_label_range
 from deltaprop.errors import NonFiniteLossError
+from deltaprop.kernels.dtypes import floating
 from deltaprop.model.losses import get_loss
 from deltaprop.model.optim import check_count, check_seed, get_optimizer
 
@@ -144,7 +145,7 @@ def _dataset(net, X, y, name="X"):
     y = net.as_targets(y, X.shape[0])
     xp = net.backend.xp
     _check_finite(xp, [(0, X)], name)
-    if y.dtype.kind == "f":
+    if floating(y.dtype):
         _check_finite(xp, [(0, y)], name.replace("X", "y"))
     loss = get_loss(net.loss)
     if y.ndim == 1:

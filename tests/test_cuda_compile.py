@@ -19,7 +19,7 @@ CONTRACT_KERNELS = {
     name for name, member in vars(Backend).items()
     if inspect.isfunction(member) and not name.startswith("_") and name not in NOT_KERNELS
 }
-HELPERS = {"mean_of_rows"}  # kernels of the table that serve others rather than a contract kernel
+HELPERS = {"mean_of_rows", "column_sums_of_partials"}  # kernels of the table that serve others rather than a contract kernel
 # kernels that move 16-byte chunks where aligned (common.cuh), row-wise ones with a warp or a block per row
 CHUNKED = {"softmax", "softmax_xent", "sigmoid_xent", "squared_error", "act_backward", "sgd_update",
            "momentum_update", "adam_update"}
@@ -130,3 +130,25 @@ def test_a_source_that_does_not_compile_is_a_kernel_compile_error_with_nvrtc_log
     monkeypatch.setattr(loader, "module_source", lambda source: "this is not C++;")
     with pytest.raises(KernelCompileError, match=r"(?s)optim.cu for float32 on sm_90 does not compile:\n.*error"):
         loader.compile_module("optim.cu", "float32", "90")
+
+
+def test_the_loader_lets_cupy_compile_cubin_for_the_device(monkeypatch):
+    """PTX from an NVRTC newer than the driver does not load (CUDA_ERROR_UNSUPPORTED_PTX_VERSION): the
+    modules must reach the driver as CUBIN for the device. CuPy's RawModule adds -arch=sm_XX and asks
+    NVRTC for CUBIN unless the options name an architecture, so ours name none (cupy/cuda/compiler.py,
+    ``_get_arch_for_options_for_nvrtc``)."""
+    cupy = pytest.importorskip("cupy")
+    if why := nvrtc_missing():
+        pytest.skip(f"NVRTC is not usable here: {why}")
+    from cupy.cuda import compiler
+
+    passed = {}
+    monkeypatch.setattr(cupy, "RawModule", lambda **kwargs: passed.update(kwargs))
+    loader.Modules().module("rows.cu", "float32")
+    options = passed["options"]
+    assert options == loader.NVRTC_OPTIONS
+    assert not any(o.startswith(("-arch", "--gpu-architecture", "-code")) or "compute_" in o for o in options)
+    assert passed.get("backend", "nvrtc") == "nvrtc"
+    # what CuPy then adds for an H200 (sm_90) when CUPY_COMPILE_WITH_PTX is unset (undecorated: no device)
+    monkeypatch.setattr(compiler, "_use_ptx", False)
+    assert compiler._get_arch_for_options_for_nvrtc.__wrapped__("90") == ("-arch=sm_90", "cubin")

@@ -189,29 +189,73 @@ def test_optimizers(programs, dtype, kernel, variant, expression, rng):
     for settings in OPTIMIZER_SETTINGS[kernel]:
         for n, misaligned, geometry in flat_cases(dtype):
             params, grads = sample(rng, n, dtype), sample(rng, n, dtype)
-            states = {"momentum_update": [sample(rng, n, dtype)],
+            states = {"momentum_update": [sample(rng, n, dtype)],  # kept in the compute type
                       "adam_update": [sample(rng, n, dtype, 0.1), np.abs(sample(rng, n, dtype, 0.01))]}.get(kernel, [])
+            states = [state.astype(accum(dtype)) for state in states]
             buffers = [device(x, misaligned and i % 2 == 0) for i, x in enumerate([params, grads, *states])]
             scalars = optimizer_scalars(kernel, settings, dtype)
             launched(program, expression, geometry, (*buffers, np.int64(n), *scalars))
             expected = update(params, grads, *states, **settings)
             expected = expected if isinstance(expected, tuple) else (expected,)
             written = [buffers[0], *buffers[2:]]  # params, then the state buffers in the reference's order
-            for name, result, value in zip(("params", "state 1", "state 2"), written, expected):
-                check(result, value, STORED_TOLERANCE[dtype], f"{kernel} {settings} {name}, n={n}, {geometry}")
+            bounds = (STORED_TOLERANCE[dtype], *[STORED_TOLERANCE[accum(dtype).name]] * len(states))
+            for name, result, value, bound in zip(("params", "state 1", "state 2"), written, expected, bounds):
+                check(result, value, bound, f"{kernel} {settings} {name}, n={n}, {geometry}")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_a_first_adam_step_on_16_bit_weights_moves_each_by_about_lr(programs, dtype):
+    """Adam's first step moves a weight by lr * g / (|g| + eps), about lr, whatever the gradient's size.
+    With g = 1e-4, (1 - beta2) * g^2 = 1e-11 is below float16's smallest subnormal: a v kept in float16
+    would be 0 and the step lr * g / eps, 10^4 times lr. The state is float32, as the backend allocates it."""
+    n, lr = 1000, 1e-2
+    settings = dict(step=1, lr=lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=False)
+    params = np.linspace(-1, 1, n).astype(storage(dtype))
+    grads = np.full(n, 1e-4, storage(dtype))
+    m, v = np.zeros(n, accum(dtype)), np.zeros(n, accum(dtype))
+    buffers = [device(x) for x in (params, grads, m, v)]
+    geometry = launch.flat_launch(n, params.itemsize, GRID_LIMIT)
+    expression = next(e for e, (k, _) in loader.name_expressions("optim.cu", dtype).items() if k == "adam_update")
+    launched(programs(dtype), expression, geometry,
+             (*buffers, np.int64(n), *optimizer_scalars("adam_update", settings, dtype)))
+    expected, _, _ = reference.adam_update(params, grads, m, v, **settings)
+    moved = np.asarray(params, np.float64) - np.asarray(buffers[0], np.float64)
+    assert np.allclose(moved, lr, rtol=0.05, atol=STORED_TOLERANCE[dtype]), f"moved by {moved.min()} to {moved.max()}"
+    check(buffers[0], expected, STORED_TOLERANCE[dtype], "params")
+    check(buffers[3], (1 - 0.999) * np.asarray(grads, np.float64) ** 2, tol("float32"), "v")
+
+
+def column_sums(program, dtype, delta, geometry, misaligned=False):
+    """bias_grad as CupyBackend.bias_grad launches it with ``geometry`` (a launch.ColumnSumsLaunch)."""
+    rows, cols = delta.shape
+    first, second = (loader.KERNELS[k].name_expression(DTYPES[dtype].ctype, ()) for k in ("bias_grad", "column_sums_of_partials"))
+    out = device(np.full(cols, np.nan, storage(dtype)), misaligned=misaligned)
+    partial = None if geometry.second is None else device(np.full((geometry.chunks, cols), np.nan, accum(dtype)))
+    launched(program, first, geometry.first,
+             (device(delta, misaligned), out, partial, np.int64(rows), np.int64(cols), np.int64(geometry.chunk_rows)))
+    if geometry.second is not None:
+        launched(program, second, geometry.second, (partial, out, np.int64(geometry.chunks), np.int64(cols)))
+    return out
 
 
 @pytest.mark.parametrize("dtype, kernel, variant, expression", instantiations("bias_grad"))
 def test_column_sums(programs, dtype, kernel, variant, expression, rng):
     program = programs(dtype)
-    shapes = [((1, 1), GRID_LIMIT), ((3, 31), GRID_LIMIT), ((33, 32), GRID_LIMIT), ((5, 33), GRID_LIMIT),
-              ((2, 100), GRID_LIMIT), ((37, 70), 1)]  # the last: one block for three tiles of 32 columns
-    for (rows, cols), grid_limit in shapes:
+    h200 = launch.max_blocks(132)
+    cases = [((1, 1), GRID_LIMIT), ((3, 31), GRID_LIMIT), ((33, 32), GRID_LIMIT), ((5, 33), GRID_LIMIT),
+             ((2, 100), GRID_LIMIT), ((37, 70), 1),  # one block for three tiles of 32 columns
+             ((5000, 10), GRID_LIMIT), ((5000, 10), h200), ((1000, 70), h200), ((3, 1025), h200)]
+    geometries = [((rows, cols), launch.column_sums_launch(rows, cols, limit)) for (rows, cols), limit in cases]
+    # rows split by hand: 3 chunks of one row; chunks over a grid-stride of two blocks for three tiles
+    geometries += [((3, 1025), launch.column_chunks_launch(1025, 1, 3, 33)),
+                   ((300, 70), launch.column_chunks_launch(70, 7, 43, 2))]
+    assert sum(geometry.chunks > 1 for _, geometry in geometries) >= 5
+    for (rows, cols), geometry in geometries:
         delta = sample(rng, (rows, cols), dtype)
-        out = device(np.full(cols, np.nan, storage(dtype)), misaligned=cols % 2 == 1)
-        geometry = launch.column_sums_launch(cols, grid_limit)
-        launched(program, expression, geometry, (device(delta, cols == 33), out, np.int64(rows), np.int64(cols)))
+        out = column_sums(program, dtype, delta, geometry, misaligned=cols % 2 == 1)
         check(out, reference.bias_grad(delta), STORED_TOLERANCE[dtype], f"{rows}x{cols}, {geometry}")
+        again = column_sums(program, dtype, delta, geometry)
+        assert np.asarray(again).tobytes() == np.asarray(out).tobytes(), f"{rows}x{cols}: not bit-identical"
 
 
 @pytest.mark.parametrize("dtype, kernel, variant, expression", instantiations("mean_of_rows"))
@@ -419,8 +463,9 @@ def test_every_kernel_runs_clean_under_address_sanitizer():
                            "-k", " or ".join(ADDRESS_SANITIZER_DTYPES)], env=env, capture_output=True, text=True,
                           timeout=600)
     report = done.stdout[-3000:] + done.stderr[-3000:]
-    every_instantiation = sum(len(loader.name_expressions(source, dtype))
-                              for dtype in ADDRESS_SANITIZER_DTYPES for source in loader.sources())
+    every_instantiation = sum(kernel != "column_sums_of_partials"  # bias_grad's second pass: in test_column_sums
+                              for dtype in ADDRESS_SANITIZER_DTYPES for source in loader.sources()
+                              for kernel, _ in loader.name_expressions(source, dtype).values())
     assert done.returncode == 0 and f"{every_instantiation} passed" in done.stdout, report
     assert "Sanitizer" not in report, report
 
@@ -482,8 +527,8 @@ def test_the_kernels_that_share_memory_have_no_data_race_under_thread_sanitizer(
         t.launched(program, t.THREAD_SANITIZER_CASES[1], geometry, (z, None, np.empty_like(z), None, np.int64(9),
                    np.int64(33), np.float32(1), np.int32(cache)))
         d = rng.standard_normal((37, 70)).astype(np.float32)
-        t.launched(program, t.THREAD_SANITIZER_CASES[2], launch.column_sums_launch(70, 1),
-                   (d, np.empty(70, np.float32), np.int64(37), np.int64(70)))
+        t.launched(program, t.THREAD_SANITIZER_CASES[2], launch.column_sums_launch(37, 70, 1).first,
+                   (d, np.empty(70, np.float32), None, np.int64(37), np.int64(70), np.int64(37)))
         t.launched(program, t.THREAD_SANITIZER_CASES[3], launch.MEAN_LAUNCH,
                    (np.ones(3000, np.float32), np.int64(3000), np.empty(1, np.float32)))
         print("no race", flush=True)

@@ -76,6 +76,24 @@ def test_flat_launches_give_each_thread_16_bytes_up_to_the_grid_limit(itemsize, 
 
 @pytest.mark.parametrize("cols", [1, 32, 33, 10**6])
 def test_column_sums_take_a_tile_of_columns_per_block(cols):
-    geometry = launch.column_sums_launch(cols, GRID_LIMIT)
-    assert geometry.block == (launch.COLUMN_TILE, launch.COLUMN_TILE)
-    assert geometry.grid == (min(launch.blocks(cols, launch.COLUMN_TILE), GRID_LIMIT),)
+    geometry = launch.column_sums_launch(1, cols, GRID_LIMIT)
+    assert geometry.first.block == (launch.COLUMN_TILE, launch.COLUMN_TILE)
+    assert geometry.first.grid == (min(launch.blocks(cols, launch.COLUMN_TILE), GRID_LIMIT), 1)
+    assert (geometry.chunks, geometry.second) == (1, None)
+
+
+@pytest.mark.parametrize("rows, cols", [(5000, 10), (10**6, 1), (10**6, 33), (129, 1), (3, 1025), (10**5, 10**4)])
+def test_column_sums_split_rows_into_chunks_until_the_device_is_full(rows, cols):
+    """Column tiles times row chunks fill COLUMN_BLOCKS_PER_SM blocks per multiprocessor where rows
+    allow (chunks of at least COLUMN_CHUNK_ROWS rows), the chunks cover every row once, and several
+    chunks get the second pass over every column tile."""
+    geometry = launch.column_sums_launch(rows, cols, GRID_LIMIT)
+    tiles = min(launch.blocks(cols, launch.COLUMN_TILE), GRID_LIMIT)
+    device_blocks = GRID_LIMIT * launch.COLUMN_BLOCKS_PER_SM // launch.BLOCKS_PER_SM
+    assert geometry.first.grid == (tiles, geometry.chunks)
+    assert tiles * geometry.chunks <= max(device_blocks, tiles)
+    assert (geometry.chunks - 1) * geometry.chunk_rows < rows <= geometry.chunks * geometry.chunk_rows
+    assert geometry.chunks == 1 or geometry.chunk_rows >= launch.COLUMN_CHUNK_ROWS
+    enough_rows = rows >= 2 * launch.COLUMN_CHUNK_ROWS
+    assert (geometry.chunks > 1) == (enough_rows and tiles * 2 <= device_blocks)
+    assert geometry.second == (None if geometry.chunks == 1 else launch.Launch((tiles,), geometry.first.block))

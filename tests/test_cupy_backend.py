@@ -19,7 +19,8 @@ from helpers import LOSS_REFERENCES, assert_close, host64, labels_for, random_ho
 
 from deltaprop.backend import backend_status, get_backend
 from deltaprop.backend.base import Backend
-from deltaprop.backend.cupy_backend import CupyBackend
+from deltaprop.backend.cupy_backend import CupyBackend, cuda_usability
+from deltaprop.benchmarks import bench
 from deltaprop.errors import BackendUnavailableError, NonFiniteInputError
 from deltaprop.kernels import reference
 from deltaprop.kernels.cuda.launch import LOSS_VARIANTS
@@ -58,7 +59,7 @@ def test_availability_names_a_missing_cupy_and_what_to_install(monkeypatch):
     ("driver", "devices", "expected"),
     [
         (0, 1, "no NVIDIA driver is installed"),
-        (12080, 1, "the NVIDIA driver supports CUDA 12.8, CuPy needs 13.2: update the driver"),
+        (12080, 1, "the NVIDIA driver supports CUDA 12.8; CuPy's CUDA 13.2 runtime needs a driver for CUDA 13.0"),
         (13020, 0, "no CUDA device is visible"),
     ],
 )
@@ -70,6 +71,38 @@ def test_availability_names_a_missing_driver_or_device(monkeypatch, driver, devi
     usable, why = CupyBackend.availability()
     assert not usable
     assert expected in why
+
+
+@pytest.mark.parametrize(
+    ("driver", "linked", "devices", "expected"),
+    [
+        # the H200 we target: driver 580.159 (CUDA 13.0) under cupy-cuda13x, which links CUDA 13.2
+        (13000, 13020, 1, (True, "")),
+        (13020, 13020, 1, (True, "")),
+        (14000, 13020, 1, (True, "")),
+        (12090, 13020, 1, (False, "the NVIDIA driver supports CUDA 12.9; CuPy's CUDA 13.2 runtime needs a driver"
+                                  " for CUDA 13.0 or newer: update the driver, or install the cupy-cuda12x wheel")),
+        (0, 13020, 0, (False, "no NVIDIA driver is installed (CUDA reports driver version 0): install an NVIDIA"
+                              " driver for CUDA 13.0 or newer, and a GPU")),
+        (13000, 13020, 0, (False, "no CUDA device is visible (is CUDA_VISIBLE_DEVICES empty?)")),
+    ],
+)
+def test_cuda_usability_compares_the_majors_of_driver_and_runtime(driver, linked, devices, expected):
+    assert cuda_usability(driver, linked, devices) == expected
+
+
+def test_a_machine_without_a_driver_is_not_run_for_want_of_a_driver_not_of_a_newer_one(monkeypatch):
+    """`deltaprop bench`'s "not run here" reason when CUDA answers as it does on a machine with no driver."""
+    runtime = pytest.importorskip("cupy_backends.cuda.api.runtime")
+
+    def no_driver():
+        raise runtime.CUDARuntimeError(35)  # cudaErrorInsufficientDriver, what getDeviceCount raises here
+
+    monkeypatch.setattr(runtime, "driverGetVersion", lambda: 0)
+    monkeypatch.setattr(runtime, "runtimeGetVersion", lambda: 13020)
+    monkeypatch.setattr(runtime, "getDeviceCount", no_driver)
+    why = bench.choose_subjects(None)[1]["cupy"]
+    assert "no NVIDIA driver" in why and "13.2" not in why
 
 
 def test_availability_reports_a_refusing_driver_without_raising(monkeypatch):
@@ -171,4 +204,4 @@ class TestOnTheDevice:
         assert cupy_backend.warmup() >= 0
         facts = cupy_backend.describe()
         assert facts["name"] == "cupy" and facts["gpu"] and facts["cupy"]
-        assert {"driver_cuda", "cuda_runtime", "nvrtc", "compute_capability"} <= set(facts)
+        assert {"driver_cuda", "cupy_cuda_runtime", "nvrtc", "compute_capability"} <= set(facts)

@@ -15,7 +15,7 @@ from deltaprop.backend import backend_status, get_backend
 from deltaprop.kernels import reference
 from deltaprop.kernels.activations import ACTIVATIONS
 from deltaprop.kernels.cuda.launch import THREADS, VECTOR_BYTES
-from deltaprop.kernels.dtypes import DTYPES, dtypes_for
+from deltaprop.kernels.dtypes import DTYPES, accumulation_dtype, dtypes_for
 
 CUPY_USABLE, CUPY_WHY_NOT = backend_status("cupy")
 GPU = (pytest.mark.gpu, pytest.mark.skipif(not CUPY_USABLE, reason=f"cupy backend unusable: {CUPY_WHY_NOT}"))
@@ -256,7 +256,7 @@ def test_optimizer_updates_beyond_one_grid(name, dtype, update):
     call, call_ref, state_names = UPDATES[update]
     size = elements_beyond_one_grid(backend, dtype)
     params = backend.asarray(random_host(size, dtype, 13))
-    state = [backend.zeros(size, params.dtype) for _ in state_names]
+    state = [backend.zeros(size, accumulation_dtype(params.dtype)) for _ in state_names]
     for step in (1, 2, 3):
         # each step is checked from what the backend stored before it (its rounding, not the reference's)
         params_before, *state_before = (host64(backend, x) for x in [params, *state])
@@ -274,7 +274,7 @@ def test_optimizer_updates_on_unaligned_buffers(name, dtype, update):
     call, call_ref, state_names = UPDATES[update]
     size = 4 * THREADS + 5  # ends in a partial chunk
     params, grads = random_host(size, dtype, 13), random_host(size, dtype, 14)
-    state = [random_host(size, dtype, 15 + i, low=0.1, high=1.0) for i in range(len(state_names))]
+    state = [random_host(size, accumulation_dtype(dtype).name, 15 + i, low=0.1, high=1.0) for i in range(len(state_names))]
     expected = call_ref(params.astype(np.float64), grads, [x.astype(np.float64) for x in state], 3)
 
     def run(offsets):

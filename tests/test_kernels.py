@@ -369,9 +369,17 @@ BAD_CALLS = {
         lambda backend, dt: backend.sgd_update(_x(dt), _x(dt), 0.1),
         ValueError, r"sgd_update: params: expected a 1-D flat buffer, got shape \(4, 3\)",
     ),
+    "sgd empty buffers": (
+        lambda backend, dt: backend.sgd_update(_x(dt, (0,)), _x(dt, (0,)), 0.1),
+        ValueError, r"sgd_update: params: expected a non-empty flat buffer, got shape \(0,\)",
+    ),
+    "adam empty buffers": (
+        lambda backend, dt: backend.adam_update(*(_x(dt, (0,)) for _ in range(4)), 1),
+        ValueError, r"adam_update: params: expected a non-empty flat buffer, got shape \(0,\)",
+    ),
     "momentum velocity dtype": (
         lambda backend, dt: backend.momentum_update(_x(dt, (5,)), _x(dt, (5,)), _x(np.float16, (5,)), 0.1),
-        TypeError, r"momentum_update: velocity: expected dtype float\d\d \(the dtype of params\), got float16",
+        TypeError, r"momentum_update: velocity: expected dtype float\d\d \(the optimizer state dtype of float\d\d params\), got float16",
     ),
     "adam step 0": (
         lambda backend, dt: backend.adam_update(*(_x(dt, (5,)) for _ in range(4)), 0),

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from helpers import rel_err, tol
 
-from deltaprop.backend import to_numpy
+from deltaprop.backend import get_backend, to_numpy
 from deltaprop.kernels import reference
+from deltaprop.kernels.dtypes import DTYPES
 from deltaprop.model.optim import OPTIMIZERS, SCHEDULES, get_optimizer, get_schedule
 
 STEPS = 6
@@ -211,3 +212,17 @@ def test_refusals_name_the_argument(make, error, message):
 def test_step_before_bind_is_refused():
     with pytest.raises(RuntimeError, match=r"adam: call bind\(backend, params\) before step\(\)"):
         get_optimizer("adam").step(np.zeros(3), np.zeros(3))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+def test_optimizer_state_is_kept_in_the_accumulation_dtype(dtype):
+    """Mixed precision: the state of 16-bit parameters is float32 (an fp16 Adam v underflows), of the
+    others their own dtype. bind only allocates, so the reference backend's host arrays serve any dtype."""
+    storage = DTYPES[dtype].numpy_dtype()
+    if storage is None:
+        pytest.skip(f"{dtype} needs {DTYPES[dtype].extension}")
+    params = np.zeros(5, storage)
+    for optimizer in (get_optimizer(name) for name in OPTIMIZERS):
+        optimizer.bind(get_backend("numpy"), params)
+        expected = np.float64 if dtype == "float64" else np.float32
+        assert {key: state.dtype for key, state in optimizer.state.items()} == dict.fromkeys(optimizer.state_names(), expected)

@@ -103,3 +103,29 @@ def test_the_package_installs_over_itself_plain_editable_plain(source, tmp_path)
         if step == 0:  # the first use compiled into the per-user cache, and left nothing in the package
             assert numba_cache_files(tmp_path / "user-cache" / "deltaprop") != []
             assert numba_cache_files(site_packages(venv) / "deltaprop") == []
+
+
+# Run in a child: hides HIDDEN (an import raises ModuleNotFoundError, importlib.util.find_spec finds
+# nothing), then collects the test folder given.
+COLLECT_WITHOUT = """
+import importlib.util, sys, pytest
+HIDDEN = {hidden!r}
+class Hide:
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name.partition(".")[0] in HIDDEN:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+sys.meta_path.insert(0, Hide)
+find_spec = importlib.util.find_spec
+importlib.util.find_spec = lambda name, *a: None if name.partition(".")[0] in HIDDEN else find_spec(name, *a)
+sys.exit(pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", "-p", "no:hypothesispytest", sys.argv[1]]))
+"""
+
+
+def test_the_suite_is_collected_without_the_optional_test_packages():
+    """A device image has pytest but perhaps none of the test extra's other packages: every test module
+    must still be collected (a module-level import of one stops `pytest -m gpu` at collection)."""
+    hidden = {"jsonschema", "hypothesis", "sklearn", "mypy", "torch", "jax", "matplotlib"}
+    done = subprocess.run([sys.executable, "-c", COLLECT_WITHOUT.format(hidden=hidden), str(ROOT / "tests")],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

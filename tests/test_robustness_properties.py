@@ -10,13 +10,16 @@ import threading
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
-from helpers import CPU_BACKENDS, rel_err
-from deltaprop.backend import to_numpy
-from deltaprop.kernels import reference
-from deltaprop.model import MLP
+pytest.importorskip("hypothesis")  # of the test extra: without it this module is skipped, the rest collected
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from helpers import CPU_BACKENDS, rel_err  # noqa: E402
+from deltaprop.backend import to_numpy  # noqa: E402
+from deltaprop.kernels import reference  # noqa: E402
+from deltaprop.model import MLP  # noqa: E402
 
 # small and fixed: the suite runs in CI on two cores; derandomize makes each run try the same examples
 PROPERTIES = settings(max_examples=12, derandomize=True, deadline=None,

@@ -9,7 +9,8 @@ The rules, which the .cu sources rely on:
 - Row-wise kernels (softmax, the losses) give a row to a team: ``GroupTeam<W>`` (W lanes of a warp, several
   rows per warp) for rows of up to 32 elements, a warp per row up to ``WARP_ROW_LIMIT``, a block per row
   beyond; a block-per-row softmax keeps its row in shared memory up to ``ROW_CACHE_BYTES``.
-- bias_act runs 2-D blocks, x across columns; column_sums a 32 x 32 block per 32 columns.
+- bias_act runs 2-D blocks, x across columns; column_sums a 32 x 32 block per 32 columns, and a grid
+  over (column tiles, row chunks) with a second pass where the tiles alone would not fill the device.
 
 Pure arithmetic on sizes: importing it imports no CuPy.
 """
@@ -27,6 +28,8 @@ ROW_CACHE_BYTES = 40 * 1024  # a block-per-row softmax keeps its row in shared m
 MEAN_THREADS = 1024  # the one block that reduces the per-row losses
 VECTOR_BYTES = 16  # a thread of a flat kernel takes chunks of 16 bytes
 COLUMN_TILE = 32  # column_sums: a (COLUMN_TILE, COLUMN_TILE) block per COLUMN_TILE columns
+COLUMN_BLOCKS_PER_SM = 2  # column_sums' blocks of 1024 threads that a multiprocessor runs at once
+COLUMN_CHUNK_ROWS = 4 * COLUMN_TILE  # the fewest rows in a row chunk of column_sums: 4 per thread row
 
 GROUP_WIDTHS = (1, 2, 4, 8, 16, 32)  # the lanes of a GroupTeam
 WARP_ROW_LIMIT = 1024  # rows up to this many elements: a warp per row; beyond, a block
@@ -102,9 +105,33 @@ def rows_launch(rows: int, cols: int, accum_itemsize: int, grid_limit: int, cach
     return team, Launch((min(rows, grid_limit),), (THREADS,), row_bytes if cache else 0), cache
 
 
-def column_sums_launch(cols: int, grid_limit: int) -> Launch:
-    """column_sums (bias_grad): a block per COLUMN_TILE columns."""
-    return Launch((min(blocks(cols, COLUMN_TILE), grid_limit),), (COLUMN_TILE, COLUMN_TILE))
+@dataclass(frozen=True)
+class ColumnSumsLaunch:
+    """column_sums (bias_grad) over (column tiles, row chunks of ``chunk_rows``); with several chunks,
+    ``second`` adds each column's ``chunks`` chunk sums (column_sums_of_partials), else it is None."""
+
+    first: Launch
+    chunk_rows: int
+    chunks: int
+    second: Launch | None
+
+
+def column_sums_launch(rows: int, cols: int, grid_limit: int) -> ColumnSumsLaunch:
+    """A block per COLUMN_TILE columns; where those tiles would not fill the device (COLUMN_BLOCKS_PER_SM
+    per multiprocessor), the rows are split into chunks of at least COLUMN_CHUNK_ROWS to fill it."""
+    tiles = min(blocks(cols, COLUMN_TILE), grid_limit)
+    device_blocks = max(grid_limit * COLUMN_BLOCKS_PER_SM // BLOCKS_PER_SM, 1)
+    chunks = max(min(device_blocks // tiles, rows // COLUMN_CHUNK_ROWS, MAX_GRID_Y), 1)
+    chunk_rows = blocks(rows, chunks)
+    chunks = blocks(rows, chunk_rows)
+    return column_chunks_launch(cols, chunk_rows, chunks, tiles)
+
+
+def column_chunks_launch(cols: int, chunk_rows: int, chunks: int, tiles: int) -> ColumnSumsLaunch:
+    """column_sums over ``tiles`` blocks of columns (grid-stride beyond) and ``chunks`` row chunks."""
+    block = (COLUMN_TILE, COLUMN_TILE)
+    second = Launch((tiles,), block) if chunks > 1 else None
+    return ColumnSumsLaunch(Launch((tiles, chunks), block), chunk_rows, chunks, second)
 
 
 MEAN_LAUNCH = Launch((1,), (MEAN_THREADS,))  # mean_of_rows: one block reduces every row's loss

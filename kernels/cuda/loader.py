@@ -30,7 +30,9 @@ from deltaprop.kernels.cuda.launch import ACTIVATION_FUNCTORS, LOSS_VARIANTS, NO
 from deltaprop.kernels.dtypes import DTYPES, dtypes_for
 
 HERE = Path(__file__).parent
-# Passed to RawModule; CuPy adds -ftz=true, -arch, --device-as-default-execution-space and its include paths.
+# Passed to RawModule; CuPy adds -ftz=true, -arch=sm_XX for the device (then NVRTC emits CUBIN, which a
+# driver older than the NVRTC loads; PTX it might not: so no architecture option here),
+# --device-as-default-execution-space and its include paths.
 NVRTC_OPTIONS = ("--std=c++17",)
 
 
@@ -61,6 +63,7 @@ KERNELS: dict[str, CudaKernel] = {
        for loss, variant in LOSS_VARIANTS.items()},  # a loss's own arguments, then its targets and team
     "mean_of_rows": CudaKernel("rows.cu", "mean_of_rows"),  # the loss kernels' second, deterministic step
     "bias_grad": CudaKernel("columns.cu", "column_sums"),
+    "column_sums_of_partials": CudaKernel("columns.cu", "column_sums_of_partials"),  # bias_grad's second pass
     "sgd_update": CudaKernel("optim.cu", "sgd_update"),
     "momentum_update": CudaKernel("optim.cu", "momentum_update"),
     "adam_update": CudaKernel("optim.cu", "adam_update"),

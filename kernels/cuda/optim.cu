@@ -1,6 +1,8 @@
 // The optimizer updates: one grid-stride pass over the flat parameter buffer each, in place, in the
-// compute type A; the formulas of torch.optim (the Backend docstrings). Scalars arrive as A. Each thread
-// takes 16-byte chunks of every buffer (common.cuh: one vector access where a chunk is aligned).
+// compute type A; the formulas of torch.optim (the Backend docstrings). Scalars arrive as A, and the
+// optimizer state (velocity, m, v) is kept in A, as mixed-precision training does: an fp16 Adam v
+// underflows, a bf16 one stops decaying. Each thread takes chunks of vector_width<T> elements of every
+// buffer (common.cuh: one vector access per 16 bytes where a chunk is aligned).
 
 // params = params * (1 - lr * wd) - lr * grads
 template <typename T>
@@ -19,7 +21,7 @@ __global__ void sgd_update(T* params, const T* grads, long long n, acc_t<T> lr, 
 
 // g = grads + wd * params; v = mu * v + g; params -= lr * (nesterov ? g + mu * v : v)
 template <typename T>
-__global__ void momentum_update(T* params, const T* grads, T* velocity, long long n, acc_t<T> lr,
+__global__ void momentum_update(T* params, const T* grads, acc_t<T>* velocity, long long n, acc_t<T> lr,
                                 acc_t<T> momentum, acc_t<T> weight_decay, int nesterov) {
     using A = acc_t<T>;
     constexpr int V = vector_width<T>;
@@ -42,7 +44,7 @@ __global__ void momentum_update(T* params, const T* grads, T* velocity, long lon
 // From the host, in double before rounding to A: one_minus_beta1/2 = 1 - beta1/2 (1 - float(0.999)
 // would be 1.3e-5 off), bias1 = 1 - beta1^step and bias2 = 1 - beta2^step.
 template <typename T>
-__global__ void adam_update(T* params, const T* grads, T* m, T* v, long long n, acc_t<T> lr,
+__global__ void adam_update(T* params, const T* grads, acc_t<T>* m, acc_t<T>* v, long long n, acc_t<T> lr,
                             acc_t<T> beta1, acc_t<T> beta2, acc_t<T> one_minus_beta1,
                             acc_t<T> one_minus_beta2, acc_t<T> eps, acc_t<T> weight_decay,
                             acc_t<T> bias1, acc_t<T> bias2, int decoupled) {
