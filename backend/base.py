@@ -27,6 +27,10 @@ from deltaprop.backend.checks import (
     check_label_range,
     check_loss,
     check_rows,
+    check_shape,
+    check_stacked,
+    check_stacked_flat,
+    check_stacked_targets,
     check_warmup,
 )
 from deltaprop.kernels.activations import get_activation
@@ -294,6 +298,81 @@ class Backend:
         bias1, bias2 = map(scalar, adam_bias_corrections(step, beta1, beta2))
         params -= (lr / bias1) * m / (self.xp.sqrt(v / bias2) + eps)
 
+    # ---- stacked networks (an ensemble): the kernels over a leading member axis K, on strided views ----
+
+    def fused_ensemble_sgd_step(self, activation: str, loss: str, dtype: DTypeLike) -> FusedSteps:
+        """Compiled SGD steps of K stacked networks by batch size, as ``fused_sgd_step``, or None: then the
+        ensemble runs the stacked kernel-by-kernel loop.
+
+        The callable, ``step(x, targets, params, work, offsets, lr, totals) -> bad_row``, runs member k's
+        ``fused_sgd_step`` on row k of the (K, P) ``params`` and (K, ``layout.work_size``) ``work``: x
+        (B, n0) shared or (K, B, n0) per member, targets (B,)/(K, B) int64 labels or (B, n_L)/(K, B, n_L),
+        lr (K,) of the dtype; each member's summed loss goes into the float64 (K,) ``totals``. A member
+        whose loss is not finite is left unchanged (the others are updated); a label outside [0, n_L)
+        returns its row (-1 when none) before any parameter changes, the targets being checked first.
+        """
+        return None
+
+    def stacked_bias_act(self, acc: Array, b: Array, act: str, z_out: Array | None = None,
+                         a_out: Array | None = None) -> tuple[Array, Array]:
+        """``bias_act`` of every member: z[k] = acc[k] + b[k]; a = act(z). acc, z_out, a_out: (K, B, n);
+        b: (K, n). Returns (z, a)."""
+        check_stacked("stacked_bias_act", self.device, b, acc=acc, z_out=z_out, a_out=a_out)
+        z = self.xp.add(acc, b[:, None, :], out=z_out)
+        a = get_activation(act).forward(z)
+        if a_out is None:
+            return z, a
+        a_out[...] = a
+        return z, a_out
+
+    def stacked_act_backward(self, g: Array, z: Array, act: str, out: Array | None = None) -> Array:
+        """``act_backward`` of every member: out = g * act'(z). g, z, out: (K, B, n); out may be g."""
+        check_stacked("stacked_act_backward", self.device, g=g, z=z, out=out)
+        return self.xp.multiply(g, get_activation(act).derivative(z), out=out)
+
+    def stacked_loss(self, kernel: str, z: Array, targets: Array, delta_out: Array) -> Array:
+        """Loss ``kernel`` ("softmax_xent", ...) of every member: z (K, B, C) logits, targets int labels
+        (K, B) or (K, B, C); writes delta = (y_hat - targets) / B into delta_out (K, B, C) and returns
+        the (K,) float64 array of each member's mean loss. A label outside [0, C) is a ValueError
+        before anything is written."""
+        xp = self.xp
+        check_stacked(kernel, self.device, z=z, delta_out=delta_out)
+        if check_stacked_targets(kernel, z, targets) == "labels":
+            check_label_range(kernel, targets, z.shape[2], xp)
+            targets = (targets[..., None] == xp.arange(z.shape[2])).astype(z.dtype)  # one-hot rows
+        total, y_hat = getattr(self, f"_{kernel}_terms")(z, targets)
+        delta_out[...] = y_hat - targets
+        delta_out *= z.dtype.type(1.0 / z.shape[1])
+        return xp.asarray(total, dtype=np.float64) / z.shape[1]
+
+    def stacked_bias_grad(self, delta: Array, out: Array | None = None) -> Array:
+        """``bias_grad`` of every member: out[k, j] = sum_i delta[k, i, j]. delta: (K, B, n); out: (K, n)."""
+        check_stacked("stacked_bias_grad", self.device, delta=delta)
+        check_shape("stacked_bias_grad", "out", out, (delta.shape[0], delta.shape[2]))
+        return self.xp.sum(delta, axis=1, out=out)
+
+    def stacked_sgd_update(self, params: Array, grads: Array, lr: Array, weight_decay: Array,
+                           velocity: Array | None = None, momentum: Array | None = None,
+                           nesterov: bool = False) -> None:
+        """``sgd_update`` (velocity None) or ``momentum_update`` of every member with its own
+        hyperparameters: params, grads, velocity (K, P); lr, weight_decay, momentum (K,) arrays of the
+        dtype (host NumPy arrays). Member k computes exactly what the flat update computes on row k."""
+        xp = self.xp
+        hyper = {"lr": lr, "weight_decay": weight_decay, **({} if velocity is None else {"momentum": momentum})}
+        states = {} if velocity is None else {"velocity": velocity}
+        check_stacked_flat("stacked_sgd_update", self.device, params, grads, hyper, **states)
+        lr, wd = (xp.asarray(h, dtype=params.dtype)[:, None] for h in (lr, weight_decay))
+        if velocity is None:
+            if weight_decay.any():
+                params *= 1 - lr * wd
+            params -= lr * grads
+            return
+        mu = xp.asarray(momentum, dtype=params.dtype)[:, None]
+        g = grads + wd * params if weight_decay.any() else grads
+        velocity *= mu
+        velocity += g
+        params -= lr * (g + mu * velocity if nesterov else velocity)
+
     # ---- the loss kernels' one body: a backend with loss kernels of its own overrides ``_loss`` ----
 
     def _loss(self, kernel: str, z: Array, targets: Array, delta_out: Array | None, scale: float | None,
@@ -313,21 +392,22 @@ class Backend:
             delta_out *= z.dtype.type(scale)
         return float(total) / z.shape[0]
 
+    # The terms take (B, C) or a (K, B, C) stack and sum over the last two axes: per member of a stack.
     def _softmax_xent_terms(self, z, targets):
         """(the loss summed over the batch, softmax(z)); the row max keeps exp from overflowing."""
         xp = self.xp
-        shifted = z - z.max(axis=1, keepdims=True)
-        log_softmax = shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
-        return -(targets * log_softmax).sum(), xp.exp(log_softmax)
+        shifted = z - z.max(axis=-1, keepdims=True)
+        log_softmax = shifted - xp.log(xp.exp(shifted).sum(axis=-1, keepdims=True))
+        return -(targets * log_softmax).sum(axis=(-2, -1)), xp.exp(log_softmax)
 
     def _sigmoid_xent_terms(self, z, targets):
         """(the loss summed over the batch, sigmoid(z))."""
         xp = self.xp
         # -[t log s + (1 - t) log(1 - s)] = max(z, 0) - t z + log(1 + exp(-|z|)), stable for any finite z
-        total = (xp.maximum(z, 0) - targets * z + xp.log1p(xp.exp(-xp.abs(z)))).sum()
+        total = (xp.maximum(z, 0) - targets * z + xp.log1p(xp.exp(-xp.abs(z)))).sum(axis=(-2, -1))
         return total, get_activation("sigmoid").forward(z)
 
     def _squared_error_terms(self, y_hat, targets):
         """(the loss summed over the batch, y_hat)."""
         diff = y_hat - targets
-        return 0.5 * (diff * diff).sum(), y_hat
+        return 0.5 * (diff * diff).sum(axis=(-2, -1)), y_hat

@@ -158,6 +158,45 @@ def check_adam(device, params, grads, m, v, step):
 
 
 
+def check_stacked(kernel, device, b=None, **arrays):
+    """The stacked form of ``check_rows``: the first of ``arrays`` a non-empty (K, B, n) stack, each other
+    one (K, B, n) or None, b (K, n) or None; one dtype for all, which it returns."""
+    (name, x), *outs = arrays.items()
+    if x.ndim != 3 or 0 in x.shape:
+        raise ValueError(f"{kernel}: {name}: expected a non-empty (members, batch, features) stack, "
+                         f"got shape {_shape(x)}")
+    check_shape(kernel, "b", b, (x.shape[0], x.shape[2]))
+    for out_name, out in outs:
+        check_shape(kernel, out_name, out, x.shape)
+    return check_dtypes(kernel, device, **{name: x}, b=b, **dict(outs))
+
+
+def check_stacked_targets(kernel, z, targets):
+    """``targets`` of a stacked loss on z (K, B, C): int labels (K, B) or a (K, B, C) matrix of z's dtype;
+    returns "labels" or "matrix"."""
+    if targets.ndim == 2 and targets.dtype.kind in "iu" and targets.shape == z.shape[:2]:
+        return "labels"
+    if targets.ndim == 3 and targets.dtype == z.dtype and targets.shape == z.shape:
+        return "matrix"
+    raise TypeError(f"{kernel}: targets: expected int labels of shape {_shape(z)[:2]} or a {z.dtype} target "
+                    f"stack of shape {_shape(z)}, got {targets.dtype} of shape {_shape(targets)}")
+
+
+def check_stacked_flat(kernel, device, params, grads, hyper, **states):
+    """The (K, P) buffers of a stacked optimizer update (params, grads and the named ``states``, as
+    ``check_flat`` checks them row by row) and its per-member ``hyper`` parameters, each (K,); returns
+    the dtype."""
+    if params.ndim != 2:
+        raise ValueError(f"{kernel}: params: expected a (members, parameters) stack, got shape {_shape(params)}")
+    dtype = check_flat(kernel, device, params=params.reshape(-1), grads=grads.reshape(-1),
+                       **{name: a.reshape(-1) for name, a in states.items()})
+    for name, a in {"grads": grads, **states}.items():
+        check_shape(kernel, name, a, params.shape)
+    for name, value in hyper.items():
+        check_shape(kernel, name, value, params.shape[:1])
+    return dtype
+
+
 def _names(argument, given, known=None):
     """``given`` as a list of names (of ``known`` where given), else a ValueError naming ``argument``."""
     if isinstance(given, str) or not all(isinstance(v, str) or argument == "dtypes" for v in given) or (

@@ -188,6 +188,11 @@ class NumbaBackend(Backend):
         get_activation(activation)
         return StepsByBatch(self._step_for_batch, "grads_step", resolve_dtype(dtype, self.device), activation, loss)
 
+    def fused_ensemble_sgd_step(self, activation, loss, dtype):
+        get_activation(activation)
+        return StepsByBatch(self._step_for_batch, "ensemble_sgd_step", resolve_dtype(dtype, self.device),
+                            activation, loss)
+
     def describe(self) -> dict:
         import numba
 

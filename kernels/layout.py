@@ -8,7 +8,11 @@ delta[l] for every layer, each (B, n_l) row-major, then ``2 * max(sizes)`` eleme
 ``biases``, ``z``, ``a``, ``delta``, ``scratch``); a compiled fused step reads the same facts from
 ``offsets``, an int64 (L, len(COLUMNS)) table, so that it takes a handful of arguments whatever the
 depth. Every view is a function of (buffer, offset, shape), so a stack of networks is a leading axis
-on the same table.
+on the same table: K networks of one ``sizes`` live in a (K, n_params) parameter buffer and a (K,
+work_size) workspace (member k's buffers are row k, laid out as one network's), and every view of such
+a buffer gets the leading K axis: W[l] (K, n_l, n_{l-1}), b[l] (K, n_l), z[l] (K, B, n_l). The views
+of a row-strided stack are strided views, never copies, so a layer of every member is one
+strided-batched GEMM.
 """
 
 from __future__ import annotations
@@ -56,19 +60,24 @@ class Layout:
         return len(self.sizes) - 1
 
     def _matrices(self, flat, column, rows, layers):
-        return [flat[at:at + rows * n].reshape(rows, n)
+        lead = flat.shape[:-1]  # () for one network, (K,) for a stack
+        return [flat[..., at:at + rows * n].reshape(lead + (rows, n))
                 for at, n in zip(self.offsets[layers, column].tolist(), self.offsets[layers, N_OUT].tolist())]
 
     def weights(self, params) -> list:
-        """W[l] (n_l, n_{l-1}) for l = 1..L, views of the flat (``n_params``,) buffer ``params``."""
-        return [params[w:b].reshape(n_out, n_in) for n_in, n_out, w, b in self.offsets[:, :B_AT + 1].tolist()]
+        """W[l] (n_l, n_{l-1}) for l = 1..L, views of the flat (``n_params``,) buffer ``params`` (a (K,
+        ``n_params``) stack: (K, n_l, n_{l-1}) views)."""
+        lead = params.shape[:-1]
+        return [params[..., w:b].reshape(lead + (n_out, n_in))
+                for n_in, n_out, w, b in self.offsets[:, :B_AT + 1].tolist()]
 
     def biases(self, params) -> list:
-        """b[l] (n_l,) for l = 1..L, views of ``params``."""
-        return [params[b:b + n_out] for n_out, b in self.offsets[:, [N_OUT, B_AT]].tolist()]
+        """b[l] (n_l,) for l = 1..L, views of ``params`` ((K, n_l) of a stack)."""
+        return [params[..., b:b + n_out] for n_out, b in self.offsets[:, [N_OUT, B_AT]].tolist()]
 
     def z(self, work) -> list:
-        """z[l] (B, n_l) for l = 1..L (z[L] being the logits), views of the flat (``work_size``,) ``work``."""
+        """z[l] (B, n_l) for l = 1..L (z[L] being the logits), views of the flat (``work_size``,) ``work``
+        ((K, B, n_l) views of a (K, ``work_size``) stack, as for every view below)."""
         return self._matrices(work, Z_AT, self.batch, slice(None))
 
     def a(self, work) -> list:
@@ -80,8 +89,8 @@ class Layout:
         return self._matrices(work, DELTA_AT, self.batch, slice(None))
 
     def scratch(self, work):
-        """The (2 * max(sizes),) scratch at the end of ``work``."""
-        return work[self.work_size - self.scratch_size:self.work_size]
+        """The (2 * max(sizes),) scratch at the end of ``work`` ((K, 2 * max(sizes)) of a stack)."""
+        return work[..., self.work_size - self.scratch_size:self.work_size]
 
     def __repr__(self):
         return f"Layout({list(self.sizes)}, batch={self.batch})"

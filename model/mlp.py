@@ -104,6 +104,22 @@ def _check_sizes(sizes):
     return widths
 
 
+def initial_parameters(layout, activation, seed):
+    """The flat float64 (P,) initial parameters of a network of ``layout``: He (ReLU family) or Xavier
+    weights drawn from default_rng(seed) on the host, zero biases."""
+    rng = np.random.default_rng(seed)
+    flat = np.zeros(layout.n_params)
+    scheme = get_activation(activation).init
+    for W in layout.weights(flat):
+        fan_out, fan_in = W.shape
+        if scheme == "he":
+            W[...] = rng.normal(0.0, math.sqrt(2.0 / fan_in), W.shape)
+        else:
+            limit = math.sqrt(6.0 / (fan_in + fan_out))
+            W[...] = rng.uniform(-limit, limit, W.shape)
+    return flat
+
+
 class _ThreadWorkspaces(threading.local):
     """The calling thread's workspaces of one network: batch size -> _Workspace, least recently used first."""
 
@@ -185,17 +201,7 @@ class MLP:
         return self._layout.weights(flat), self._layout.biases(flat)
 
     def _initial_params(self):
-        rng = np.random.default_rng(self.seed)
-        flat = np.zeros(self.n_params)
-        scheme = get_activation(self.activation).init
-        for W in self._layout.weights(flat):
-            fan_out, fan_in = W.shape
-            if scheme == "he":
-                W[...] = rng.normal(0.0, math.sqrt(2.0 / fan_in), W.shape)
-            else:
-                limit = math.sqrt(6.0 / (fan_in + fan_out))
-                W[...] = rng.uniform(-limit, limit, W.shape)
-        return flat
+        return initial_parameters(self._layout, self.activation, self.seed)
 
     def __getstate__(self):
         """What copy and pickle keep: all but the per-thread workspaces and the lock (made anew)."""

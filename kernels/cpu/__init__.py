@@ -34,7 +34,7 @@ import numba.core.event
 import numpy as np
 
 from deltaprop.kernels import cache
-from deltaprop.kernels.cpu import elementwise, gemm, losses, optimizers, step
+from deltaprop.kernels.cpu import elementwise, ensemble, gemm, losses, optimizers, step
 
 JIT_OPTIONS = {"nogil": True, "error_model": "numpy"}  # and disk caching, turned on by ``cache.enable``
 
@@ -51,6 +51,7 @@ BUILDERS = {
     "adam_update": optimizers.build_adam,
     "sgd_step": step.build_sgd_step,  # variant: (activation name, loss kernel name, small)
     "grads_step": step.build_grads_step,  # variant: (activation name, loss kernel name, small)
+    "ensemble_sgd_step": ensemble.build_ensemble_sgd_step,  # variant: as sgd_step's
 }
 # the jitted functions defined at module level, which the fused steps call: cached like the kernels
 MODULE_KERNELS = (step.small_dense, step.small_update, step.small_grads)
@@ -75,7 +76,7 @@ def get_kernel(name: str, dtype, *variant):
 
 
 def step_for_batch(name: str, dtype, activation: str, loss: str, batch: int):
-    """The fused step ``name`` ("sgd_step" or "grads_step") that serves batches of ``batch`` rows: the
+    """The fused step ``name`` ("sgd_step", "grads_step" or "ensemble_sgd_step") that serves batches of ``batch`` rows: the
     small-batch variant up to ``step.SMALL_BATCH`` rows, the GEMM one above."""
     return get_kernel(name, dtype, activation, loss, batch <= step.SMALL_BATCH)
 
