@@ -1,0 +1,190 @@
+"""MLPEnsemble: member k of K stacked networks computes what MLP(seed=seed + k) computes alone on the same
+batches and hyperparameters (bit-identical on numpy; within the parity tolerance elsewhere), the stacked
+gradients match finite differences, and the stacked kernels match the reference on every backend."""
+
+import numpy as np
+import pytest
+from helpers import host64, random_host
+
+from deltaprop.backend import get_backend
+from deltaprop.errors import CheckpointError, NonFiniteLossError
+from deltaprop.kernels import reference
+from deltaprop.model import MLP, MLPEnsemble
+from deltaprop.model.optim import Momentum
+
+SIZES = [6, 9, 7, 3]
+K = 4
+# the issue's parity bound for a compiled backend: relative to the largest parameter
+PARITY = {"float32": 1e-6, "float64": 1e-12}
+
+
+def assert_members_equal(ensemble, nets, backend_name, dtype):
+    for k, net in enumerate(nets):
+        got, expected = host64(ensemble.backend, ensemble.params[k]), host64(net.backend, net.params)
+        if backend_name == "numpy":
+            assert np.array_equal(got, expected), f"member {k} differs from its MLP"
+        else:
+            error = np.abs(got - expected).max() / np.abs(expected).max()
+            assert error <= PARITY[np.dtype(dtype).name], f"member {k}: relative difference {error:.3g} > {PARITY[np.dtype(dtype).name]}"
+
+
+def batches(rng, dtype, steps, batch):
+    """(x, y, shared) per step: a shared batch on even steps, one batch per member on odd ones."""
+    for step in range(steps):
+        shared = step % 2 == 0
+        shape = (batch, SIZES[0]) if shared else (K, batch, SIZES[0])
+        yield rng.standard_normal(shape).astype(dtype), rng.integers(0, SIZES[-1], shape[:-1]), shared
+
+
+def test_members_start_as_their_networks(backend_name, dtype):
+    ensemble = MLPEnsemble(K, SIZES, backend=backend_name, dtype=dtype, seed=7)
+    for k in range(K):
+        net = MLP(SIZES, backend=backend_name, dtype=dtype, seed=7 + k)
+        assert np.array_equal(host64(ensemble.backend, ensemble.params[k]), host64(net.backend, net.params))
+
+
+@pytest.mark.parametrize("batch", [3, 20])  # the small-batch loops and the GEMM step of a compiled backend
+@pytest.mark.parametrize("fused", [True, False])
+def test_train_step_matches_each_member_trained_alone(backend_name, dtype, batch, fused, rng):
+    if backend_name == "numba" and fused and np.dtype(dtype) == np.float64 and batch == 3:
+        pytest.skip("CI time: each compiled ensemble step takes ~30 s to compile cold; float64 runs the GEMM one")
+    lrs = [0.1, 0.05, 0.2, 0.02]
+    ensemble = MLPEnsemble(K, SIZES, backend=backend_name, dtype=dtype, seed=3)
+    ensemble.use_fused_step = fused
+    nets = [MLP(SIZES, backend=backend_name, dtype=dtype, seed=3 + k) for k in range(K)]
+    for x, y, shared in batches(rng, dtype, 4, batch):
+        losses = ensemble.train_step(x, y, lrs)
+        alone = [net.train_step(x if shared else x[k], y if shared else y[k], lrs[k]) for k, net in enumerate(nets)]
+        np.testing.assert_allclose(losses, alone, rtol=1e-5 if np.dtype(dtype) == np.float32 else 1e-12)
+    assert_members_equal(ensemble, nets, backend_name, dtype)
+
+
+def test_stacked_gradients_match_finite_differences(rng):
+    ensemble = MLPEnsemble(3, SIZES, activation="tanh", backend="numpy", dtype="float64", seed=1)
+    x = rng.standard_normal((3, 5, SIZES[0]))
+    y = rng.integers(0, SIZES[-1], (3, 5))
+    grads = ensemble.loss_and_grads(x, y)[1]
+    flat = np.concatenate([np.concatenate([dW.reshape(3, -1), db], axis=1) for dW, db in grads], axis=1)
+    eps = 1e-6
+    for k, i in [(0, 0), (1, 17), (2, 60), (0, ensemble.params.shape[1] - 1), (1, 101)]:
+        saved = ensemble.params[k, i]
+        ensemble.params[k, i] = saved + eps
+        up = ensemble.loss_and_grads(x, y)[0]
+        ensemble.params[k, i] = saved - eps
+        down = ensemble.loss_and_grads(x, y)[0]
+        ensemble.params[k, i] = saved
+        numeric = (up - down) / (2 * eps)
+        assert abs(numeric[k] - flat[k, i]) <= 1e-7 * max(1.0, abs(numeric[k]))
+        assert np.all(numeric[np.arange(3) != k] == 0)  # a member's parameters move no other member's loss
+
+
+def test_fit_matches_each_member_fitted_alone(backend_name, dtype):
+    data = np.random.default_rng(0)
+    X = data.standard_normal((50, SIZES[0])).astype(dtype)
+    y = data.integers(0, SIZES[-1], 50)
+    X_val, y_val = X[:20], y[:20]
+    lrs, decays = [0.05, 0.1, 0.02, 0.08], [0.0, 1e-3, 0.0, 1e-2]
+    ensemble = MLPEnsemble(K, SIZES, backend=backend_name, dtype=dtype, seed=2)
+    history = ensemble.fit(X, y, epochs=2, batch_size=16, optimizer="momentum", lr=lrs, weight_decay=decays,
+                           validation_data=(X_val, y_val))
+    nets = [MLP(SIZES, backend=backend_name, dtype=dtype, seed=2 + k) for k in range(K)]
+    for k, net in enumerate(nets):
+        alone = net.fit(X, y, epochs=2, batch_size=16, optimizer=Momentum(lr=lrs[k], weight_decay=decays[k]),
+                        validation_data=(X_val, y_val), progress=False)
+        np.testing.assert_allclose([h[k] for h in history.loss], alone.loss, rtol=1e-5)
+        np.testing.assert_allclose([h[k] for h in history.val_accuracy], alone.val_accuracy)
+    assert_members_equal(ensemble, nets, backend_name, dtype)
+
+
+def test_predictions_are_the_members_mean(backend_name, rng):
+    ensemble = MLPEnsemble(K, SIZES, backend=backend_name, dtype="float64", seed=4)
+    X = rng.standard_normal((11, SIZES[0]))
+    members = np.stack([host64(ensemble.backend, ensemble.member(k).predict_proba(X)) for k in range(K)])
+    np.testing.assert_allclose(host64(ensemble.backend, ensemble.predict_proba(X, reduce=None)), members, rtol=1e-12)
+    np.testing.assert_allclose(host64(ensemble.backend, ensemble.predict_proba(X)), members.mean(axis=0), rtol=1e-12)
+    assert np.array_equal(ensemble.backend.to_numpy(ensemble.predict(X)), members.mean(axis=0).argmax(axis=1))
+
+
+def test_member_is_independent():
+    ensemble = MLPEnsemble(2, SIZES, backend="numpy", seed=0)
+    net = ensemble.member(1)
+    before = ensemble.params[1].copy()
+    net.params[...] = 0
+    assert np.array_equal(ensemble.params[1], before)
+    with pytest.raises(ValueError, match=r"member: k: expected an integer in \[0, 1\], got 2"):
+        ensemble.member(2)
+
+
+def test_save_and_load_round_trip(tmp_path, rng):
+    ensemble = MLPEnsemble(3, SIZES, activation="tanh", loss="mse", backend="numpy", dtype="float64", seed=9)
+    ensemble.train_step(rng.standard_normal((4, SIZES[0])), rng.standard_normal((4, SIZES[-1])), 0.1)
+    path = tmp_path / "ensemble.npz"
+    ensemble.save(path)
+    loaded = MLPEnsemble.load(path, backend="numpy")
+    assert (loaded.members, loaded.sizes, loaded.activation, loaded.loss) == (3, SIZES, "tanh", "mse")
+    assert np.array_equal(loaded.params, ensemble.params)
+    (tmp_path / "bad.npz").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="expected a deltaprop ensemble file"):
+        MLPEnsemble.load(tmp_path / "bad.npz")
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "numba"])
+def test_bad_arguments_are_refused_and_change_nothing(backend_name, rng):
+    ensemble = MLPEnsemble(K, SIZES, backend=backend_name, seed=0)
+    before = ensemble.params.copy()
+    x = rng.standard_normal((K, 5, SIZES[0])).astype(np.float32)
+    labels = rng.integers(0, SIZES[-1], (K, 5))
+    labels[2, 1] = SIZES[-1]
+    with pytest.raises(ValueError, match=r"labels: expected class labels in \[0, 2\], got 3"):
+        ensemble.train_step(x, labels, 0.1)
+    with pytest.raises(ValueError, match=r"lr: expected a finite real number > 0.0 or 4 of them"):
+        ensemble.train_step(x, labels % 3, [0.1, 0.2])
+    with pytest.raises(ValueError, match=r"x: expected a non-empty batch of shape \(batch, 6\)"):
+        ensemble.train_step(x[:2], labels[:2] % 3, 0.1)
+    with pytest.raises(TypeError, match=r"y: expected int labels of shape \(5,\) or \(4, 5\)"):
+        ensemble.train_step(x, labels[:2] % 3, 0.1)
+    with pytest.raises(ValueError, match="members: expected an integer >= 1, got 0"):
+        MLPEnsemble(0, SIZES)
+    x[1, 0, 0] = np.nan
+    with pytest.raises(NonFiniteLossError, match=r"member\(s\) \[1\]"):
+        ensemble.train_step(x, labels % 3, 0.1)
+    assert np.array_equal(ensemble.params[1], before[1])
+
+
+# ---- the stacked kernels of the contract, against the reference, on every backend ----
+
+
+def test_stacked_kernels_match_the_reference(backend, dtype, rng):
+    K_, B, n, dtype = 3, 5, 4, np.dtype(dtype).name
+    acc, z_host = random_host((K_, B, n), dtype, 1), random_host((K_, B, n), dtype, 2)
+    b = random_host((K_, n), dtype, 3)
+    xp = backend.asarray
+    z, a = backend.stacked_bias_act(xp(acc), xp(b), "tanh")
+    expected = acc.astype(np.float64) + b[:, None, :]
+    np.testing.assert_allclose(host64(backend, z), expected, rtol=1e-6)
+    np.testing.assert_allclose(host64(backend, a), np.tanh(expected), rtol=1e-5)
+    g = backend.stacked_act_backward(xp(acc), xp(z_host), "relu")
+    np.testing.assert_allclose(host64(backend, g), acc * (z_host > 0), rtol=1e-6)
+    np.testing.assert_allclose(host64(backend, backend.stacked_bias_grad(xp(acc))), acc.astype(np.float64).sum(axis=1),
+                               rtol=1e-5)
+    labels = rng.integers(0, n, (K_, B))
+    delta = backend.zeros((K_, B, n), dtype)
+    losses = backend.to_numpy(backend.stacked_loss("softmax_xent", xp(z_host), xp(labels), delta))
+    for k in range(K_):
+        loss_k, delta_k = reference.softmax_xent(z_host[k].astype(np.float64), labels[k])
+        assert losses[k] == pytest.approx(loss_k, rel=1e-5)
+        np.testing.assert_allclose(host64(backend, delta[k]), delta_k, rtol=1e-4, atol=1e-7)
+
+
+def test_stacked_sgd_update_is_each_rows_flat_update(backend, dtype):
+    dtype = np.dtype(dtype).name
+    params, grads = random_host((3, 7), dtype, 1), random_host((3, 7), dtype, 2)
+    velocity = backend.zeros((3, 7), dtype)
+    lr, wd, mu = (np.array(v, dtype) for v in ([0.1, 0.2, 0.3], [0.0, 0.01, 0.1], [0.9, 0.5, 0.0]))
+    stacked = backend.asarray(params.copy())  # the numpy backend would update params itself
+    backend.stacked_sgd_update(stacked, backend.asarray(grads), lr, wd, velocity, mu, False)
+    flat = get_backend("numpy")
+    for k in range(3):
+        row, v = params[k].copy(), np.zeros(7, dtype)
+        flat.momentum_update(row, grads[k], v, lr[k], momentum=mu[k], weight_decay=wd[k])
+        np.testing.assert_allclose(host64(backend, stacked[k]), row, rtol=1e-6)
