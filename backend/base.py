@@ -285,11 +285,18 @@ class Backend:
         All flat (P,) buffers; m and v in the accumulation dtype of params (float32 for the 16-bit types).
         """
         scalar = check_adam(self.device, params, grads, m, v, step).type
-        lr, b1, b2, eps, wd = scalar(lr), scalar(beta1), scalar(beta2), scalar(eps), scalar(weight_decay)
+        self._adam(params, grads, m, v, step, scalar(lr), beta1, beta2, eps, scalar(weight_decay), bool(weight_decay),
+                   decoupled)
+
+    def _adam(self, params, grads, m, v, step, lr, beta1, beta2, eps, wd, decays, decoupled):
+        """Adam's formulas on params, grads, m, v of any shape; lr and wd scalars of the dtype or columns
+        that broadcast over them (per member); ``decays``: whether any weight decay is not 0."""
+        scalar = params.dtype.type
+        b1, b2, eps = scalar(beta1), scalar(beta2), scalar(eps)
         g = grads
-        if wd and decoupled:
+        if decays and decoupled:
             params *= 1 - lr * wd
-        elif wd:
+        elif decays:
             g = grads + wd * params
         m *= b1
         m += scalar(1 - float(beta1)) * g  # 1 - beta in float64 first: 1 - float32(0.999) is 1.3e-5 off
@@ -372,6 +379,19 @@ class Backend:
         velocity *= mu
         velocity += g
         params -= lr * (g + mu * velocity if nesterov else velocity)
+
+    def stacked_adam_update(self, params: Array, grads: Array, m: Array, v: Array, step: int, lr: Array,
+                            weight_decay: Array, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+                            decoupled: bool = False) -> None:
+        """``adam_update`` of every member with its own lr and weight_decay ((K,) host arrays): params,
+        grads, m, v (K, P), m and v in the accumulation dtype. Row k computes what the flat update does."""
+        check_stacked_flat("stacked_adam_update", self.device, params, grads,
+                           {"lr": lr, "weight_decay": weight_decay}, m=m, v=v)
+        if int(step) < 1:
+            raise ValueError(f"stacked_adam_update: step: expected the 1-based update count (>= 1), got {step}")
+        lr_column, wd_column = (self.xp.asarray(h, dtype=params.dtype)[:, None] for h in (lr, weight_decay))
+        self._adam(params, grads, m, v, step, lr_column, beta1, beta2, eps, wd_column, bool(weight_decay.any()),
+                   decoupled)
 
     # ---- the loss kernels' one body: a backend with loss kernels of its own overrides ``_loss`` ----
 

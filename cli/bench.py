@@ -51,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", type=output_file, metavar="FILE.png",
                         help="draw samples/s against batch size (needs matplotlib)")
     parser.add_argument("--quick", action="store_true", help="fewer batches and rounds: under 20 s")
+    parser.add_argument("--ensemble", action="store_true",
+                        help="K networks in one pass (MLPEnsemble) against a loop of K MLPs, a loop of K torch "
+                             "models, torch.func.vmap and jax.vmap, K = 1..512 (--quick: K = 8, 64)")
 
 
 def spec_from_args(args) -> bench.BenchSpec:
@@ -113,6 +116,8 @@ class Progress:
 
 
 def run(args) -> int:
+    if args.ensemble:
+        return run_ensemble(args)
     spec = spec_from_args(args)
     progress = Progress(spec.points)
     try:
@@ -124,4 +129,30 @@ def run(args) -> int:
         report.write_json(result, args.json)
     if args.plot:
         report.plot(result, args.plot)
+    return 0
+
+
+def run_ensemble(args) -> int:
+    """``--ensemble``: the sweep of benchmarks/ensemble.py on the one backend of --backends (default numba)."""
+    from deltaprop.backend import get_backend
+    from deltaprop.benchmarks import ensemble
+
+    names = args.backends or ("numba",)
+    if len(names) != 1:
+        raise UsageError(f"--ensemble: expected one of our backends in --backends, got {','.join(names)}")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("--plot needs matplotlib, which is not installed: pip install 'deltaprop[plot]'")
+    try:
+        backend = get_backend(names[0])
+    except Exception as e:  # an unknown or unusable backend: the registry's message
+        raise UsageError(f"--backends: {e}") from None
+    cases = ensemble.QUICK_CASES if args.quick else ensemble.CASES
+    result = ensemble.measure(backend, cases, args.dtype, args.quick,
+                              progress=lambda label: print(f"deltaprop bench --ensemble: {label}", file=sys.stderr,
+                                                           flush=True))
+    print(ensemble.render(result))
+    if args.json:
+        report.write_json(result, args.json)
+    if args.plot:
+        ensemble.plot(result, args.plot)
     return 0

@@ -23,6 +23,7 @@ import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
@@ -40,8 +41,9 @@ from deltaprop.model.optim import check_count, check_seed, get_schedule
 MAGIC = "deltaprop-ensemble"
 FORMAT_VERSION = 1
 _WORKSPACES_KEPT = 4  # batch sizes whose buffers stay allocated (full and last batch of a fit, evaluation)
-# fit's optimizers: name -> (default lr, default momentum); each updates by Backend.stacked_sgd_update
-OPTIMIZERS = {"sgd": (1e-3, 0.0), "momentum": (1e-3, 0.9)}  # torch.optim.SGD's, as MLP.fit's
+# fit's optimizers: name -> (default lr, default momentum), torch.optim's defaults as MLP.fit's; "adam"
+# updates by Backend.stacked_adam_update, the others by Backend.stacked_sgd_update
+OPTIMIZERS = {"sgd": (1e-3, 0.0), "momentum": (1e-3, 0.9), "adam": (1e-3, 0.0)}
 
 
 @dataclass
@@ -105,7 +107,7 @@ class MLPEnsemble:
         self.grad_weights, self.grad_biases = self._layout.weights(self.grads), self._layout.biases(self.grads)
         self._workspaces: OrderedDict[int, _Workspace] = OrderedDict()
         self._lock = threading.RLock()
-        self._velocity = None  # fit's momentum buffers, (K, P), kept between fits of the same optimizer
+        self._state = {}  # fit's optimizer: its name, and its (K, P) buffers and step count
 
     def __repr__(self):
         return (f"MLPEnsemble({self.members}, {self.sizes}, activation={self.activation!r}, loss={self.loss!r}, "
@@ -272,13 +274,15 @@ class MLPEnsemble:
 
     # ---- fit and inference ----
 
-    def fit(self, X, y, epochs=10, batch_size=32, optimizer="sgd", lr=None, momentum=None, weight_decay=0.0,
+    def fit(self, X, y, epochs=10, batch_size=32, optimizer="adam", lr=None, momentum=None, weight_decay=0.0,
             nesterov=False, schedule=None, validation_data=None, shuffle=True, seed=None, callback=None):
         """Trains every member on X (N, n0) and y (labels (N,) or targets (N, n_L)) by minibatches; returns
         an EnsembleHistory of per-member metrics.
 
-        optimizer: "sgd" or "momentum" (torch.optim.SGD's formulas, as ``MLP.fit``'s); lr, momentum,
-        weight_decay: a number or one per member (defaults: the optimizer's); schedule: as ``MLP.fit``.
+        optimizer: "adam", "sgd" or "momentum" (torch.optim's formulas and defaults, as ``MLP.fit``'s; momentum
+        only for the SGDs); lr, momentum, weight_decay: a number or one per member; schedule: as ``MLP.fit``.
+        The optimizer state (velocity, or Adam's moments and step) carries on from the last fit with the
+        same optimizer.
         shuffle: a new order each epoch; seed None: member k draws its orders from default_rng(seed + k),
         as ``MLP(seed=seed + k).fit`` would (each member gets its own batches), an int: every member
         shares the orders of default_rng(seed). callback(epoch, logs): logs of (K,) arrays.
@@ -307,9 +311,7 @@ class MLPEnsemble:
         classifier = get_loss(self.loss).classifier
         rngs = [np.random.default_rng(seed if seed is not None else self.seed + k)
                 for k in range(1 if seed is not None else self.members)]
-        if mu.any() and (self._velocity is None or self._velocity.shape != self.params.shape):
-            self._velocity = backend.zeros(self.params.shape, self.dtype)
-        velocity = self._velocity if mu.any() else None
+        update = self._updater(optimizer, wd, mu, nesterov)
         total_steps, step = epochs * -(-n // batch_size), 0
         history = EnsembleHistory()
         with self._lock:
@@ -331,8 +333,7 @@ class MLPEnsemble:
                         hits += self._hits(z[-1], y_batch)
                     factor = schedule.factor(step, total_steps)
                     step += 1
-                    backend.stacked_sgd_update(self.params, self.grads, (lr * factor).astype(self.dtype),
-                                               wd.astype(self.dtype), velocity, mu.astype(self.dtype), nesterov)
+                    update((lr * factor).astype(self.dtype))
                 logs = {"loss": loss_sum / n}
                 if classifier:
                     logs["accuracy"] = hits / n
@@ -345,6 +346,25 @@ class MLPEnsemble:
                 if callback is not None:
                     callback(epoch, logs)
         return history
+
+    def _updater(self, optimizer, wd, mu, nesterov):
+        """update(lr (K,)) for one step of ``optimizer``, its state made (or kept from the last fit)."""
+        backend, wd = self.backend, wd.astype(self.dtype)
+        state = self._state
+        if state.get("name") != optimizer:
+            names = ("m", "v") if optimizer == "adam" else ("velocity",) if mu.any() else ()
+            state.clear()
+            state.update({"name": optimizer, "step": 0}, **{n: backend.zeros(self.params.shape, self.dtype) for n in names})
+        if optimizer == "adam":
+            def update(lr):
+                state["step"] += 1
+                backend.stacked_adam_update(self.params, self.grads, state["m"], state["v"], state["step"], lr, wd)
+            return update
+        if mu.any() and "velocity" not in state:
+            state["velocity"] = backend.zeros(self.params.shape, self.dtype)
+        velocity = state["velocity"] if mu.any() else None
+        return partial(backend.stacked_sgd_update, self.params, self.grads, weight_decay=wd, velocity=velocity,
+                       momentum=mu.astype(self.dtype), nesterov=nesterov)
 
     def _dataset(self, X, y, name):
         """X (N, n0) and y (N,)/(N, n_L) converted once, finite, labels in range."""

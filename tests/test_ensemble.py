@@ -10,7 +10,7 @@ from deltaprop.backend import get_backend
 from deltaprop.errors import CheckpointError, NonFiniteLossError
 from deltaprop.kernels import reference
 from deltaprop.model import MLP, MLPEnsemble
-from deltaprop.model.optim import Momentum
+from deltaprop.model.optim import Adam, Momentum
 
 SIZES = [6, 9, 7, 3]
 K = 4
@@ -78,18 +78,19 @@ def test_stacked_gradients_match_finite_differences(rng):
         assert np.all(numeric[np.arange(3) != k] == 0)  # a member's parameters move no other member's loss
 
 
-def test_fit_matches_each_member_fitted_alone(backend_name, dtype):
+@pytest.mark.parametrize("optimizer", [Momentum, Adam])
+def test_fit_matches_each_member_fitted_alone(backend_name, dtype, optimizer):
     data = np.random.default_rng(0)
     X = data.standard_normal((50, SIZES[0])).astype(dtype)
     y = data.integers(0, SIZES[-1], 50)
     X_val, y_val = X[:20], y[:20]
     lrs, decays = [0.05, 0.1, 0.02, 0.08], [0.0, 1e-3, 0.0, 1e-2]
     ensemble = MLPEnsemble(K, SIZES, backend=backend_name, dtype=dtype, seed=2)
-    history = ensemble.fit(X, y, epochs=2, batch_size=16, optimizer="momentum", lr=lrs, weight_decay=decays,
+    history = ensemble.fit(X, y, epochs=2, batch_size=16, optimizer=optimizer.name, lr=lrs, weight_decay=decays,
                            validation_data=(X_val, y_val))
     nets = [MLP(SIZES, backend=backend_name, dtype=dtype, seed=2 + k) for k in range(K)]
     for k, net in enumerate(nets):
-        alone = net.fit(X, y, epochs=2, batch_size=16, optimizer=Momentum(lr=lrs[k], weight_decay=decays[k]),
+        alone = net.fit(X, y, epochs=2, batch_size=16, optimizer=optimizer(lr=lrs[k], weight_decay=decays[k]),
                         validation_data=(X_val, y_val), progress=False)
         np.testing.assert_allclose([h[k] for h in history.loss], alone.loss, rtol=1e-5)
         np.testing.assert_allclose([h[k] for h in history.val_accuracy], alone.val_accuracy)
