@@ -307,16 +307,17 @@ class Backend:
 
     # ---- stacked networks (an ensemble): the kernels over a leading member axis K, on strided views ----
 
-    def fused_ensemble_sgd_step(self, activation: str, loss: str, dtype: DTypeLike) -> FusedSteps:
-        """Compiled SGD steps of K stacked networks by batch size, as ``fused_sgd_step``, or None: then the
-        ensemble runs the stacked kernel-by-kernel loop.
+    def fused_ensemble_step(self, activation: str, loss: str, dtype: DTypeLike, grads: bool = False) -> FusedSteps:
+        """Compiled steps of K stacked networks by batch size, as ``fused_sgd_step`` (``grads`` False) or
+        ``fused_grads_step`` (True), or None: then the ensemble runs the stacked kernel-by-kernel loop.
 
-        The callable, ``step(x, targets, params, work, offsets, lr, totals) -> bad_row``, runs member k's
-        ``fused_sgd_step`` on row k of the (K, P) ``params`` and (K, ``layout.work_size``) ``work``: x
-        (B, n0) shared or (K, B, n0) per member, targets (B,)/(K, B) int64 labels or (B, n_L)/(K, B, n_L),
-        lr (K,) of the dtype; each member's summed loss goes into the float64 (K,) ``totals``. A member
-        whose loss is not finite is left unchanged (the others are updated); a label outside [0, n_L)
-        returns its row (-1 when none) before any parameter changes, the targets being checked first.
+        The callable, ``step(x, targets, params, work, offsets, per_member, totals) -> bad_row``, runs member
+        k's fused step on row k of the (K, P) ``params`` and (K, ``layout.work_size``) ``work``: x (1 or K,
+        B, n0) (a stack of one: shared by every member), targets (1 or K, B) int64 labels or (1 or K, B,
+        n_L), per_member the (K,) learning rates of the dtype (SGD step: params updated) or the (K, P)
+        gradient buffer (gradients step); each member's summed loss goes into the float64 (K,) ``totals``.
+        A member whose loss is not finite is left unchanged (the others are not); a label outside [0, n_L)
+        returns its row (-1 when none), that member and those after it unchanged.
         """
         return None
 

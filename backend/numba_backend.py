@@ -188,10 +188,10 @@ class NumbaBackend(Backend):
         get_activation(activation)
         return StepsByBatch(self._step_for_batch, "grads_step", resolve_dtype(dtype, self.device), activation, loss)
 
-    def fused_ensemble_sgd_step(self, activation, loss, dtype):
+    def fused_ensemble_step(self, activation, loss, dtype, grads=False):
         get_activation(activation)
-        return StepsByBatch(self._step_for_batch, "ensemble_sgd_step", resolve_dtype(dtype, self.device),
-                            activation, loss)
+        return StepsByBatch(self._step_for_batch, "ensemble_grads_step" if grads else "ensemble_sgd_step",
+                            resolve_dtype(dtype, self.device), activation, loss)
 
     def describe(self) -> dict:
         import numba

@@ -76,7 +76,10 @@ def add_arguments(parser) -> None:
                         help="layer widths, input first (default: features,128,128,classes)")
     parser.add_argument("--activation", default="relu", choices=sorted(ACTIVATIONS))
     parser.add_argument("--optimizer", default="adam", choices=sorted(OPTIMIZERS))
-    parser.add_argument("--lr", type=_positive_float, help="learning rate (default: the optimizer's, 1e-3)")
+    from deltaprop.cli import sweep  # here: sweep imports this module
+
+    parser.add_argument("--lr", type=sweep.learning_rates, metavar="LR[,LR,...]",
+                        help="learning rate (default: the optimizer's, 1e-3); several with --members: a sweep")
     parser.add_argument("--epochs", type=_positive_int, default=40)
     parser.add_argument("--batch-size", type=_positive_int, default=32)
     parser.add_argument("--backend", default="auto", help="auto, numpy, numba or cupy (default: auto)")
@@ -84,6 +87,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="initialisation and shuffling (default: 0)")
     parser.add_argument("--patience", type=_positive_int, help="early stopping on the training loss")
     parser.add_argument("--save", type=output_file, metavar="FILE.npz", help="write the trained network here")
+    parser.add_argument("--members", type=_positive_int, metavar="K",
+                        help="train K networks in one pass, member k with the k-th --lr (cyclically) and seed "
+                             "seed+k; print them best first; --save writes the best (cli/sweep.py)")
+    parser.add_argument("--save-ensemble", type=output_file, metavar="FILE.npz",
+                        help="with --members: write the whole ensemble here")
 
 
 # ---- data -----------------------------------------------------------------------------------------
@@ -235,8 +243,10 @@ def _compile(net, uses, batches=None) -> float:
 
 
 def run(args) -> int:
+    from deltaprop.cli import sweep
+
     try:
-        _train(args)
+        sweep.run(args) if sweep.wanted(args) else _train(args)
     except NonFiniteLossError as e:
         print(f"deltaprop train: error: training diverged: {e}; try a smaller --lr", file=sys.stderr)
         return 1

@@ -5,8 +5,8 @@ The K networks are stacked: the parameters are one (K, P) buffer, row k being me
 (``kernels.layout.Layout``'s views of it carry a leading K axis), and a batch's workspace is one (K,
 work_size) buffer laid out the same way. A layer of every member is then one strided-batched GEMM on
 (K, n_l, n_{l-1}) views (``Backend.gemm`` on 3-D stacks) and each elementwise pass one call of a
-``stacked_*`` kernel; on a backend with a compiled ensemble step (``fused_ensemble_sgd_step``) a whole
-SGD step of every member is one call. Member k computes what ``MLP(sizes, ..., seed=seed + k)`` computes
+``stacked_*`` kernel; on a backend with a compiled ensemble step (``fused_ensemble_step``) a whole
+SGD or gradients step of every member is one call. Member k computes what ``MLP(sizes, ..., seed=seed + k)`` computes
 on the same batches with the same hyperparameters.
 
 Shapes: x is (B, n0), shared by every member, or (K, B, n0), one batch per member; y is int labels (B,)
@@ -227,7 +227,7 @@ class MLPEnsemble:
         """The (K,) mean losses and [(dW[l] (K, n_l, n_{l-1}), db[l] (K, n_l))] for l = 1..L, fresh arrays."""
         with self._lock:
             x = self.as_inputs(x)
-            losses = self._backward(*self._forward(x)[:2], self.as_targets(y, x.shape[-2]))
+            losses = self._gradients(x, self.as_targets(y, x.shape[-2]), x.shape[-2])[0]
             return losses, [(dW.copy(), db.copy()) for dW, db in zip(self.grad_weights, self.grad_biases)]
 
     # train_step runs the backend's compiled ensemble step where it has one; False forces the stacked loop
@@ -244,33 +244,48 @@ class MLPEnsemble:
         with self._lock:
             x = self.as_inputs(x)
             y = self.as_targets(y, x.shape[-2])
-            steps = self._fused_step if self.use_fused_step else None
+            steps = self._fused_steps(grads=False)
             if steps is None:
                 losses = self._backward(*self._forward(x)[:2], y)
                 self.backend.stacked_sgd_update(self.params, self.grads, lr.astype(self.dtype),
                                                 np.zeros(self.members, self.dtype))
                 return losses
-            batch = x.shape[-2]
-            workspace = self._workspace(batch)
-            totals = np.empty(self.members)
-            x3 = x if x.ndim == 3 else x[None]  # a shared batch as a stack of one
-            y3 = y if y.ndim == x3.ndim - (1 if y.dtype.kind in "iu" else 0) else y[None]
-            bad_row = steps[batch](x3, y3, self.params, workspace.work, workspace.offsets, lr.astype(self.dtype),
-                                   totals)
+            return self._run_fused(steps, x.shape[-2], x, y, lr.astype(self.dtype))[0]
+
+    def _gradients(self, x, y, step_batch):
+        """The (K,) mean losses and the (K, B, n_L) logits of x and y, the gradients in ``grads``: by the
+        backend's compiled gradients step (the one for batches of ``step_batch``) where it has one."""
+        steps = self._fused_steps(grads=True)
+        if steps is None:
+            workspace, inputs, z = self._forward(x)
+            return self._backward(workspace, inputs, y), z[-1]
+        return self._run_fused(steps, step_batch, x, y, self.grads)
+
+    def _run_fused(self, steps, step_batch, x, y, per_member):
+        """A compiled ensemble step on x, y (made stacks of one where shared); (losses, logits) as above."""
+        batch = x.shape[-2]
+        workspace = self._workspace(batch)
+        totals = np.empty(self.members)
+        x3 = self.backend.asarray(x if x.ndim == 3 else x[None])
+        y3 = self.backend.asarray(y if y.ndim == (2 if y.dtype.kind in "iu" else 3) else y[None])
+        bad_row = steps[step_batch](x3, y3, self.params, workspace.work, workspace.offsets, per_member, totals)
         if bad_row >= 0:
             check_label_range(get_loss(self.loss).kernel, y, self.sizes[-1])  # the message every backend gives
         losses = totals / batch
         if not np.isfinite(losses).all():
             raise _non_finite(losses, "loss")
-        return losses
+        return losses, workspace.z[-1]
 
-    @property
-    def _fused_step(self):
-        steps = self.__dict__.get("_steps", False)
-        if steps is False:
-            steps = self._steps = self.backend.fused_ensemble_sgd_step(self.activation, get_loss(self.loss).kernel,
-                                                                       self.dtype)
-        return steps
+    def _fused_steps(self, grads):
+        """The backend's compiled ensemble steps by batch size, or None (and None when ``use_fused_step``
+        is False), looked up once."""
+        if not self.use_fused_step:
+            return None
+        key = "_gradient_steps" if grads else "_sgd_steps"
+        if key not in self.__dict__:
+            self.__dict__[key] = self.backend.fused_ensemble_step(self.activation, get_loss(self.loss).kernel,
+                                                                  self.dtype, grads)
+        return self.__dict__[key]
 
     # ---- fit and inference ----
 
@@ -316,21 +331,22 @@ class MLPEnsemble:
         history = EnsembleHistory()
         with self._lock:
             for epoch in range(1, epochs + 1):
-                X_epoch, y_epoch = X, y
-                if shuffle:
-                    order = backend.asarray(np.stack([rng.permutation(n) for rng in rngs]))
-                    X_epoch, y_epoch = (xp.take(a, order if len(rngs) > 1 else order[0], axis=0) for a in (X, y))
+                # row indices (1 or K, N): one order for all, or one per member
+                order = np.stack([rng.permutation(n) for rng in rngs]) if shuffle else np.arange(n)[None]
+                if len(order) == 1 and not shuffle:
+                    order = None  # the batches are slices of X and y themselves
                 loss_sum, hits = np.zeros(self.members), np.zeros(self.members)
                 for start in range(0, n, batch_size):
-                    x_batch, y_batch = X_epoch[..., start:start + batch_size, :], y_epoch[..., start:start + batch_size]
-                    if y.ndim == 2:
-                        y_batch = y_epoch[..., start:start + batch_size, :]
-                    workspace, inputs, z = self._forward(x_batch)
-                    losses = self._backward(workspace, inputs, y_batch)
-                    rows = x_batch.shape[-2]
-                    loss_sum += losses * rows
+                    if order is None:
+                        x_batch, y_batch = X[start:start + batch_size], y[start:start + batch_size]
+                    else:  # a contiguous (B, ...) or (K, B, ...) copy of the batch's rows
+                        rows = backend.asarray(order[:, start:start + batch_size] if len(order) > 1
+                                               else order[0, start:start + batch_size])
+                        x_batch, y_batch = xp.take(X, rows, axis=0), xp.take(y, rows, axis=0)
+                    losses, logits = self._gradients(x_batch, y_batch, batch_size)
+                    loss_sum += losses * x_batch.shape[-2]
                     if classifier:
-                        hits += self._hits(z[-1], y_batch)
+                        hits += self._hits(logits, y_batch)
                     factor = schedule.factor(step, total_steps)
                     step += 1
                     update((lr * factor).astype(self.dtype))

@@ -51,7 +51,8 @@ BUILDERS = {
     "adam_update": optimizers.build_adam,
     "sgd_step": step.build_sgd_step,  # variant: (activation name, loss kernel name, small)
     "grads_step": step.build_grads_step,  # variant: (activation name, loss kernel name, small)
-    "ensemble_sgd_step": ensemble.build_ensemble_sgd_step,  # variant: as sgd_step's
+    "ensemble_sgd_step": partial(ensemble.build_ensemble_step, grads=False),  # variant: as sgd_step's
+    "ensemble_grads_step": partial(ensemble.build_ensemble_step, grads=True),  # variant: as grads_step's
 }
 # the jitted functions defined at module level, which the fused steps call: cached like the kernels
 MODULE_KERNELS = (step.small_dense, step.small_update, step.small_grads)
@@ -76,7 +77,8 @@ def get_kernel(name: str, dtype, *variant):
 
 
 def step_for_batch(name: str, dtype, activation: str, loss: str, batch: int):
-    """The fused step ``name`` ("sgd_step", "grads_step" or "ensemble_sgd_step") that serves batches of ``batch`` rows: the
+    """The fused step ``name`` ("sgd_step", "grads_step", "ensemble_sgd_step" or
+    "ensemble_grads_step") that serves batches of ``batch`` rows: the
     small-batch variant up to ``step.SMALL_BATCH`` rows, the GEMM one above."""
     return get_kernel(name, dtype, activation, loss, batch <= step.SMALL_BATCH)
 
