@@ -44,7 +44,7 @@ class Case:
         return f"{'-'.join(map(str, self.sizes))} K={self.members} batch {self.batch}"
 
 
-def _ours(backend, case, dtype):
+def our_steps(backend, case, dtype):
     """(ensemble step, loop-of-MLPs step) as Timed, on ``backend``."""
     from deltaprop.model import MLP, MLPEnsemble
 
@@ -122,19 +122,22 @@ def available_subjects() -> tuple[list[str], dict[str, str]]:
     return [s for s in SUBJECTS if s not in missing], missing
 
 
-def measure(backend, cases, dtype="float32", quick=False, progress=None) -> dict:
-    """Times every subject on every case (interleaved per case) with the GEMM peak of ``backend``'s
-    device; returns the report (the JSON of ``--json``). progress(label) is called before each case."""
+def measure(backend, cases, dtype="float32", quick=False, progress=None, peers=True) -> dict:
+    """Times every subject (ours only when ``peers`` is False) on every case, interleaved per case, with
+    the GEMM peak of ``backend``'s device; returns the report (the JSON of ``--json``). progress(label)
+    is called before each case."""
     effort = EFFORTS["quick" if quick else "full"]
     machine = describe_machine()
     subjects, not_run = available_subjects()
+    if not peers:
+        subjects, not_run = subjects[:2], {name: "not asked for" for name in PEER_MAKERS}
     peak_n = effort.peak_sizes[backend.device]
     rows = []
     for sizes, members, batch in cases:
         case = Case(tuple(sizes), members, batch)
         if progress is not None:
             progress(case.label)
-        timeds = dict(zip(("ensemble", "loop"), _ours(backend, case, dtype)))
+        timeds = dict(zip(("ensemble", "loop"), our_steps(backend, case, dtype)))
         for name in subjects[2:]:
             timeds[name] = PEER_MAKERS[name][1](case, dtype, machine["threads"])
         timeds["peak"] = peak_timed(backend, peak_n, dtype)

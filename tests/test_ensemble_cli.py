@@ -1,0 +1,51 @@
+"""`deltaprop train --members`: the sweep table, best first, and what --save/--save-ensemble write;
+`deltaprop bench --ensemble`: a tiny measured case renders with the loop as its reference."""
+
+import re
+
+import numpy as np
+import pytest
+
+from deltaprop.backend import get_backend, to_numpy
+from deltaprop.benchmarks import ensemble as ensemble_bench
+from deltaprop.cli import main
+from deltaprop.model import MLP, MLPEnsemble
+
+
+def test_sweep_prints_members_best_first_and_saves_the_best(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    best_path, all_path = tmp_path / "best.npz", tmp_path / "all.npz"
+    status = main(["train", "--dataset", "digits", "--backend", "numpy", "--epochs", "2", "--members", "4",
+                   "--lr", "1e-3,1e-2", "--save", str(best_path), "--save-ensemble", str(all_path)])
+    out = capsys.readouterr().out
+    assert status == 0
+    rows = re.findall(r"^\s*(\d+)\s+(\S+)\s+(\d+)\s+(\d\.\d{4})\s+(\d\.\d{4})$", out, re.M)
+    assert sorted(int(r[0]) for r in rows) == [0, 1, 2, 3]
+    assert {int(r[0]): float(r[1]) for r in rows} == {0: 1e-3, 1: 1e-2, 2: 1e-3, 3: 1e-2}
+    accuracies = [float(r[4]) for r in rows]
+    assert accuracies == sorted(accuracies, reverse=True)
+    best = int(rows[0][0])
+    # the validation accuracy printed is the saved member's, on the held-out quarter of the training split
+    X, y = load_digits(return_X_y=True)
+    X_train, _, y_train, _ = train_test_split(X / 16, y, test_size=0.25, stratify=y, random_state=0)
+    _, X_val, _, y_val = train_test_split(X_train, y_train, test_size=0.25, stratify=y_train, random_state=0)
+    net = MLP.load(best_path, backend="numpy")
+    assert float(rows[0][4]) == round(float(np.mean(to_numpy(net.predict(X_val)) == y_val)), 4)
+    members = MLPEnsemble.load(all_path, backend="numpy")
+    assert members.members == 4 and np.array_equal(members.params[best], net.params)
+
+
+def test_several_learning_rates_need_members(capsys):
+    assert main(["train", "--dataset", "digits", "--lr", "1e-3,1e-2"]) == 2
+    assert "several learning rates (2) need --members" in capsys.readouterr().err
+
+
+def test_bench_measures_and_renders_a_tiny_case():
+    report = ensemble_bench.measure(get_backend("numpy"), [((4, 5, 3), 2, 4)], quick=True, peers=False)
+    assert [row["subject"] for row in report["steps"]] == ["ensemble", "loop"]
+    assert all(row["flops"] == 2 * 2 * 4 * (3 * (4 * 5 + 5 * 3) - 4 * 5) for row in report["steps"])
+    text = ensemble_bench.render(report)
+    assert re.search(r"^4-5-3\s+2\s+4\s", text, re.M) and "vs loop" in text
