@@ -315,7 +315,7 @@ class Backend:
         k's fused step on row k of the (K, P) ``params`` and (K, ``layout.work_size``) ``work``: x (1 or K,
         B, n0) (a stack of one: shared by every member), targets (1 or K, B) int64 labels or (1 or K, B,
         n_L), per_member the (K,) learning rates of the dtype (SGD step: params updated) or the (K, P)
-        gradient buffer (gradients step); each member's summed loss goes into the float64 (K,) ``totals``.
+        gradient buffer (gradients step); each member's summed loss goes into ``totals``, (K,) of the dtype.
         A member whose loss is not finite is left unchanged (the others are not); a label outside [0, n_L)
         returns its row (-1 when none), that member and those after it unchanged.
         """

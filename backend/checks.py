@@ -17,8 +17,8 @@ LOSS_KERNELS = ("softmax_xent", "sigmoid_xent", "squared_error")
 # what Backend.warmup can prepare for: MLP.train_step; MLP.fit (the gradients step and the optimizer
 # updates); predict and predict_proba (the forward pass and the output maps); evaluate (the forward pass
 # and the losses); every kernel of the contract alone (the model's kernel-by-kernel loop, `deltaprop
-# check`, `bench --kernels`)
-WARMUP_USES = ("train_step", "fit", "predict", "evaluate", "kernels")
+# check`, `bench --kernels`); MLPEnsemble's compiled steps (train_step and fit of K stacked networks)
+WARMUP_USES = ("train_step", "fit", "predict", "evaluate", "kernels", "ensemble")
 
 
 def _shape(x):

@@ -75,6 +75,17 @@ def _warm_step(backend, name, dtype, activation, loss, batch):
         steps[batch](x, _targets(loss, x), params, np.empty_like(params), work, layout.offsets)
 
 
+def _warm_ensemble_steps(backend, dtype, activation, loss, batch):
+    """MLPEnsemble's SGD and gradients steps for batches like ``batch``, on a stack of two networks."""
+    layout = Layout([TINY, TINY, TINY], batch)
+    params, work = np.full((2, layout.n_params), 0.1, dtype), np.empty((2, layout.work_size), dtype)
+    x = np.ones((1, batch, TINY), dtype)
+    targets = _targets(loss, x[0])[None]
+    for grads, per_member in ((False, np.full(2, 0.1, dtype)), (True, np.empty_like(params))):
+        steps = backend.fused_ensemble_step(activation, loss, dtype, grads)
+        steps[batch](x, targets, params, work, layout.offsets, per_member, np.empty(2, dtype))
+
+
 def _warm_updates(backend, dtype):
     flat = np.ones(TINY, dtype)
     backend.sgd_update(flat.copy(), flat, 0.1)
@@ -137,6 +148,12 @@ def warmup_parts(backend, dtypes, activations, losses, batches, uses) -> dict:
                         for batch, variant in variants.items():
                             parts[f"{name} {dtype} {activation} {loss} ({variant})"] = partial(
                                 _warm_step, backend, name, dtype, activation, loss, batch)
+        if "ensemble" in uses:
+            for activation in activations:
+                for loss in losses:
+                    for batch, variant in variants.items():
+                        parts[f"ensemble steps {dtype} {activation} {loss} ({variant})"] = partial(
+                            _warm_ensemble_steps, backend, dtype, activation, loss, batch)
         if "fit" in uses or "kernels" in uses:
             parts[f"optimizer updates {dtype}"] = partial(_warm_updates, backend, dtype)
         for use in ("predict", "evaluate"):

@@ -265,13 +265,13 @@ class MLPEnsemble:
         """A compiled ensemble step on x, y (made stacks of one where shared); (losses, logits) as above."""
         batch = x.shape[-2]
         workspace = self._workspace(batch)
-        totals = np.empty(self.members)
+        totals = np.empty(self.members, self.dtype)
         x3 = self.backend.asarray(x if x.ndim == 3 else x[None])
         y3 = self.backend.asarray(y if y.ndim == (2 if y.dtype.kind in "iu" else 3) else y[None])
         bad_row = steps[step_batch](x3, y3, self.params, workspace.work, workspace.offsets, per_member, totals)
         if bad_row >= 0:
             check_label_range(get_loss(self.loss).kernel, y, self.sizes[-1])  # the message every backend gives
-        losses = totals / batch
+        losses = totals.astype(np.float64) / batch
         if not np.isfinite(losses).all():
             raise _non_finite(losses, "loss")
         return losses, workspace.z[-1]

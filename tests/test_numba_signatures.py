@@ -48,6 +48,7 @@ def float32_kernels():
     backend = get_backend("numba")
     backend.warmup(["float32"], activations=sorted(ACTIVATIONS), losses=LOSS_KERNELS, uses=["kernels"])
     backend.warmup(["float32"], uses=["train_step", "fit"])  # relu, softmax cross-entropy: both variants
+    backend.warmup(["float32"], uses=["ensemble"], batches=[9])  # MLPEnsemble's steps: the GEMM variant
     return {key: d for key, d in built_kernels().items() if key[1] == "float32"}
 
 

@@ -24,7 +24,7 @@ def build_ensemble_step(T, act, loss, small, grads):
         step (params updated), the (K, P) gradient buffer for the gradients step. Returns -1, or the first
         bad row of the first member whose labels are out of range (that member and those after it
         unchanged). x: (1 or K, B, n0); targets: (1 or K, B) int64 or (1 or K, B, n_L); params: (K, P);
-        work: (K, W); totals: (K,) float64."""
+        work: (K, W); totals: (K,) of the dtype."""
         shared_x, shared_targets = x.shape[0] == 1, targets.shape[0] == 1
         for k in range(params.shape[0]):
             x_k, targets_k = x[0 if shared_x else k], targets[0 if shared_targets else k]
