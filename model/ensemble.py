@@ -331,10 +331,8 @@ class MLPEnsemble:
         history = EnsembleHistory()
         with self._lock:
             for epoch in range(1, epochs + 1):
-                # row indices (1 or K, N): one order for all, or one per member
-                order = np.stack([rng.permutation(n) for rng in rngs]) if shuffle else np.arange(n)[None]
-                if len(order) == 1 and not shuffle:
-                    order = None  # the batches are slices of X and y themselves
+                # row indices (1 or K, N): one order for all, or one per member; None: slices of X and y
+                order = np.stack([rng.permutation(n) for rng in rngs]) if shuffle else None
                 loss_sum, hits = np.zeros(self.members), np.zeros(self.members)
                 for start in range(0, n, batch_size):
                     if order is None:
@@ -383,15 +381,15 @@ class MLPEnsemble:
                        momentum=mu.astype(self.dtype), nesterov=nesterov)
 
     def _dataset(self, X, y, name):
-        """X (N, n0) and y (N,)/(N, n_L) converted once, finite, labels in range."""
+        """X (N, n0) and y (N,)/(N, n_L) (or None) converted once, finite, labels in range."""
         X = self.backend.asarray(X, self.dtype)
         if X.ndim != 2 or X.shape[1] != self.sizes[0] or X.shape[0] == 0:
             raise ValueError(f"{name}: expected shape (samples, {self.sizes[0]}), got {tuple(X.shape)}")
-        y = self.as_targets(y, X.shape[0])
+        y = None if y is None else self.as_targets(y, X.shape[0])
         xp = self.backend.xp
-        if not bool(xp.isfinite(X).all()) or (floating(y.dtype) and not bool(xp.isfinite(y).all())):
+        if not bool(xp.isfinite(X).all()) or (y is not None and floating(y.dtype) and not bool(xp.isfinite(y).all())):
             raise ValueError(f"{name}: expected finite values, got NaN or inf")
-        if y.ndim == 1:
+        if y is not None and y.ndim == 1:
             check_label_range(get_loss(self.loss).kernel, y, self.sizes[-1], xp)
         return X, y
 
@@ -427,8 +425,7 @@ class MLPEnsemble:
         reduce=None, or their mean over the members (N, n_L) with reduce="mean"."""
         if reduce not in ("mean", None):
             raise ValueError(f"predict_proba: reduce: expected 'mean' or None, got {reduce!r}")
-        X = self._dataset(X, np.zeros(len(X), np.int64), "X")[0] if get_loss(self.loss).classifier else \
-            self.as_inputs(X)
+        X = self._dataset(X, None, "X")[0]
         backend, output = self.backend, get_loss(self.loss).output
         out = backend.empty((self.members, X.shape[0], self.sizes[-1]), self.dtype)
         zero_bias = backend.zeros((self.members, self.sizes[-1]), self.dtype)

@@ -190,3 +190,17 @@ def test_stacked_sgd_update_is_each_rows_flat_update(backend, dtype):
         row, v = params[k].copy(), np.zeros(7, dtype)
         flat.momentum_update(row, grads[k], v, lr[k], momentum=mu[k], weight_decay=wd[k])
         np.testing.assert_allclose(host64(backend, stacked[k]), row, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_fit_with_one_order_for_all_matches_each_member_with_that_seed(shuffle):
+    data = np.random.default_rng(1)
+    X, y = data.standard_normal((30, SIZES[0])), data.integers(0, SIZES[-1], 30)
+    ensemble = MLPEnsemble(3, SIZES, backend="numpy", dtype="float64", seed=6)
+    history = ensemble.fit(X, y, epochs=2, batch_size=8, optimizer="sgd", lr=[0.1, 0.2, 0.3], shuffle=shuffle, seed=5)
+    for k in range(3):
+        net = MLP(SIZES, backend="numpy", dtype="float64", seed=6 + k)
+        alone = net.fit(X, y, epochs=2, batch_size=8, optimizer="sgd", lr=[0.1, 0.2, 0.3][k], shuffle=shuffle,
+                        seed=5, progress=False)
+        assert np.array_equal(ensemble.params[k], net.params)
+        np.testing.assert_allclose([h[k] for h in history.accuracy], alone.accuracy)
