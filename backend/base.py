@@ -285,8 +285,8 @@ class Backend:
         All flat (P,) buffers; m and v in the accumulation dtype of params (float32 for the 16-bit types).
         """
         scalar = check_adam(self.device, params, grads, m, v, step).type
-        self._adam(params, grads, m, v, step, scalar(lr), beta1, beta2, eps, scalar(weight_decay), bool(weight_decay),
-                   decoupled)
+        wd = scalar(weight_decay)
+        self._adam(params, grads, m, v, step, scalar(lr), beta1, beta2, eps, wd, bool(wd), decoupled)
 
     def _adam(self, params, grads, m, v, step, lr, beta1, beta2, eps, wd, decays, decoupled):
         """Adam's formulas on params, grads, m, v of any shape; lr and wd scalars of the dtype or columns

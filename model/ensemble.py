@@ -246,7 +246,8 @@ class MLPEnsemble:
             y = self.as_targets(y, x.shape[-2])
             steps = self._fused_steps(grads=False)
             if steps is None:
-                losses = self._backward(*self._forward(x)[:2], y)
+                workspace, inputs, _ = self._forward(x)
+                losses = self._backward(workspace, inputs, y)
                 self.backend.stacked_sgd_update(self.params, self.grads, lr.astype(self.dtype),
                                                 np.zeros(self.members, self.dtype))
                 return losses
