@@ -43,6 +43,7 @@ from deltaprop.kernels.activations import get_activation
 from deltaprop.kernels.dtypes import floating, resolve_dtype
 from deltaprop.kernels.layout import Layout
 from deltaprop.model import io, training
+from deltaprop.model.epoch_totals import non_finite_loss
 from deltaprop.model.losses import get_loss
 from deltaprop.model.optim import check_learning_rate, check_seed
 
@@ -88,8 +89,7 @@ class _Workspace:
 def _finite(loss):
     """``loss``, or NonFiniteLossError when it is NaN or infinite."""
     if not isfinite(loss):
-        raise NonFiniteLossError(
-            f"loss: expected a finite value, got {loss} (NaN/inf in x, or a diverging learning rate)")
+        raise non_finite_loss(loss)
     return loss
 
 
@@ -289,10 +289,13 @@ class MLP:
         with self._training:
             return self._backward(cache, y)
 
-    def _backward(self, cache, y):
+    def _backward(self, cache, y, read=True):
+        """Loss and gradients of a forward pass; returns the mean loss, checked and read as a float
+        before the gradients are written (``read``), else as ``Backend.device_loss`` leaves it, unread."""
         backend, workspace = self.backend, self._workspace(cache.a[0].shape[0])
-        loss_kernel = getattr(backend, get_loss(self.loss).kernel)
-        loss = _finite(float(loss_kernel(cache.logits, y, delta_out=workspace.delta[-1])))
+        loss = backend.device_loss(get_loss(self.loss).kernel, cache.logits, y, delta_out=workspace.delta[-1])
+        if read:
+            loss = self._read_loss(loss, y)
         for l in reversed(range(self.depth)):
             delta = workspace.delta[l]
             backend.gemm(delta, cache.a[l], out=self.grad_weights[l], trans_a=True)  # dW = delta.T @ a[l-1]
@@ -302,6 +305,14 @@ class MLP:
                 backend.act_backward(workspace.delta[l - 1], cache.z[l - 1], self.activation,
                                      out=workspace.delta[l - 1])
         return loss
+
+    def _read_loss(self, loss, y):
+        """A mean loss (a float or a device's 0-d array) as a float; for a NaN, the loss kernels' error
+        when a label is outside [0, C), else NonFiniteLossError."""
+        value = float(loss)
+        if not isfinite(value) and y.ndim == 1:
+            check_label_range(get_loss(self.loss).kernel, y, self.sizes[-1], self.backend.xp)
+        return _finite(value)
 
     def loss_and_grads(self, x: ArrayInput, y: ArrayInput) -> tuple[float, list[tuple[Array, Array]]]:
         """The mean loss and [(dW[l], db[l])] for l = 1..L, fresh arrays shaped like W[l] and b[l]."""
@@ -322,16 +333,27 @@ class MLP:
         """
         steps = self._fused_grads_step if self.use_fused_step else None
         with self._training:
-            if steps is None:
+            if steps is None:  # checks the loss before it writes the gradients
                 x = self.as_inputs(x)
                 y = self.as_targets(y, x.shape[0])
                 cache = self._forward(x)
                 return self._backward(cache, y), cache.logits
             x, y = self._fused_inputs(x, y, "loss_and_grads")
-            workspace = self._workspace(len(x))
-            step = steps[step_batch or len(x)]
-            total, bad_row = step(x, y, self.params, self.grads, workspace.work, workspace.offsets)
-            return self._fused_loss(total, bad_row, y), workspace.z[-1]
+            loss, logits = self._gradients(x, y, step_batch)
+            return self._read_loss(loss, y), logits
+
+    def _gradients(self, x, y, step_batch=None):
+        """forward_backward of x and y as ``as_inputs`` and ``as_targets`` return them, for ``fit``:
+        returns (mean loss, logits) with the loss unread, as ``Backend.device_loss`` leaves it (a float
+        on the CPU, a 0-d array on a GPU), for the caller to check; ``grads`` may hold the gradients of a
+        non-finite loss. The caller holds the training lock."""
+        steps = self._fused_grads_step if self.use_fused_step else None
+        if steps is None:
+            cache = self._forward(x)
+            return self._backward(cache, y, read=False), cache.logits
+        workspace = self._workspace(len(x))
+        total, bad_row = steps[step_batch or len(x)](x, y, self.params, self.grads, workspace.work, workspace.offsets)
+        return self._fused_mean(total, bad_row, y), workspace.z[-1]
 
     # train_step runs the backend's fused step where it has one; False forces the kernel-by-kernel loop
     use_fused_step = True
@@ -373,7 +395,7 @@ class MLP:
             loss = total / batch
             if isfinite(loss):
                 return loss
-        return self._fused_loss(total, bad_row, y)
+        return self._read_loss(self._fused_mean(total, bad_row, y), y)
 
     def _fused_inputs(self, x, y, caller):
         """x and y as a fused step takes them: as they are when already in that form (the fast path),
@@ -386,11 +408,12 @@ class MLP:
             check_shape(caller, "targets", y, (x.shape[0], self.sizes[-1]))
         return x, y
 
-    def _fused_loss(self, total, bad_row, y):
-        """The mean loss from a fused step's summed loss and bad row; raises as the loss kernels do."""
+    def _fused_mean(self, total, bad_row, y):
+        """The mean loss from a fused step's summed loss and bad row, unread; raises the loss kernels'
+        error for a bad row."""
         if bad_row >= 0:  # the step found a label outside [0, C) and changed nothing
             check_label_range(get_loss(self.loss).kernel, y, self.sizes[-1])  # the message every backend gives
-        return _finite(float(total) / y.shape[0])
+        return total / y.shape[0]
 
     @cached_property
     def _fused_step(self):
@@ -438,7 +461,8 @@ class MLP:
         NaN or infinite loss (training diverged) raises NonFiniteLossError naming the epoch and batch,
         with ``err.history`` (the epochs completed) and ``err.restored_epoch`` (the epoch whose weights
         early stopping restored, or None: then the parameters and optimizer state are those of the last
-        update before the failing batch).
+        update before the failing batch; on a GPU, whose losses are read once per epoch, those of the
+        failing epoch's last update).
         """
         with self._training:
             return training.fit(self, X, y, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,

@@ -26,6 +26,7 @@ import numpy as np
 from deltaprop.backend.checks import check_label_range
 from deltaprop.errors import NonFiniteLossError
 from deltaprop.kernels.dtypes import floating
+from deltaprop.model.epoch_totals import EpochTotals, non_finite_loss
 from deltaprop.model.losses import get_loss
 from deltaprop.model.optim import check_count, check_seed, get_optimizer
 
@@ -90,6 +91,10 @@ class _Scorer:
         return buffers
 
     def count(self, logits, targets) -> int:
+        return int(self.hits(logits, targets))
+
+    def hits(self, logits, targets):
+        """The count, unread: an int on the CPU, a 0-d array on a GPU (which ``count`` waits for)."""
         xp, buf = self.xp, self._get(tuple(logits.shape))
         if self.kind == "argmax":
             xp.argmax(logits, axis=1, out=buf["predicted"])
@@ -101,7 +106,7 @@ class _Scorer:
             xp.greater(targets, 0.5, out=buf["target_above"])
             xp.equal(buf["above"], buf["target_above"], out=buf["above"])
             xp.all(buf["above"], axis=1, out=buf["hit"])
-        return int(xp.count_nonzero(buf["hit"]))
+        return xp.count_nonzero(buf["hit"])
 
 
 # ---- inputs ---------------------------------------------------------------------------------------
@@ -299,6 +304,7 @@ def fit(net, X, y, epochs=10, batch_size=32, optimizer=None, lr=None, schedule=N
     n_batches = -(-n // batch_size)
     optimizer.total_steps = optimizer.step_count + epochs * n_batches
     scorer = _Scorer(backend, net.loss)
+    totals = EpochTotals(backend, n, batch_size, n_batches)
     rng = np.random.default_rng(seed)
     X_epoch, y_epoch = (backend.empty(X.shape, X.dtype), backend.empty(y.shape, y.dtype)) if shuffle else (X, y)
     history, bar = History(), _progress_bar(progress, epochs)
@@ -309,15 +315,14 @@ def fit(net, X, y, epochs=10, batch_size=32, optimizer=None, lr=None, schedule=N
                 order = backend.asarray(rng.permutation(n))
                 xp.take(X, order, axis=0, out=X_epoch)
                 xp.take(y, order, axis=0, out=y_epoch)
-            loss_sum, hits = 0.0, 0
             for batch, (start, stop) in enumerate(_chunks(n, batch_size), 1):
                 targets = y_epoch[start:stop]
-                loss, logits = net.forward_backward(X_epoch[start:stop], targets, batch_size)
-                if scorer.kind:
-                    hits += scorer.count(logits, targets)
-                loss_sum += loss * (stop - start)
+                loss, logits = net._gradients(X_epoch[start:stop], targets, batch_size)
+                totals.add(batch, loss, scorer.hits(logits, targets) if scorer.kind else 0)
                 optimizer.step(net.params, net.grads)
-            batch = None
+            loss_sum, hits, batch = totals.read()  # batch: the first whose loss was not finite, else None
+            if batch is not None:
+                raise non_finite_loss(loss_sum)
             logs = {"loss": loss_sum / n}
             if scorer.kind:
                 logs["accuracy"] = hits / n
