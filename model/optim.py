@@ -6,8 +6,10 @@
 Each optimizer step is one launch of the backend's update kernel (``sgd_update``, ``momentum_update``
 or ``adam_update``) over the whole flat (P,) parameter buffer, with the formulas and defaults of
 torch.optim (see those kernels' docstrings). The optimizer's state (``velocity``, or Adam's ``m`` and
-``v``) lives in flat (P,) buffers of the parameters' backend and dtype, allocated once by ``bind``;
-``step_count`` counts the updates made (Adam's bias corrections use ``step_count`` + 1 for the next).
+``v``) lives in flat (P,) buffers of the parameters' backend and accumulation dtype, allocated once by
+``bind``; ``step_count`` counts the updates made (Adam's bias corrections use ``step_count`` + 1 for
+the next). For 16-bit parameters the update applies to a float32 master copy (``master``), rounded
+into the parameters after each step.
 
 The learning rate of update t (0-based, t = ``step_count`` before the update) is
 ``lr * schedule.factor(t, total_steps)``; schedules count updates, not epochs.
@@ -172,6 +174,9 @@ class Optimizer(ABC):
         self.total_steps = None  # the updates the caller plans (for a cosine schedule without its own)
         self.state: dict = {}
         self.backend: Backend | None = None  # set by bind
+        # 16-bit parameters: their float32 master copy, which the updates apply to, and the gradients' (bind)
+        self.master: Array | None = None
+        self._master_grads: Array | None = None
 
     def _check_hyper(self):
         """Subclass hook: cross-field checks of ``self.hyper``."""
@@ -190,7 +195,21 @@ class Optimizer(ABC):
             held = self.state.get(key)
             if held is None or held.shape != params.shape or held.dtype != state_dtype:
                 self.state[key] = backend.zeros(params.shape, state_dtype)
+        self._bind_master(backend, params, state_dtype)
         return self
+
+    def _bind_master(self, backend, params, master_dtype):
+        """For parameters stored in fewer bits than they compute in (float16, bfloat16): a master copy of
+        ``params`` in ``master_dtype`` (float32), taken anew at each bind, that every update applies to
+        before rounding it into ``params``, as mixed-precision training does: an update below half a
+        16-bit ulp is kept there instead of rounding away."""
+        if master_dtype == params.dtype:
+            self.master = self._master_grads = None
+            return
+        if self.master is None or self.master.shape != params.shape or self.master.dtype != master_dtype:
+            self.master = backend.empty(params.shape, master_dtype)
+            self._master_grads = backend.empty(params.shape, master_dtype)
+        self.master[...] = params
 
     def current_lr(self) -> float:
         """The learning rate the next update uses."""
@@ -202,7 +221,12 @@ class Optimizer(ABC):
             raise RuntimeError(f"{self.name}: call bind(backend, params) before step()")
         lr = self.current_lr()
         self.step_count += 1
-        self._update(params, grads, lr)
+        if self.master is None:
+            self._update(params, grads, lr)
+            return
+        self._master_grads[...] = grads
+        self._update(self.master, self._master_grads, lr)
+        params[...] = self.master  # rounded to nearest even
 
     @abstractmethod
     def _update(self, params, grads, lr):
