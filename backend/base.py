@@ -43,6 +43,13 @@ def adam_bias_corrections(step, beta1, beta2) -> tuple[float, float]:
     return 1 - float(beta1) ** int(step), 1 - float(beta2) ** int(step)
 
 
+def check_loss_kernel(caller, kernel) -> str:
+    """``kernel`` when it names a loss kernel, else a ValueError naming ``caller``."""
+    if kernel not in checks.LOSS_KERNELS:
+        raise ValueError(f"{caller}: kernel: expected one of {list(checks.LOSS_KERNELS)}, got {kernel!r}")
+    return kernel
+
+
 # ---- the contract ---------------------------------------------------------------------------------
 
 
@@ -251,9 +258,7 @@ class Backend:
         backend may reuse that array: it holds this loss until the calling thread's next one at the same
         shape. A label outside [0, C) raises as the kernel does where that check is free, and makes the
         loss NaN where it would wait for the device; the caller checks the labels of a NaN loss."""
-        if kernel not in checks.LOSS_KERNELS:
-            raise ValueError(f"device_loss: kernel: expected one of {list(checks.LOSS_KERNELS)}, got {kernel!r}")
-        return getattr(self, kernel)(z, targets, delta_out)
+        return getattr(self, check_loss_kernel("device_loss", kernel))(z, targets, delta_out)
 
     def bias_grad(self, delta: Array, out: Array | None = None) -> Array:
         """Column sums: out[j] = sum_i delta[i, j]. delta: (B, n); out: (n,)."""

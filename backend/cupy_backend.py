@@ -34,7 +34,7 @@ import time
 
 import numpy as np
 
-from deltaprop.backend.base import Backend, adam_bias_corrections
+from deltaprop.backend.base import Backend, adam_bias_corrections, check_loss_kernel
 from deltaprop.backend import checks
 from deltaprop.backend.cupy_outputs import Outputs, on_device
 from deltaprop.errors import NonFiniteInputError
@@ -198,6 +198,12 @@ class CupyBackend(Backend):
             buffers = held[key] = make()
         return buffers
 
+    def _outputs(self, kernel):
+        """The calling thread's Outputs for ``kernel``, made once and emptied for each call."""
+        outputs = self._reused(("outputs", kernel), lambda: Outputs(self.xp, kernel))
+        outputs.clear()
+        return outputs
+
     def _launch(self, kernel, dtype, variant, geometry: launch.Launch, args):
         function = self._modules.function(kernel, dtype.name, *variant)
         function(geometry.grid, geometry.block, args, shared_mem=geometry.shared_mem)
@@ -220,7 +226,7 @@ class CupyBackend(Backend):
         views on the device are read in place through cuBLAS's transpose flags and leading dimensions."""
         shape = checks.check_gemm(a, b, out, trans_a, trans_b, self.device)
         a, b = self._device("gemm", "a", a), self._device("gemm", "b", b)
-        outputs = Outputs(self.xp, "gemm")
+        outputs = self._outputs("gemm")
         if out is None:
             out, beta = self._cupy.empty(shape, dtype=a.dtype), 0.0
         writable = out if self._gemm_writes_in_place(out) else outputs.buffer("out", out, read=beta != 0.0)
@@ -261,7 +267,7 @@ class CupyBackend(Backend):
         dtype = checks.check_rows("bias_act", self.device, b, acc=acc, z_out=z_out, a_out=a_out)
         get_activation(act)
         acc, b = self._input("bias_act", "acc", acc), self._input("bias_act", "b", b)
-        outputs = Outputs(self.xp, "bias_act")
+        outputs = self._outputs("bias_act")
         z_out, z = outputs.output("z_out", z_out, acc.shape, dtype)
         a_out, a = outputs.output("a_out", a_out, acc.shape, dtype)
         rows, cols = acc.shape
@@ -275,7 +281,7 @@ class CupyBackend(Backend):
         dtype = checks.check_rows("act_backward", self.device, g=g, z=z, out=out)
         get_activation(act)
         g, z = self._input("act_backward", "g", g), self._input("act_backward", "z", z)
-        outputs = Outputs(self.xp, "act_backward")
+        outputs = self._outputs("act_backward")
         out, result = outputs.output("out", out, g.shape, dtype)
         self._launch("act_backward", dtype, (launch.activation_functor(act),), self._flat_launch(g.size, dtype),
                      (g, z, result, np.int64(g.size)))
@@ -285,7 +291,7 @@ class CupyBackend(Backend):
     def softmax(self, z, out=None):
         dtype = checks.check_rows("softmax", self.device, z=z, out=out)
         z = self._input("softmax", "z", z)
-        outputs = Outputs(self.xp, "softmax")
+        outputs = self._outputs("softmax")
         out, result = outputs.output("out", out, z.shape, dtype)
         rows, cols = z.shape
         args = (z, NULL, result, NULL, np.int64(rows), np.int64(cols), _accum_scalar(dtype)(1))
@@ -297,7 +303,7 @@ class CupyBackend(Backend):
         dtype = checks.check_bias_grad(self.device, delta, out)
         delta = self._input("bias_grad", "delta", delta)
         rows, cols = delta.shape
-        outputs = Outputs(self.xp, "bias_grad")
+        outputs = self._outputs("bias_grad")
         out, result = outputs.output("out", out, (cols,), dtype)
         geometry = launch.column_sums_launch(rows, cols, self.max_blocks)
         accum = _accum_scalar(dtype)
@@ -314,7 +320,7 @@ class CupyBackend(Backend):
     def sgd_update(self, params, grads, lr, weight_decay=0.0):
         dtype = checks.check_flat("sgd_update", self.device, params=params, grads=grads)
         scalar = _accum_scalar(dtype)
-        outputs = Outputs(self.xp, "sgd_update")
+        outputs = self._outputs("sgd_update")
         p = outputs.buffer("params", params, read=True)
         grads = self._input("sgd_update", "grads", grads)
         self._launch("sgd_update", dtype, (), self._flat_launch(p.size, dtype),
@@ -324,7 +330,7 @@ class CupyBackend(Backend):
     def momentum_update(self, params, grads, velocity, lr, momentum=0.9, nesterov=False, weight_decay=0.0):
         dtype = checks.check_flat("momentum_update", self.device, params=params, grads=grads, velocity=velocity)
         scalar = _accum_scalar(dtype)
-        outputs = Outputs(self.xp, "momentum_update")
+        outputs = self._outputs("momentum_update")
         p, v = outputs.buffer("params", params, read=True), outputs.buffer("velocity", velocity, read=True)
         grads = self._input("momentum_update", "grads", grads)
         self._launch("momentum_update", dtype, (), self._flat_launch(p.size, dtype),
@@ -336,7 +342,7 @@ class CupyBackend(Backend):
                     weight_decay=0.0, decoupled=False):
         dtype = checks.check_adam(self.device, params, grads, m, v, step)
         scalar = _accum_scalar(dtype)
-        outputs = Outputs(self.xp, "adam_update")
+        outputs = self._outputs("adam_update")
         p = outputs.buffer("params", params, read=True)
         m, v = outputs.buffer("m", m, read=True), outputs.buffer("v", v, read=True)
         grads = self._input("adam_update", "grads", grads)
@@ -361,9 +367,7 @@ class CupyBackend(Backend):
         return value
 
     def device_loss(self, kernel, z, targets, delta_out=None):
-        if kernel not in checks.LOSS_KERNELS:
-            raise ValueError(f"device_loss: kernel: expected one of {list(checks.LOSS_KERNELS)}, got {kernel!r}")
-        return self._queued_loss(kernel, z, targets, delta_out, None, "z")[0]
+        return self._queued_loss(check_loss_kernel("device_loss", kernel), z, targets, delta_out, None, "z")[0]
 
     def _queued_loss(self, kernel, z, targets, delta_out, scale, z_name):
         """(the mean loss as a 0-d device array of the accumulation dtype, the targets on the device) of
@@ -377,7 +381,7 @@ class CupyBackend(Backend):
         if kind == "labels":
             targets = self._device(kernel, "labels", targets).astype(np.int64, copy=False)
         targets = self._input(kernel, "targets", targets)
-        outputs = Outputs(self.xp, kernel)
+        outputs = self._outputs(kernel)
         delta = NULL if delta_out is None else outputs.buffer("delta_out", delta_out)
         rows, cols = z.shape
         row_loss, loss = self._reused(("loss", rows, accum),

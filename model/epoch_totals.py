@@ -42,8 +42,9 @@ class EpochTotals:
         raises NonFiniteLossError for a host loss that is not finite."""
         if self.check_each_batch and not isfinite(loss):
             raise non_finite_loss(loss)
-        self.losses[batch - 1] = loss
-        self.hits[batch - 1] = hits
+        slot = slice(batch - 1, batch)  # an element's slice: setting the element itself would read a 0-d array
+        self.losses[slot] = loss
+        self.hits[slot] = hits
 
     def read(self) -> tuple[float, int, int | None]:
         """(the loss summed over the epoch's rows, its hits, None) read from the backend, or (the sum, its

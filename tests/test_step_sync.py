@@ -9,10 +9,13 @@ value to the host and wait for it). The CuPy stand-in's own log is tests/test_st
 
 import numpy as np
 import pytest
+from helpers import CPU_BACKENDS, LOSS_REFERENCES, labels_for, rel_err, tol
 
+from deltaprop.backend import get_backend
 from deltaprop.backend.base import Backend
 from deltaprop.errors import NonFiniteLossError
 from deltaprop.model.mlp import MLP
+from deltaprop.model.optim import get_optimizer
 
 SIZES = [6, 8, 3]
 ROWS = 48
@@ -104,6 +107,51 @@ def test_a_device_loss_that_diverges_is_caught_at_the_epoch_read_naming_its_batc
     X, y = data()
     X[20:24] = 3e38  # finite, but the first layer overflows float32: the loss of batch 6 (rows 20-23) is not
     net = MLP(SIZES, backend=HostReadCounting(), seed=3)
-    with pytest.raises(NonFiniteLossError, match=r"at epoch 1, batch 6 of 12$") as caught:
+    with pytest.raises(NonFiniteLossError, match=r"at epoch 1, batch 6 of 12$") as caught, \
+            np.errstate(over="ignore", invalid="ignore"):
         net.fit(X, y, epochs=2, batch_size=4, shuffle=False, optimizer="sgd", lr=0.1, progress=False)
     assert caught.value.epoch == 1 and caught.value.batch == 6 and caught.value.history.epochs == 0
+    assert caught.value.restored_epoch is None
+
+
+def test_a_device_loss_that_diverges_restores_the_best_weights():
+    X, y = data()
+    X_val, y_val = data(seed=1)
+    net = MLP(SIZES, backend=HostReadCounting(), seed=3)
+    optimizer = get_optimizer("sgd", lr=0.05)
+    kept = {}
+
+    def callback(epoch, logs):
+        kept[epoch] = (logs["val_loss"], net.params.copy())
+        if epoch == 3:
+            optimizer.hyper["lr"] = 1e30  # epoch 4 diverges
+
+    with pytest.raises(NonFiniteLossError, match=r"at epoch 4, batch \d+ of 3; the weights of epoch \d") as caught, \
+            np.errstate(over="ignore", invalid="ignore"):
+        net.fit(X, y, epochs=10, batch_size=16, optimizer=optimizer, validation_data=(X_val, y_val), patience=5,
+                callback=callback, progress=False)
+    error = caught.value
+    assert error.epoch == 4 and error.batch == 2  # the first update with lr 1e30 is batch 1's: batch 2 diverges
+    assert error.history.epochs == 3 and error.history.val_loss == [kept[e][0] for e in (1, 2, 3)]
+    best = min(kept, key=lambda e: kept[e][0])
+    assert error.restored_epoch == best == error.history.best_epoch
+    np.testing.assert_array_equal(net.params, kept[best][1])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kernel", sorted(LOSS_REFERENCES))
+def test_device_loss_is_the_loss_kernel_unread(backend, kernel):
+    """On the CPU backends (results on the host) ``device_loss`` is the loss kernel: the reference's loss
+    and delta."""
+    backend = get_backend(backend)
+    rng = np.random.default_rng(5)
+    z = rng.standard_normal((7, 4)).astype(np.float32)
+    targets = labels_for(7, 4) if kernel == "softmax_xent" else rng.random((7, 4)).astype(np.float32)
+    delta = np.full_like(z, np.nan)
+    loss = backend.device_loss(kernel, z, targets, delta_out=delta)
+    expected_loss, expected_delta = LOSS_REFERENCES[kernel](z, targets)
+    assert backend.results_on_host and isinstance(loss, float)
+    assert abs(loss - expected_loss) <= tol("float32") * abs(expected_loss)
+    assert rel_err(delta, expected_delta) <= tol("float32")
+    with pytest.raises(ValueError, match=r"device_loss: kernel: expected one of .*, got 'hinge'"):
+        backend.device_loss("hinge", z, targets)
