@@ -9,7 +9,9 @@ is a ValueError naming the first rows, and a diverging fit a NonFiniteLossError 
 ``fit`` converts the training set once, and per epoch gathers a shuffled copy into buffers allocated
 once per fit, so that each step works on contiguous row slices: a step allocates nothing beyond what
 the network's own forward/backward pass and the optimizer's update kernel need. The running training
-accuracy is counted in buffers kept per batch size. Inference runs in chunks of ``chunk_size`` rows so
+accuracy is counted in buffers kept per batch size. Each batch's loss and hits stay where the backend
+computed them (model/epoch_totals.py) and are read once per epoch: on a GPU the inner loop never waits
+for the device. Inference runs in chunks of ``chunk_size`` rows so
 that predicting on a large X needs workspaces of one chunk only.
 """
 
