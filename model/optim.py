@@ -221,12 +221,13 @@ class Optimizer(ABC):
             raise RuntimeError(f"{self.name}: call bind(backend, params) before step()")
         lr = self.current_lr()
         self.step_count += 1
-        if self.master is None:
+        master, master_grads = self.master, self._master_grads
+        if master is None or master_grads is None:
             self._update(params, grads, lr)
             return
-        self._master_grads[...] = grads
-        self._update(self.master, self._master_grads, lr)
-        params[...] = self.master  # rounded to nearest even
+        master_grads[...] = grads
+        self._update(master, master_grads, lr)
+        params[...] = master  # rounded to nearest even
 
     @abstractmethod
     def _update(self, params, grads, lr):
