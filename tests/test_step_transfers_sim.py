@@ -46,3 +46,13 @@ def test_the_inner_loop_copies_nothing_between_host_and_device(backend, loss):
     assert many["launch"] > few["launch"]  # the recording saw the steps
     assert many["to_host"] == few["to_host"] <= 2 * EPOCHS + 2  # the epoch reads (and the fit's set-up)
     assert many["to_device"] == few["to_device"]
+
+
+def test_the_loss_scratch_is_reused_per_thread_and_shape(backend):
+    """device_loss's result is the calling thread's buffer for that batch size, reused call after call."""
+    rng = np.random.default_rng(1)
+    z = backend.asarray(rng.standard_normal((5, 3)).astype(np.float32))
+    labels = backend.asarray(rng.integers(0, 3, 5))
+    first = backend.device_loss("softmax_xent", z, labels)
+    assert backend.device_loss("softmax_xent", z, labels) is first
+    assert backend.device_loss("softmax_xent", z[:4], labels[:4]) is not first
