@@ -462,7 +462,8 @@ class MLP:
         with ``err.history`` (the epochs completed) and ``err.restored_epoch`` (the epoch whose weights
         early stopping restored, or None: then the parameters and optimizer state are those of the last
         update before the failing batch; on a GPU, whose losses are read once per epoch, those of the
-        failing epoch's last update).
+        failing epoch's last update). On a GPU the optimizer state is that of the failing epoch's last
+        update in both cases, likely not finite: give the next fit a new optimizer.
         """
         with self._training:
             return training.fit(self, X, y, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
