@@ -182,7 +182,7 @@ def test_optimizer_follows_its_schedule_like_torch(backend, rng):
 
 def test_tables_hold_every_name():
     assert sorted(OPTIMIZERS) == ["adam", "adamw", "momentum", "sgd"]
-    assert sorted(SCHEDULES) == ["constant", "cosine", "step"]
+    assert sorted(SCHEDULES) == ["constant", "cosine", "one_cycle", "step"]
 
 
 # ---- refusals ---------------------------------------------------------------------------------------
@@ -192,12 +192,12 @@ def test_tables_hold_every_name():
     "make, error, message",
     [
         (lambda: get_optimizer("rmsprop"), ValueError, r"optimizer: expected one of \['adam', 'adamw', 'momentum', 'sgd'\]"),
-        (lambda: OPTIMIZERS["adam"](betas=(0.9, 0.99)), TypeError, r"adam: unknown hyper-parameter\(s\) \['betas'\]"),
+        (lambda: OPTIMIZERS["adam"](amsgrad=True), TypeError, r"adam: unknown hyper-parameter\(s\) \['amsgrad'\]"),
         (lambda: OPTIMIZERS["sgd"](lr=-1.0), ValueError, r"sgd: lr: expected a finite real number > 0, got -1.0"),
         (lambda: OPTIMIZERS["adam"](lr=float("nan")), ValueError, r"adam: lr: expected a finite real number > 0, got nan"),
         (lambda: OPTIMIZERS["sgd"](nesterov=True), ValueError, r"sgd: nesterov: expected momentum > 0"),
         (lambda: get_optimizer(get_optimizer("adam"), lr=0.1), ValueError, r"lr/schedule: expected None with an Optimizer"),
-        (lambda: get_schedule("linear"), ValueError, r"schedule: expected one of \['constant', 'cosine', 'step'\], got 'linear'"),
+        (lambda: get_schedule("linear"), ValueError, r"schedule: expected one of \['constant', 'cosine', 'one_cycle', 'step'\], got 'linear'"),
         (lambda: get_schedule("step", step_size=0), ValueError, r"step_size: expected an integer >= 1, got 0"),
         (lambda: get_schedule("step", size=3), TypeError, r"schedule 'step': .*unexpected keyword argument 'size'"),
         (lambda: get_schedule("cosine").factor(0), ValueError, r"total_steps: expected the number of planned updates"),
