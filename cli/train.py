@@ -225,8 +225,8 @@ def _train(args):
                   backend=backend, dtype=args.dtype, seed=args.seed)
     except (TypeError, ValueError) as e:
         raise DataError(str(e)) from None
-    held_out = f"{len(validation_data[1])} validation and " if validation_data else ""
-    print(f"{source}: {len(y_train)} training, {held_out}{len(y_test)} test samples, {X.shape[1]} features, "
+    held_out = f", {len(validation_data[1])} validation" if validation_data else ""
+    print(f"{source}: {len(y_train)} training{held_out} and {len(y_test)} test samples, {X.shape[1]} features, "
           f"{len(classes)} classes; {net!r}", flush=True)
     warmup = _compile(net, ["fit"], [args.batch_size])  # fit runs its last, smaller batch with the same step
     started = time.perf_counter()
