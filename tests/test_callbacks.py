@@ -248,3 +248,14 @@ def test_bad_callbacks_are_refused(kwargs, error, message):
 def test_ready_callbacks_refuse_bad_settings(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_clipping_betas_and_one_cycle_survive_a_checkpoint(tmp_path, rng):
+    X, y = blobs(rng, 30)
+    net = MLP([5, 6, 3], backend="numpy", seed=0)
+    net.fit(X, y, epochs=2, batch_size=10, optimizer=OPTIMIZERS["adamw"](lr=0.01, betas=(0.8, 0.9), max_grad_norm=0.5,
+                                                                         schedule="one_cycle"), progress=False)
+    net.save(tmp_path / "net.npz")
+    loaded = MLP.load(tmp_path / "net.npz", backend="numpy").optimizer
+    assert loaded.betas == (0.8, 0.9) and loaded.hyper["max_grad_norm"] == 0.5
+    assert loaded.schedule == net.optimizer.schedule and loaded.schedule.name == "one_cycle"
