@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from typing import Any
 
 from deltaprop.model.optim import check_count
 
@@ -46,10 +47,11 @@ class TrainingState:
     def __init__(self, net, optimizer, history, epochs: int, n_batches: int) -> None:
         self.net, self.optimizer, self.history = net, optimizer, history
         self.epochs, self.n_batches = epochs, n_batches
-        self.epoch, self.batch, self.batch_rows = 0, None, 0
+        self.epoch, self.batch_rows = 0, 0
+        self.batch: int | None = None
         self.logs: dict[str, float] = {}
         self.stop_training = False
-        self.step_loss = None  # the last step's mean loss as the loop holds it (a float, or a device scalar)
+        self.step_loss: Any = None  # the last step's mean loss as the loop holds it (a float, or a device scalar)
 
     @property
     def loss(self) -> float:
@@ -136,7 +138,8 @@ class EarlyStopping(Callback):
 
     def on_train_begin(self, state):
         self.best, self.best_epoch, self.waited = None, None, 0
-        self.best_params = state.net.backend.empty(state.net.params.shape, state.net.dtype)
+        if self.restore_best_weights:
+            self.best_params = state.net.backend.empty(state.net.params.shape, state.net.dtype)
 
     def on_epoch_end(self, state):
         key = self.monitor or ("val_loss" if "val_loss" in state.logs else "loss")
@@ -146,7 +149,8 @@ class EarlyStopping(Callback):
         value = sign * state.logs[key]
         if self.best is None or value < self.best - self.min_delta:
             self.best, self.best_epoch, self.waited = value, state.epoch, 0
-            self.best_params[...] = state.net.params
+            if self.restore_best_weights:
+                self.best_params[...] = state.net.params
             return
         self.waited += 1
         if self.waited >= self.patience:
@@ -184,7 +188,9 @@ class NaNGuard(Callback):
     parameters and of the optimizer state, refreshed after each epoch."""
 
     def __init__(self) -> None:
-        self.kept_params, self.kept_state, self.kept_step = None, {}, 0
+        self.kept_params: Any = None
+        self.kept_state: dict[str, Any] = {}
+        self.kept_step = 0
         self.diverged = None
 
     def _keep(self, state):
