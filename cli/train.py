@@ -3,10 +3,12 @@
     deltaprop train --dataset digits                      scikit-learn's bundled 8x8 digits (no download)
     deltaprop train --data FILE.npz                       arrays X (N, n0) and y (N,)
     deltaprop train --data FILE.csv                       one sample a row, the label in the last column
+    deltaprop train --data FILE.csv --load NET.npz        the saved network on the test split, no training
 
 Every dataset is split into 75% training and 25% test samples, stratified, with random_state 0. Digits
 pixels are scaled by 1/16 into [0, 1]; other data is used as it is. Labels may be any integers; they
-are numbered 0..C-1 in sorted order. Prints one line per epoch, then the test accuracy and the wall
+are numbered 0..C-1 in sorted order, and ``--save`` keeps them in the checkpoint, so that ``--load``
+reports predictions in the data's own labels. Prints one line per epoch, then the test accuracy and the wall
 time of the fit. Needs scikit-learn (the split, and the digits): pip install 'deltaprop[train]'. A bad
 file, flag or missing package prints one line "deltaprop train: error: ..." to stderr and exits with
 status 2, before any training; a diverging fit (non-finite loss) exits with status 1.
@@ -84,6 +86,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="initialisation and shuffling (default: 0)")
     parser.add_argument("--patience", type=_positive_int, help="early stopping on the training loss")
     parser.add_argument("--save", type=output_file, metavar="FILE.npz", help="write the trained network here")
+    parser.add_argument("--load", metavar="FILE.npz",
+                        help="evaluate this saved network on the test split instead of training one")
 
 
 # ---- data -----------------------------------------------------------------------------------------
@@ -200,11 +204,15 @@ def _train(args):
     X, y = _load_digits() if args.dataset else _load_file(args.data)
     X, y, classes = _checked(X, y, source)
     X_train, X_test, y_train, y_test = _split(X, y, source)
+    if args.load:
+        _evaluate_saved(args.load, backend, X_test, classes[y_test], source)
+        return
     try:
         net = MLP(_sizes_for(args, X.shape[1], len(classes)), activation=args.activation,
                   backend=backend, dtype=args.dtype, seed=args.seed)
     except (TypeError, ValueError) as e:
         raise DataError(str(e)) from None
+    net.classes = classes
     print(f"{source}: {len(y_train)} training and {len(y_test)} test samples, {X.shape[1]} features, "
           f"{len(classes)} classes; {net!r}", flush=True)
     warmup = _compile(net, ["fit"], [args.batch_size])  # fit runs its last, smaller batch with the same step
@@ -221,6 +229,26 @@ def _train(args):
     if args.save:
         net.save(args.save)
         print(f"saved {args.save}")
+
+
+def _evaluate_saved(path, backend, X_test, labels_test, source):
+    """Prints the test accuracy of the network saved at ``path`` and the labels it predicts, in the labels
+    the checkpoint keeps (the indices 0..C-1 for a checkpoint without labels)."""
+    from deltaprop.model import MLP
+
+    net = MLP.load(path, backend=backend)
+    classes = np.arange(net.sizes[-1]) if net.classes is None else net.classes
+    if net.sizes[0] != X_test.shape[1]:
+        raise DataError(f"--load: {path} expects {net.sizes[0]} features, {source} has {X_test.shape[1]}")
+    unknown = np.setdiff1d(labels_test, classes)
+    if unknown.size:
+        raise DataError(f"--load: {path} knows the labels {classes.tolist()}, {source} has also {unknown.tolist()}")
+    _compile(net, ["predict"])
+    predicted = classes[net.backend.to_numpy(net.predict(X_test))]
+    correct = int((predicted == labels_test).sum())
+    counts = ", ".join(f"{label}: {count}" for label, count in zip(*np.unique(predicted, return_counts=True)))
+    print(f"{path}: {net!r}")
+    print(f"test accuracy {correct / len(labels_test):.4f} ({correct}/{len(labels_test)})  predicted labels {counts}")
 
 
 def _compile(net, uses, batches=None) -> float:

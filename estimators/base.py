@@ -11,6 +11,7 @@ alpha * W / batch rows to the gradient: the optimizer's weight decay alpha / bat
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from numbers import Integral
 
@@ -22,7 +23,8 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from deltaprop.backend import to_numpy
-from deltaprop.model import MLP
+from deltaprop.errors import CheckpointError
+from deltaprop.model import MLP, io
 from deltaprop.model.optim import OPTIMIZERS
 
 # scikit-learn's activation names -> the activation table's
@@ -30,6 +32,9 @@ ACTIVATIONS = {"identity": "identity", "logistic": "sigmoid", "tanh": "tanh", "r
 # solver -> (optimizer of model/optim.py, its hyper-parameters): sklearn's "sgd" is Nesterov momentum 0.9
 SOLVERS = {"adam": ("adam", {}), "sgd": ("sgd", {"momentum": 0.9, "nesterov": True})}
 AUTO_BATCH = 200  # batch_size="auto": min(AUTO_BATCH, n_samples), as scikit-learn
+# what a checkpoint keeps of a fitted estimator beside its network and its classes (JSON values)
+FITTED = ("n_iter_", "t_", "loss_curve_", "best_loss_", "validation_scores_", "best_validation_score_",
+          "n_features_in_", "n_outputs_", "n_layers_", "_no_improvement_count")
 
 
 def _choice(name, value, table):
@@ -111,6 +116,7 @@ class BaseMLP(BaseEstimator):
         if first:
             self.model_ = MLP([X.shape[1], *widths, n_outputs], activation=activation, loss=self._loss_for(targets),
                               backend=self.backend, dtype=self.dtype or X.dtype, seed=int(rng.randint(2**31 - 1)))
+            self.model_.classes = getattr(self, "classes_", None)  # the labels its checkpoints keep
             self.n_outputs_, self.n_layers_ = n_outputs, len(widths) + 2
             self.t_, self.loss_curve_ = 0, []
             self._no_improvement_count = 0
@@ -209,6 +215,37 @@ class BaseMLP(BaseEstimator):
         """Trains a new network on X (n_samples, n_features) and y (see the class), or, with warm_start,
         carries on with the last one. Returns self."""
         return self._fit(X, y, incremental=False)
+
+    # ---- checkpoints ----
+
+    def save(self, path):
+        """Writes the fitted estimator to ``path`` (.npz, atomically): its network with the class labels,
+        and its parameters and fitted attributes as JSON. ``load`` reads it back; so does pickle."""
+        check_is_fitted(self)
+        params = self.get_params()
+        params["backend"] = getattr(self.backend, "name", self.backend)
+        params["dtype"] = None if self.dtype is None else np.dtype(self.dtype).name
+        fitted = {name: getattr(self, name) for name in FITTED}
+        if hasattr(self, "feature_names_in_"):
+            fitted["feature_names_in_"] = self.feature_names_in_.tolist()
+        io.save(self.model_, path, estimator={"class": type(self).__name__, "params": params, "fitted": fitted})
+
+    @classmethod
+    def load(cls, path, backend=None):
+        """The estimator ``save`` wrote to ``path``, its network on ``backend`` (None: the saved setting).
+        CheckpointError for a file that holds no estimator of this class."""
+        saved = io.read_estimator(path)
+        if saved.get("class") != cls.__name__ or not {"params", "fitted"} <= set(saved):
+            raise CheckpointError(f"checkpoint {os.fspath(path)!r}: expected a saved {cls.__name__}, got "
+                                  f"{saved.get('class') or 'a network without an estimator'}")
+        params = dict(saved["params"], **({} if backend is None else {"backend": backend}))
+        estimator = cls(**params)
+        estimator.model_ = MLP.load(path, backend=estimator.backend)
+        for name, value in saved["fitted"].items():
+            setattr(estimator, name, np.array(value, dtype=object) if name == "feature_names_in_" else value)
+        if estimator.model_.classes is not None:
+            estimator.classes_ = estimator.model_.classes
+        return estimator
 
     # ---- inference ----
 

@@ -19,6 +19,7 @@ from sklearn.pipeline import make_pipeline  # noqa: E402
 from sklearn.preprocessing import StandardScaler  # noqa: E402
 from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
 
+from deltaprop.errors import CheckpointError  # noqa: E402
 from deltaprop.sklearn import MLPClassifier, MLPRegressor  # noqa: E402
 
 # the checks fit with the default max_iter=200 on data some of which never converges: the warning is
@@ -178,3 +179,19 @@ def test_importing_deltaprop_does_not_import_scikit_learn():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("estimator_class", [MLPClassifier, MLPRegressor])
+def test_a_saved_estimator_loads_with_its_labels_and_parameters(digits, tmp_path, estimator_class):
+    X_train, X_test, y_train, _ = digits
+    y = y_train if estimator_class is MLPClassifier else np.char.str_len(y_train).astype(float) + X_train[:, 10]
+    model = estimator_class(hidden_layer_sizes=(12,), alpha=0.01, max_iter=4, backend="numpy", random_state=0)
+    model.fit(X_train, y)
+    model.save(tmp_path / "model.npz")
+    loaded = estimator_class.load(tmp_path / "model.npz")
+    assert loaded.get_params() == dict(model.get_params(), hidden_layer_sizes=[12])  # JSON keeps lists
+    assert np.array_equal(loaded.predict(X_test), model.predict(X_test))
+    assert loaded.loss_curve_ == model.loss_curve_ and loaded.n_features_in_ == 64
+    other = MLPRegressor if estimator_class is MLPClassifier else MLPClassifier
+    with pytest.raises(CheckpointError, match=f"expected a saved {other.__name__}, got {estimator_class.__name__}"):
+        other.load(tmp_path / "model.npz")
