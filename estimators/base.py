@@ -105,7 +105,7 @@ class BaseMLP(BaseEstimator):
     def _fit(self, X, y, incremental, classes=None):
         widths = _hidden_layer_sizes(self.hidden_layer_sizes)
         activation = _choice("activation", self.activation, ACTIVATIONS)
-        optimizer_name, hyper = _choice("solver", self.solver, SOLVERS)
+        _choice("solver", self.solver, SOLVERS)
         if self.early_stopping and incremental:
             raise ValueError("partial_fit: expected early_stopping=False (a validation split of one batch "
                              "means nothing), got early_stopping=True")
@@ -125,12 +125,8 @@ class BaseMLP(BaseEstimator):
             self.best_validation_score_ = -math.inf if self.early_stopping else None
         elif self.model_.sizes[-1] != n_outputs:
             raise ValueError(f"y: expected {self.model_.sizes[-1]} outputs (as in the first fit), got {n_outputs}")
-        if first or not incremental or self.model_.optimizer is None:
-            batch = self._batch_size(X.shape[0])
-            self.model_.optimizer = OPTIMIZERS[optimizer_name](
-                lr=self.learning_rate_init, weight_decay=self.alpha / batch, **hyper).bind(self.model_.backend,
-                                                                                           self.model_.params)
-        self._epochs(X, targets, rng, incremental)
+        new_optimizer = first or not incremental or self.model_.optimizer is None  # partial_fit carries on
+        self._epochs(X, targets, rng, incremental, SOLVERS[self.solver] if new_optimizer else None)
         return self
 
     def _batch_size(self, n_samples):
@@ -155,8 +151,9 @@ class BaseMLP(BaseEstimator):
                              f"{X_val.shape[0]} for validation; expected at least 2 (raise it, or give more data)")
         return (X_train, y_train), (X_val, y_val)
 
-    def _epochs(self, X, targets, rng, incremental):
-        """max_iter epochs (one for partial_fit) over the training rows, with the stopping rules."""
+    def _epochs(self, X, targets, rng, incremental, solver):
+        """max_iter epochs (one for partial_fit) over the training rows, with the stopping rules; solver:
+        (optimizer name, hyper-parameters) of a new optimizer, None to carry on with the network's."""
         net = self.model_
         (X_train, y_train), validation = self._split(X, targets, rng)
         backend, xp = net.backend, net.backend.xp
@@ -164,6 +161,10 @@ class BaseMLP(BaseEstimator):
         y_train = backend.asarray(y_train, np.int64 if y_train.ndim == 1 else net.dtype)
         n = X_train.shape[0]
         batch = self._batch_size(n)
+        if solver is not None:
+            name, hyper = solver
+            net.optimizer = OPTIMIZERS[name](lr=self.learning_rate_init, weight_decay=self.alpha / batch,
+                                             **hyper).bind(backend, net.params)
         best_params, self.n_iter_ = None, 0  # epochs of this call; t_ and loss_curve_ run on, as scikit-learn's
         for _ in range(1 if incremental else self.max_iter):
             order = backend.asarray(rng.permutation(n)) if self.shuffle else None

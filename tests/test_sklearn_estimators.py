@@ -195,3 +195,12 @@ def test_a_saved_estimator_loads_with_its_labels_and_parameters(digits, tmp_path
     other = MLPRegressor if estimator_class is MLPClassifier else MLPClassifier
     with pytest.raises(CheckpointError, match=f"expected a saved {other.__name__}, got {estimator_class.__name__}"):
         other.load(tmp_path / "model.npz")
+
+
+def test_solver_and_alpha_map_to_the_optimizer_scikit_learn_describes():
+    """sgd: Nesterov momentum 0.9; alpha: the L2 penalty alpha/2 ||W||^2 on the summed loss, whose gradient
+    on the mean over a batch is alpha/batch_size * W."""
+    model = MLPClassifier(solver="sgd", alpha=0.5, batch_size=4, learning_rate_init=0.1, max_iter=1, backend="numpy")
+    with pytest.warns(ConvergenceWarning):
+        model.fit(np.eye(8), [0, 1] * 4)
+    assert model.model_.optimizer.hyper == {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 0.125}
