@@ -199,6 +199,8 @@ def _train(args):
     if importlib.util.find_spec("sklearn") is None:
         raise UsageError("needs scikit-learn (the digits and the test split), which is not installed: "
                          "pip install 'deltaprop[train]'")
+    if args.load and args.save:
+        raise UsageError("--load evaluates a saved network and trains none, so --save has nothing to write: give one")
     backend = backend_for("--backend", args.backend)  # before the data, so that a bad name costs nothing
     source = "digits" if args.dataset else args.data
     X, y = _load_digits() if args.dataset else _load_file(args.data)

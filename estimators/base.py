@@ -90,6 +90,10 @@ class BaseMLP(BaseEstimator):
         """The MLP's loss for targets as ``_targets`` returns them."""
         raise NotImplementedError
 
+    def _reported_loss(self, loss):
+        """An epoch's mean loss as ``loss_curve_`` (and ``tol``) take it: scikit-learn's definition."""
+        return loss
+
     def _validation_score(self, X, targets):
         """The score (higher is better) on held-out rows whose targets are as ``_targets`` returned them."""
         raise NotImplementedError
@@ -115,7 +119,8 @@ class BaseMLP(BaseEstimator):
         rng = check_random_state(self.random_state)
         if first:
             self.model_ = MLP([X.shape[1], *widths, n_outputs], activation=activation, loss=self._loss_for(targets),
-                              backend=self.backend, dtype=self.dtype or X.dtype, seed=int(rng.randint(2**31 - 1)))
+                              backend=self.backend, dtype=self.dtype or X.dtype, seed=None)
+            self._initialize(rng)
             self.model_.classes = getattr(self, "classes_", None)  # the labels its checkpoints keep
             self.n_outputs_, self.n_layers_ = n_outputs, len(widths) + 2
             self.t_, self.loss_curve_ = 0, []
@@ -128,6 +133,18 @@ class BaseMLP(BaseEstimator):
         new_optimizer = first or not incremental or self.model_.optimizer is None  # partial_fit carries on
         self._epochs(X, targets, rng, incremental, SOLVERS[self.solver] if new_optimizer else None)
         return self
+
+    def _initialize(self, rng):
+        """Draws the parameters as scikit-learn does, from the same generator in the same order, so that
+        the same random_state starts from the same network: per layer, W (fan_in, fan_out) then b, uniform
+        in +-sqrt(factor / (fan_in + fan_out)), factor 2 for the logistic activation, else 6 (Glorot)."""
+        net = self.model_
+        factor = 2.0 if self.activation == "logistic" else 6.0
+        for W, b in zip(net.weights, net.biases):
+            fan_out, fan_in = W.shape
+            bound = math.sqrt(factor / (fan_in + fan_out))
+            W[...] = net.backend.asarray(rng.uniform(-bound, bound, (fan_in, fan_out)).T, net.dtype)
+            b[...] = net.backend.asarray(rng.uniform(-bound, bound, fan_out), net.dtype)
 
     def _batch_size(self, n_samples):
         if self.batch_size == "auto":
@@ -166,8 +183,11 @@ class BaseMLP(BaseEstimator):
             net.optimizer = OPTIMIZERS[name](lr=self.learning_rate_init, weight_decay=self.alpha / batch,
                                              **hyper).bind(backend, net.params)
         best_params, self.n_iter_ = None, 0  # epochs of this call; t_ and loss_curve_ run on, as scikit-learn's
+        shuffled = np.arange(n)
         for _ in range(1 if incremental else self.max_iter):
-            order = backend.asarray(rng.permutation(n)) if self.shuffle else None
+            if self.shuffle:  # each epoch permutes the last epoch's order, as scikit-learn does
+                shuffled = shuffled[rng.permutation(n)]
+            order = backend.asarray(shuffled) if self.shuffle else None
             loss_sum = 0.0
             for start in range(0, n, batch):
                 rows = order[start:start + batch] if order is not None else slice(start, start + batch)
@@ -178,7 +198,7 @@ class BaseMLP(BaseEstimator):
                 net.optimizer.step(net.params, net.grads)
             self.n_iter_ += 1
             self.t_ += n
-            self.loss_curve_.append(loss_sum / n)
+            self.loss_curve_.append(self._reported_loss(loss_sum / n))
             if self.verbose:
                 print(f"Iteration {self.n_iter_}, loss = {self.loss_curve_[-1]:.8f}")
             if validation is None:

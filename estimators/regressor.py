@@ -24,6 +24,9 @@ class MLPRegressor(RegressorMixin, BaseMLP):
     def _loss_for(self, targets):
         return "mse"
 
+    def _reported_loss(self, loss):
+        return loss / self.n_outputs_  # scikit-learn's squared error averages over the outputs too
+
     def _validation_score(self, X, targets):
         return r2_score(targets, self._outputs(X))
 

@@ -230,3 +230,5 @@ def test_load_refuses_data_with_labels_the_checkpoint_does_not_know(trained, tmp
     np.savetxt(tmp_path / "f.csv", np.column_stack([rng.standard_normal((40, 6)), np.repeat([0, 5], 20)]), delimiter=",")
     assert main(["train", "--data", str(tmp_path / "f.csv"), "--backend", "numpy", "--load", str(tmp_path / "m.npz")]) == 2
     assert "knows the labels [0, 1, 2, 3]" in capsys.readouterr().err
+    assert main(["train", "--dataset", "digits", "--load", str(tmp_path / "m.npz"), "--save", str(tmp_path / "n.npz")]) == 2
+    assert "--save has nothing to write" in capsys.readouterr().err

@@ -87,7 +87,7 @@ def test_linear_regressor_reaches_the_least_squares_solution(rng):
     X = rng.standard_normal((200, 3))
     coef = np.array([[1.5, -2.0], [0.5, 0.0], [-1.0, 3.0]])
     Y = X @ coef + np.array([0.3, -0.7]) + 0.01 * rng.standard_normal((200, 2))
-    model = MLPRegressor(hidden_layer_sizes=(), activation="identity", alpha=0.0, learning_rate_init=0.05,
+    model = MLPRegressor(hidden_layer_sizes=(), activation="identity", alpha=0.0, learning_rate_init=0.01,
                          batch_size=50, max_iter=300, tol=0.0, n_iter_no_change=300, backend="numpy",
                          random_state=0)
     with pytest.warns(ConvergenceWarning, match=r"Maximum iterations \(300\)"):
@@ -204,3 +204,25 @@ def test_solver_and_alpha_map_to_the_optimizer_scikit_learn_describes():
     with pytest.warns(ConvergenceWarning):
         model.fit(np.eye(8), [0, 1] * 4)
     assert model.model_.optimizer.hyper == {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 0.125}
+
+
+@pytest.mark.parametrize("estimator_class", [MLPClassifier, MLPRegressor])
+def test_the_same_random_state_trains_the_same_network_as_scikit_learns(estimator_class, rng):
+    """Same initial draws, same batch order, same updates: scikit-learn's own MLP is the reference
+    (float64, alpha 0; three classes, since scikit-learn gives two classes one logistic output). Solver
+    sgd: scikit-learn's Nesterov momentum is PyTorch's (ours) rewritten; its Adam adds eps to sqrt(v)
+    before the bias correction where PyTorch's adds it after, so Adam agrees only to about 1e-4."""
+    X = rng.standard_normal((50, 4))
+    y = rng.integers(0, 3, 50) if estimator_class is MLPClassifier else rng.standard_normal((50, 2))
+    settings = dict(hidden_layer_sizes=(6, 5), activation="tanh", solver="sgd", alpha=0.0, batch_size=16,
+                    learning_rate_init=0.05, max_iter=4, random_state=7, tol=0.0, n_iter_no_change=10)
+    peer_class = getattr(sklearn.neural_network, estimator_class.__name__)
+    with pytest.warns(ConvergenceWarning):
+        model = estimator_class(backend="numpy", **settings).fit(X, y)
+    with pytest.warns(ConvergenceWarning):
+        peer = peer_class(**settings).fit(X, y)
+    for W, b, coef, intercept in zip(model.model_.weights, model.model_.biases, peer.coefs_, peer.intercepts_):
+        np.testing.assert_allclose(W.T, coef, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(b, intercept, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(model.loss_curve_, peer.loss_curve_, rtol=1e-12)
+    np.testing.assert_allclose(model.predict(X), peer.predict(X), rtol=1e-12)
