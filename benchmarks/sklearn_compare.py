@@ -2,6 +2,7 @@
 accuracy and fit time measured in one run, the fits interleaved.
 
     python -m deltaprop.benchmarks.sklearn_compare [--backends numpy,numba] [--rounds 3] [--json FILE]
+    OPENBLAS_NUM_THREADS=1 python -m deltaprop.benchmarks.sklearn_compare --rounds 5      (a busy machine)
 
 Data: scikit-learn's digits scaled by 1/16 (1797 x 64, 10 classes), and make_classification(20000 x
 100, 40 informative features, 5 classes, random_state 0) standardised; each split 75/25, stratified,
@@ -10,8 +11,10 @@ learning_rate_init 1e-3, alpha 1e-4, batch_size "auto" (200), random_state 0, an
 max_iter run (tol 0, n_iter_no_change above max_iter): 50 epochs on digits, 10 on the larger set.
 Each round fits every estimator on every dataset once, the order rotated from round to round; the
 table gives the median fit time over the rounds (compile time spent in an untimed warm-up fit) and
-the test accuracy. Timing a shared or busy machine is noisy: compare the ratios of one run. Needs
-scikit-learn: pip install 'deltaprop[train]'.
+the test accuracy. Timing a shared or busy machine is noisy: compare the ratios of one run, and there
+set OPENBLAS_NUM_THREADS=1 (oversubscribed BLAS threads wait on each other, which slows scikit-learn
+and the numpy backend far more than numba's serial kernels). Needs scikit-learn: pip install
+'deltaprop[train]'.
 """
 
 from __future__ import annotations
@@ -105,15 +108,17 @@ def table(results) -> str:
 def main(argv=None) -> int:
     from deltaprop.backend import available_backends, backend_status, registered_backends
     from deltaprop.benchmarks.machine import describe_machine
-    from deltaprop.cli import OneLineErrorParser, output_file, positive_ints
+    from deltaprop.cli import OneLineErrorParser, output_file
 
     parser = OneLineErrorParser(prog="python -m deltaprop.benchmarks.sklearn_compare",
                                 description=__doc__.splitlines()[0])
     parser.add_argument("--backends", default=",".join(b for b in available_backends() if b != "cupy"),
                         help="comma-separated deltaprop backends (default: the CPU ones usable here)")
-    parser.add_argument("--rounds", type=positive_ints, default=(3,), metavar="N", help="interleaved rounds (default 3)")
+    parser.add_argument("--rounds", type=int, default=3, metavar="N", help="interleaved rounds (default 3)")
     parser.add_argument("--json", type=output_file, metavar="FILE", help="also write the results here")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds: expected a positive integer, got {args.rounds}")
     if importlib.util.find_spec("sklearn") is None:
         parser.error("needs scikit-learn, not installed: pip install 'deltaprop[train]'")
     backends = args.backends.split(",")
@@ -121,7 +126,7 @@ def main(argv=None) -> int:
         if name not in registered_backends() or not backend_status(name)[0]:
             parser.error(f"--backends: expected backends usable here among {available_backends()}, got {name!r}")
     machine = describe_machine()
-    results = run(backends, args.rounds[0])
+    results = run(backends, args.rounds)
     print(f"{machine['cpu']}, {machine['cores']} cores, load average {machine['load_average']}")
     print(table(results))
     if args.json:
