@@ -226,3 +226,20 @@ def test_the_same_random_state_trains_the_same_network_as_scikit_learns(estimato
         np.testing.assert_allclose(b, intercept, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(model.loss_curve_, peer.loss_curve_, rtol=1e-12)
     np.testing.assert_allclose(model.predict(X), peer.predict(X), rtol=1e-12)
+
+
+def test_the_comparison_script_fits_each_estimator_once_a_round(monkeypatch, digits):
+    from deltaprop.benchmarks import sklearn_compare
+
+    X_train, X_test, y_train, y_test = digits
+    split = (X_train[:300].astype(np.float32), X_test[:100].astype(np.float32), y_train[:300], y_test[:100])
+    monkeypatch.setattr(sklearn_compare, "datasets", lambda: {"small digits": split})
+    monkeypatch.setattr(sklearn_compare, "EPOCHS", {"small digits": 3})
+    results = sklearn_compare.run(["numpy"], rounds=2)
+    assert list(results["small digits"]) == ["sklearn", "deltaprop[numpy]"]
+    for result in results["small digits"].values():
+        assert len(result["seconds"]) == 2 and min(result["seconds"]) > 0
+    # same settings and random_state: the same network up to Adam's eps placement, so the same accuracy
+    assert abs(results["small digits"]["sklearn"]["test_accuracy"]
+               - results["small digits"]["deltaprop[numpy]"]["test_accuracy"]) <= 0.02
+    assert "| small digits | sklearn | 3 |" in sklearn_compare.table(results)
