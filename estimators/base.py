@@ -1,7 +1,8 @@
 """The part the two estimators share: parameters, the epoch loop over a deltaprop MLP, early stopping.
 
-The loop follows sklearn.neural_network's stochastic solvers: minibatches of ``batch_size`` rows ("auto":
-min(200, n_samples)) in a new order each epoch drawn from ``random_state``; stop when the training loss
+The loop follows sklearn.neural_network's stochastic solvers, so that the same ``random_state`` gives the
+same network: the initial draws, then minibatches of ``batch_size`` rows ("auto": min(200, n_samples)) in
+a new order each epoch, all from ``random_state`` in scikit-learn's order; stop when the training loss
 (or, with ``early_stopping``, the validation score) has not improved by ``tol`` for more than
 ``n_iter_no_change`` epochs, restoring the best weights of the validation score; a ConvergenceWarning
 when ``max_iter`` epochs ran out. ``alpha`` is the L2 penalty on the mean loss, which adds
@@ -190,9 +191,11 @@ class BaseMLP(BaseEstimator):
             order = backend.asarray(shuffled) if self.shuffle else None
             loss_sum = 0.0
             for start in range(0, n, batch):
-                rows = order[start:start + batch] if order is not None else slice(start, start + batch)
-                x, y = (xp.take(X_train, rows, axis=0), xp.take(y_train, rows, axis=0)) if order is not None \
-                    else (X_train[rows], y_train[rows])
+                if order is None:
+                    x, y = X_train[start:start + batch], y_train[start:start + batch]
+                else:
+                    rows = order[start:start + batch]
+                    x, y = xp.take(X_train, rows, axis=0), xp.take(y_train, rows, axis=0)
                 loss, _ = net.forward_backward(x, y, batch)
                 loss_sum += loss * x.shape[0]
                 net.optimizer.step(net.params, net.grads)
