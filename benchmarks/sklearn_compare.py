@@ -54,10 +54,12 @@ def estimators(backends) -> dict:
 
     from deltaprop.sklearn import MLPClassifier
 
-    made = {"sklearn": lambda epochs: SklearnMLP(max_iter=epochs, n_iter_no_change=epochs + 1, **SETTINGS)}
+    def every_epoch(epochs):  # tol 0 and a patience beyond max_iter: every fit runs all its epochs
+        return dict(SETTINGS, max_iter=epochs, n_iter_no_change=epochs + 1)
+
+    made = {"sklearn": lambda epochs: SklearnMLP(**every_epoch(epochs))}
     for name in backends:
-        made[f"deltaprop[{name}]"] = (lambda epochs, name=name:
-                                      MLPClassifier(max_iter=epochs, n_iter_no_change=epochs + 1, backend=name, **SETTINGS))
+        made[f"deltaprop[{name}]"] = lambda epochs, name=name: MLPClassifier(backend=name, **every_epoch(epochs))
     return made
 
 

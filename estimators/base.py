@@ -224,7 +224,8 @@ class BaseMLP(BaseEstimator):
         self.validation_scores_.append(score)
         if self.verbose:
             print(f"Validation score: {score:f}")
-        self._no_improvement_count = self._no_improvement_count + 1 if score < self.best_validation_score_ + self.tol else 0
+        stalled = score < self.best_validation_score_ + self.tol
+        self._no_improvement_count = self._no_improvement_count + 1 if stalled else 0
         if score > self.best_validation_score_:
             self.best_validation_score_ = score
             return True

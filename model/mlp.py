@@ -172,7 +172,7 @@ class MLP:
         self._lr: float = math.nan
         self._lr_scalar: np.floating | None = None
         self.optimizer = None  # the Optimizer of the last fit (or of a loaded checkpoint), with its state
-        self.classes = None  # the labels that outputs 0..n_L-1 stand for, kept by save/load (None: the indices)
+        self.classes: np.ndarray | None = None  # labels of outputs 0..n_L-1, kept by save/load (None: the indices)
 
     # ---- layout and initialisation ----
 
