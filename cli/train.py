@@ -3,12 +3,14 @@
     deltaprop train --dataset digits                      scikit-learn's bundled 8x8 digits (no download)
     deltaprop train --data FILE.npz                       arrays X (N, n0) and y (N,)
     deltaprop train --data FILE.csv                       one sample a row, the label in the last column
+    deltaprop train --data FILE.csv --load NET.npz        the saved network on the test split, no training
 
 Every dataset is split into 75% training and 25% test samples, stratified, with random_state 0;
 --validation-fraction F holds out F of the training samples the same way as a validation set, whose
 loss and accuracy each epoch prints (with the whole curve and its best epoch at the end). Digits
 pixels are scaled by 1/16 into [0, 1]; other data is used as it is. Labels may be any integers; they
-are numbered 0..C-1 in sorted order. Prints one line per epoch, then the test accuracy and the wall
+are numbered 0..C-1 in sorted order, and ``--save`` keeps them in the checkpoint, so that ``--load``
+reports predictions in the data's own labels. Prints one line per epoch, then the test accuracy and the wall
 time of the fit. Needs scikit-learn (the split, and the digits): pip install 'deltaprop[train]'. A bad
 file, flag or missing package prints one line "deltaprop train: error: ..." to stderr and exits with
 status 2, before any training; a diverging fit (non-finite loss) exits with status 1.
@@ -100,6 +102,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--patience", type=_positive_int,
                         help="early stopping on the validation loss (the training loss without --validation-fraction)")
     parser.add_argument("--save", type=output_file, metavar="FILE.npz", help="write the trained network here")
+    parser.add_argument("--load", metavar="FILE.npz",
+                        help="evaluate this saved network on the test split instead of training one")
 
 
 # ---- data -----------------------------------------------------------------------------------------
@@ -211,11 +215,16 @@ def _train(args):
     if importlib.util.find_spec("sklearn") is None:
         raise UsageError("needs scikit-learn (the digits and the test split), which is not installed: "
                          "pip install 'deltaprop[train]'")
+    if args.load and args.save:
+        raise UsageError("--load evaluates a saved network and trains none, so --save has nothing to write: give one")
     backend = backend_for("--backend", args.backend)  # before the data, so that a bad name costs nothing
     source = "digits" if args.dataset else args.data
     X, y = _load_digits() if args.dataset else _load_file(args.data)
     X, y, classes = _checked(X, y, source)
     X_train, X_test, y_train, y_test = _split(X, y, source)
+    if args.load:
+        _evaluate_saved(args.load, backend, X_test, classes[y_test], source)
+        return
     validation_data = None
     if args.validation_fraction is not None:
         X_train, X_val, y_train, y_val = _split(X_train, y_train, source, args.validation_fraction, "validation")
@@ -225,6 +234,7 @@ def _train(args):
                   backend=backend, dtype=args.dtype, seed=args.seed)
     except (TypeError, ValueError) as e:
         raise DataError(str(e)) from None
+    net.classes = classes
     held_out = f", {len(validation_data[1])} validation" if validation_data else ""
     print(f"{source}: {len(y_train)} training{held_out} and {len(y_test)} test samples, {X.shape[1]} features, "
           f"{len(classes)} classes; {net!r}", flush=True)
@@ -255,6 +265,24 @@ def _print_validation_curve(history):
     print(f"validation loss by epoch: {curve}")
     print(f"best validation epoch {best}{kept}: val_loss {history.val_loss[best - 1]:.4f}  "
           f"val_accuracy {history.val_accuracy[best - 1]:.4f}", flush=True)
+def _evaluate_saved(path, backend, X_test, labels_test, source):
+    """Prints the test accuracy of the network saved at ``path`` and the labels it predicts, in the labels
+    the checkpoint keeps (the indices 0..C-1 for a checkpoint without labels)."""
+    from deltaprop.model import MLP
+
+    net = MLP.load(path, backend=backend)
+    classes = np.arange(net.sizes[-1]) if net.classes is None else net.classes
+    if net.sizes[0] != X_test.shape[1]:
+        raise DataError(f"--load: {path} expects {net.sizes[0]} features, {source} has {X_test.shape[1]}")
+    unknown = np.setdiff1d(labels_test, classes)
+    if unknown.size:
+        raise DataError(f"--load: {path} knows the labels {classes.tolist()}, {source} has also {unknown.tolist()}")
+    _compile(net, ["predict"])
+    predicted = classes[net.backend.to_numpy(net.predict(X_test))]
+    correct = int((predicted == labels_test).sum())
+    counts = ", ".join(f"{label}: {count}" for label, count in zip(*np.unique(predicted, return_counts=True)))
+    print(f"{path}: {net!r}")
+    print(f"test accuracy {correct / len(labels_test):.4f} ({correct}/{len(labels_test)})  predicted labels {counts}")
 
 
 def _compile(net, uses, batches=None) -> float:

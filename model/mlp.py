@@ -24,6 +24,7 @@ some step, possibly mid-update.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import threading
@@ -36,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from deltaprop.backend import get_backend
+from deltaprop.backend import get_backend, to_numpy
 from deltaprop.backend.checks import check_label_range, check_shape
 from deltaprop.errors import NonFiniteLossError
 from deltaprop.kernels.activations import get_activation
@@ -92,6 +93,13 @@ def _finite(loss):
         raise NonFiniteLossError(
             f"loss: expected a finite value, got {loss} (NaN/inf in x, or a diverging learning rate)")
     return loss
+
+
+def _moved(backend, array):
+    """A fresh copy of ``array`` (of any backend) on ``backend``, in its own (aligned) buffer."""
+    out = backend.empty(array.shape, array.dtype)
+    out[...] = array if isinstance(array, type(out)) else backend.asarray(to_numpy(array))
+    return out
 
 
 def _check_sizes(sizes):
@@ -165,6 +173,7 @@ class MLP:
         self._lr: float = math.nan
         self._lr_scalar: np.floating | None = None
         self.optimizer = None  # the Optimizer of the last fit (or of a loaded checkpoint), with its state
+        self.classes: np.ndarray | None = None  # labels of outputs 0..n_L-1, kept by save/load (None: the indices)
 
     # ---- layout and initialisation ----
 
@@ -198,18 +207,55 @@ class MLP:
                 W[...] = rng.uniform(-limit, limit, W.shape)
         return flat
 
+    # ---- copies: copy.copy, copy.deepcopy, pickle and ``to`` all make an independent network ----
+
+    # attributes made anew in every copy: the per-thread workspaces, the lock, the views and the backend's
+    # compiled steps (cached_property), which belong to one buffer and one process
+    _NOT_COPIED = ("_threads", "_training", "weights", "biases", "grad_weights", "grad_biases", "_fused_step",
+                   "_fused_grads_step")
+
     def __getstate__(self):
-        """What copy and pickle keep: all but the per-thread workspaces and the lock (made anew)."""
-        state = dict(self.__dict__)
-        del state["_threads"], state["_training"]
+        """What pickle keeps: the buffers as arrays of the backend, the backend by name (so that a network
+        unpickles on the same backend in another process), the optimizer without its binding."""
+        state = {key: value for key, value in self.__dict__.items() if key not in self._NOT_COPIED}
+        state["backend"] = self.backend.name
+        if self.optimizer is not None:
+            optimizer = state["optimizer"] = copy.copy(self.optimizer)
+            optimizer.backend, optimizer.state, optimizer.hyper = None, dict(optimizer.state), dict(optimizer.hyper)
         return state
 
     def __setstate__(self, state):
+        """Rebuilds a network from ``__getstate__``'s dict (arrays of any backend): the buffers are copied
+        into fresh ones of the network's backend, so that the views view this network's own buffers."""
         self.__dict__.update(state)
-        self.weights, self.biases = self._views(self.params)  # a copy's views must view the copy's buffers
+        backend = self.backend = get_backend(state["backend"])
+        self.dtype = resolve_dtype(self.dtype, backend.device)
+        self.params, self.grads = _moved(backend, state["params"]), _moved(backend, state["grads"])
+        self.weights, self.biases = self._views(self.params)
         self.grad_weights, self.grad_biases = self._views(self.grads)
         self._threads = _ThreadWorkspaces()
         self._training = threading.RLock()
+        if self.optimizer is not None:
+            self.optimizer.state = {key: _moved(backend, value) for key, value in self.optimizer.state.items()}
+            self.optimizer.bind(backend, self.params)
+
+    def to(self, backend: str | Backend) -> MLP:
+        """A copy of the network (parameters, gradients, optimizer state) on ``backend``; the original is
+        left as it was. ValueError when the backend cannot hold the network's dtype."""
+        with self._training:  # one snapshot of parameters and optimizer state
+            state = self.__getstate__()
+        state["backend"] = get_backend(backend).name
+        network = object.__new__(type(self))
+        network.__setstate__(state)
+        return network
+
+    def __copy__(self) -> MLP:
+        """A copy that trains independently (its own buffers): a shallow copy sharing ``params`` would
+        change the original on every step."""
+        return self.to(self.backend)
+
+    def __deepcopy__(self, memo) -> MLP:
+        return self.to(self.backend)
 
     def __repr__(self):
         return (f"MLP({self.sizes}, activation={self.activation!r}, loss={self.loss!r}, "
