@@ -25,7 +25,7 @@ import zipfile
 import numpy as np
 
 from deltaprop.cli import UsageError, backend_for, output_file
-from deltaprop.errors import NonFiniteLossError
+from deltaprop.errors import DistributedError, NonFiniteLossError
 from deltaprop.kernels.activations import ACTIVATIONS
 from deltaprop.model.optim import OPTIMIZERS
 
@@ -84,6 +84,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="initialisation and shuffling (default: 0)")
     parser.add_argument("--patience", type=_positive_int, help="early stopping on the training loss")
     parser.add_argument("--save", type=output_file, metavar="FILE.npz", help="write the trained network here")
+    parser.add_argument("--distributed", action="store_true",
+                        help="data parallel over the ranks of mpiexec -n N (MPI; NCCL on GPUs); rank 0 prints and saves")
 
 
 # ---- data -----------------------------------------------------------------------------------------
@@ -195,6 +197,7 @@ def _train(args):
     if importlib.util.find_spec("sklearn") is None:
         raise UsageError("needs scikit-learn (the digits and the test split), which is not installed: "
                          "pip install 'deltaprop[train]'")
+    comm = _data_parallel(args)  # before the backend: it picks this rank's GPU
     backend = backend_for("--backend", args.backend)  # before the data, so that a bad name costs nothing
     source = "digits" if args.dataset else args.data
     X, y = _load_digits() if args.dataset else _load_file(args.data)
@@ -210,7 +213,8 @@ def _train(args):
     warmup = _compile(net, ["fit"], [args.batch_size])  # fit runs its last, smaller batch with the same step
     started = time.perf_counter()
     net.fit(X_train, y_train, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
-            lr=args.lr, patience=args.patience, seed=args.seed, progress=False, callback=_print_epoch(args.epochs))
+            lr=args.lr, patience=args.patience, seed=args.seed, progress=False, callback=_print_epoch(args.epochs),
+            comm=comm)
     net.backend.synchronize()
     wall = time.perf_counter() - started
     warmup += _compile(net, ["predict"])
@@ -218,9 +222,21 @@ def _train(args):
     correct = int((predicted == y_test).sum())
     print(f"test accuracy {correct / len(y_test):.4f} ({correct}/{len(y_test)})  "
           f"fit wall time {wall:.3f} s (backend {net.backend.name}, compile/warm-up {warmup:.3f} s, not timed)")
-    if args.save:
+    if args.save and (comm is None or comm.is_root):
         net.save(args.save)
         print(f"saved {args.save}")
+
+
+def _data_parallel(args):
+    """The DataParallel hook of ``--distributed`` (None without it); a UsageError without mpi4py."""
+    if not args.distributed:
+        return None
+    from deltaprop.model.distributed import session
+
+    try:
+        return session(args.backend)
+    except DistributedError as e:
+        raise UsageError(f"--distributed: {e}") from None
 
 
 def _compile(net, uses, batches=None) -> float:
@@ -239,5 +255,8 @@ def run(args) -> int:
         _train(args)
     except NonFiniteLossError as e:
         print(f"deltaprop train: error: training diverged: {e}; try a smaller --lr", file=sys.stderr)
+        return 1
+    except DistributedError as e:
+        print(f"deltaprop train: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -421,7 +421,7 @@ class MLP:
             optimizer: str | Optimizer | None = None, lr: float | None = None, schedule: Any = None,
             validation_data: tuple[ArrayInput, ArrayInput] | None = None, patience: int | None = None,
             shuffle: bool = True, seed: int | None = None, progress: bool | None = None,
-            callback: Callable[[int, dict[str, float]], object] | None = None) -> training.History:
+            callback: Callable[[int, dict[str, float]], object] | None = None, comm: Any = None) -> training.History:
         """Trains on X (N, n0) and y (int labels (N,) or targets (N, n_L)) by minibatches; returns a History.
 
         optimizer: "adam", "adamw", "sgd", "momentum" (torch.optim's defaults; ``lr`` overrides the
@@ -433,6 +433,9 @@ class MLP:
         order each epoch, drawn from default_rng(seed), seed defaulting to the network's seed.
         progress: a tqdm bar on stderr (None: on in a terminal or a notebook). callback(epoch, logs):
         called after each epoch (1-based) with that epoch's metrics.
+        comm: an mpi4py communicator (``MPI.COMM_WORLD``) or a ``deltaprop.distributed.DataParallel``:
+        data parallel over its ranks, the same losses as one process with the same global batch; only
+        rank 0 draws progress (deltaprop.model.distributed).
 
         Non-finite values in X, y or validation_data are refused before training, naming the rows. On a
         NaN or infinite loss (training diverged) raises NonFiniteLossError naming the epoch and batch,
@@ -443,7 +446,7 @@ class MLP:
         with self._training:
             return training.fit(self, X, y, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
                                 schedule=schedule, validation_data=validation_data, patience=patience,
-                                shuffle=shuffle, seed=seed, progress=progress, callback=callback)
+                                shuffle=shuffle, seed=seed, progress=progress, callback=callback, comm=comm)
 
     def predict(self, X: ArrayInput, chunk_size: int = training.DEFAULT_CHUNK) -> Array:
         """Class labels (N,) for softmax cross-entropy, 0/1 (N, n_L) for sigmoid cross-entropy, outputs
