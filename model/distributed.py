@@ -31,6 +31,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -113,10 +114,7 @@ class NcclSum:
 
     def __init__(self, comm, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.comm, self.timeout, self.rank = _check_comm(comm), _check_timeout(timeout), comm.Get_rank()
-        try:
-            from cupy.cuda import nccl
-        except ImportError as e:
-            raise DistributedError(f"NCCL: expected CuPy with NCCL (pip install 'deltaprop[cuda]'), got: {e}") from None
+        nccl = _nccl()
         unique_id = np.frombuffer(bytes(nccl.get_unique_id()), np.int8).copy() if self.rank == 0 else None
         unique_id = _bcast_bytes(comm, unique_id, self.timeout, "NCCL unique id")
         self.nccl = nccl
@@ -136,6 +134,20 @@ class NcclSum:
         except DistributedError:
             self.communicator.abort()  # frees the kernel that waits for the dead rank
             raise
+
+
+def _nccl():
+    """cupy.cuda.nccl with its library loaded; a DistributedError saying what to install otherwise."""
+    try:
+        with warnings.catch_warnings():  # CuPy warns when libnccl is missing: said below in the error instead
+            warnings.simplefilter("ignore", UserWarning)
+            from cupy.cuda import nccl
+    except ImportError as e:
+        raise DistributedError(f"NCCL: expected CuPy (pip install 'deltaprop[cuda,nccl]'), got: {e}") from None
+    if not nccl.available:
+        raise DistributedError("NCCL: expected CuPy's NCCL library, got none loadable (libnccl.so.2): "
+                               "pip install 'deltaprop[cuda,nccl]'")
+    return nccl
 
 
 def use_rank_gpu(comm) -> int:
