@@ -174,7 +174,7 @@ def _bcast_bytes(comm, array, timeout, what):
 
 
 # the collective that sums the gradients, by the kind of device the network's backend runs on
-REDUCERS = {"cpu": MpiSum, "cuda": NcclSum}
+REDUCERS: dict[str, type[MpiSum] | type[NcclSum]] = {"cpu": MpiSum, "cuda": NcclSum}
 
 
 def _check_timeout(timeout):
@@ -184,7 +184,8 @@ def _check_timeout(timeout):
 
 
 def _sha256(array) -> str:
-    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+    """The first 16 hex digits of the SHA-256 of ``array``'s bytes (what an error shows of a differing array)."""
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
 
 
 @dataclass
@@ -217,7 +218,7 @@ class DataParallel:
         self.resume = bool(resume)
         self.first_epoch = 1
         self.batch_rows = 0  # rows of the current global batch
-        self._sum = None
+        self._sum: MpiSum | NcclSum | None = None  # bound by start(), for the network's device
 
     @property
     def is_root(self) -> bool:
@@ -258,6 +259,8 @@ class DataParallel:
 
     def reduce_gradients(self, grads, rows: int) -> None:
         """grads (P,), the mean over this rank's ``rows`` of the current batch, becomes the batch's mean."""
+        if self._sum is None:
+            raise RuntimeError("DataParallel.reduce_gradients: call start() first (fit does)")
         if rows == 0:
             grads.fill(0)
         else:
