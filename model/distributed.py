@@ -38,6 +38,11 @@ import numpy as np
 
 from deltaprop.errors import DistributedError
 
+# What keeps MPICH (the mpich wheel) on one machine, for tests and benchmarks: the OFI netmod over TCP
+# (UCX, the wheel's default, may refuse to start in a container), no GPU support in MPICH itself; and
+# mpiexec's flags for processes started by fork (no ssh) on host localhost (no name lookup).
+LOOPBACK_ENV = {"MPIR_CVAR_CH4_NETMOD": "ofi", "FI_PROVIDER": "tcp", "MPIR_CVAR_ENABLE_GPU": "0"}
+MPIEXEC_LOOPBACK = ("-launcher", "fork", "-hosts", "localhost")
 DEFAULT_TIMEOUT = 60.0  # seconds a rank waits for the others in one collective (first steps compile kernels)
 _POLLS_PER_CLOCK_READ = 64  # Test() calls between two reads of the clock while waiting
 
@@ -236,8 +241,8 @@ class DataParallel:
                 raise DistributedError(f"resume: expected a checkpoint written at the end of an epoch of "
                                        f"{n_batches} batches, got one after {steps} steps")
             self.first_epoch = steps // n_batches + 1
+        self._agree("start of fit", self._agreement(net, X, y, seed, batch_size))  # the device too: first
         self._sum = REDUCERS[net.backend.device](self.comm, self.timeout)
-        self._agree("start of fit", self._agreement(net, X, y, seed, batch_size))
         for _ in range(self.first_epoch - 1):
             rng.permutation(X.shape[0])
         return self.first_epoch

@@ -10,7 +10,16 @@ import pytest
 from deltaprop import distributed
 from deltaprop.errors import DistributedError
 from deltaprop.model import MLP
-from deltaprop.model.distributed import NCCL_DTYPES, gpu_for_rank, nccl_dtype
+from deltaprop.model.distributed import LOOPBACK_ENV, NCCL_DTYPES, gpu_for_rank, nccl_dtype
+
+
+@pytest.fixture(scope="module")
+def MPI():
+    """mpi4py.MPI, initialised (a singleton: one rank, no mpiexec) with the loopback settings."""
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in LOOPBACK_ENV.items():
+            env.setenv(key, value)  # read by MPI_Init only, which importing mpi4py.MPI runs
+        return pytest.importorskip("mpi4py.MPI")
 
 
 @pytest.mark.parametrize("rows, size", [(33, 2), (1, 2), (7, 3), (2, 5), (256, 4)])
@@ -35,8 +44,7 @@ def test_nccl_dtype_table_names_the_nccl_constants_and_refuses_the_rest():
         nccl_dtype(np.int64)
 
 
-def test_nccl_path_names_the_package_when_its_library_is_missing():
-    MPI = pytest.importorskip("mpi4py.MPI")
+def test_nccl_path_names_the_package_when_its_library_is_missing(MPI):
     pytest.importorskip("cupy")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
@@ -57,8 +65,7 @@ def test_a_non_communicator_is_refused_before_anything_is_imported(make):
 
 
 @pytest.mark.parametrize("timeout", [0, -1.0, float("inf"), float("nan"), "5", True])
-def test_a_bad_timeout_is_refused(timeout):
-    MPI = pytest.importorskip("mpi4py.MPI")
+def test_a_bad_timeout_is_refused(timeout, MPI):
     with pytest.raises(ValueError, match="timeout: expected a positive finite number of seconds"):
         distributed.DataParallel(MPI.COMM_SELF, timeout=timeout)
 
@@ -77,8 +84,7 @@ def _data(rows=50, features=6, classes=3, seed=0):
     return X, (X[:, 0] > 0).astype(np.int64) + (X[:, 1] > 0.5)
 
 
-def test_fit_on_one_rank_is_the_plain_fit_and_resumes_from_its_checkpoint(tmp_path):
-    MPI = pytest.importorskip("mpi4py.MPI")
+def test_fit_on_one_rank_is_the_plain_fit_and_resumes_from_its_checkpoint(tmp_path, MPI):
     X, y = _data()
     plain = MLP([6, 8, 3], backend="numpy", dtype="float64", seed=3)
     expected = plain.fit(X, y, epochs=4, batch_size=16, seed=5).loss
@@ -95,8 +101,7 @@ def test_fit_on_one_rank_is_the_plain_fit_and_resumes_from_its_checkpoint(tmp_pa
     np.testing.assert_allclose(resumed.params, plain.params, rtol=0, atol=1e-12)
 
 
-def test_resume_from_a_checkpoint_written_mid_epoch_is_refused(tmp_path):
-    MPI = pytest.importorskip("mpi4py.MPI")
+def test_resume_from_a_checkpoint_written_mid_epoch_is_refused(tmp_path, MPI):
     X, y = _data()
     net = MLP([6, 8, 3], backend="numpy", dtype="float64")
     net.fit(X[:20], y[:20], epochs=1, batch_size=16)  # 2 steps: not a whole number of epochs of X
@@ -105,3 +110,19 @@ def test_resume_from_a_checkpoint_written_mid_epoch_is_refused(tmp_path):
     with pytest.raises(DistributedError, match="expected a checkpoint written at the end of an epoch of 4 batches, "
                                                "got one after 2 steps"):
         resumed.fit(X, y, epochs=3, batch_size=16, comm=hook)
+
+
+@pytest.mark.gpu
+def test_fit_over_nccl_on_one_gpu_is_the_plain_fit(MPI):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        from cupy.cuda import nccl
+    if not nccl.available:
+        pytest.skip("no NCCL library here: pip install 'deltaprop[nccl]'")
+    assert distributed.use_rank_gpu(MPI.COMM_SELF) == 0  # before the networks: they live on this GPU
+    X, y = _data()
+    plain = MLP([6, 8, 3], backend="cupy", dtype="float64", seed=3)
+    expected = plain.fit(X, y, epochs=3, batch_size=16, seed=5).loss
+    net = MLP([6, 8, 3], backend="cupy", dtype="float64", seed=3)
+    history = net.fit(X, y, epochs=3, batch_size=16, seed=5, comm=MPI.COMM_SELF)  # NcclSum, one rank
+    np.testing.assert_allclose(history.loss, expected, rtol=1e-12)

@@ -1,10 +1,7 @@
 """Data parallel over 2 ranks under the mpich wheel's mpiexec, on loopback, each run under a timeout: the
 2-rank fit against the plain 1-process fit with the same global batch, ranks that disagree, a rank that
 dies. This file is also the program the ranks run (``python test_distributed_mpi.py CASE ARGS``).
-
-The environment of every run (LOOPBACK_ENV) keeps MPICH on this machine: the OFI netmod over TCP (UCX,
-the wheel's default, may refuse to start in a container), processes started by fork (no ssh), host
-localhost (no name lookup), and no GPU support in MPICH itself.
+Every run has distributed.LOOPBACK_ENV and MPIEXEC_LOOPBACK: MPICH on this machine only.
 """
 
 import json
@@ -18,8 +15,8 @@ import time
 import numpy as np
 import pytest
 
-LOOPBACK_ENV = {"MPIR_CVAR_CH4_NETMOD": "ofi", "FI_PROVIDER": "tcp", "MPIR_CVAR_ENABLE_GPU": "0"}
-MPIEXEC_LOOPBACK = ["-launcher", "fork", "-hosts", "localhost"]
+from deltaprop.model.distributed import LOOPBACK_ENV, MPIEXEC_LOOPBACK
+
 RUN_LIMIT = 60  # seconds any one mpiexec run may take before the test fails
 SIZES, ROWS, BATCH, EPOCHS = [6, 16, 3], 100, 33, 4  # batches of 33, 33, 33, 1 rows: split 16/17 and 0/1
 
