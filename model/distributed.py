@@ -224,6 +224,7 @@ class DataParallel:
         self.first_epoch = 1
         self.batch_rows = 0  # rows of the current global batch
         self._sum: MpiSum | NcclSum | None = None  # bound by start(), for the network's device
+        self._sum_totals = MpiSum(comm, self.timeout)  # the epoch's loss and hits, on the host
 
     @property
     def is_root(self) -> bool:
@@ -275,7 +276,7 @@ class DataParallel:
     def reduce_totals(self, loss_sum, hits):
         """(loss summed over rows, correct rows) of this rank's rows of an epoch -> over all rows."""
         totals = np.array([float(loss_sum), float(hits)])
-        MpiSum(self.comm, self.timeout)(totals, "epoch loss allreduce")
+        self._sum_totals(totals, "epoch loss allreduce")
         return float(totals[0]), int(totals[1])
 
     def end_epoch(self, net, epoch) -> None:
@@ -291,14 +292,14 @@ class DataParallel:
 
     def _agreement(self, net, X, y, seed, batch_size):
         to_numpy, optimizer = net.backend.to_numpy, net.optimizer
+        state = [to_numpy(buffer).ravel().view(np.uint8) for buffer in (optimizer.state.values() if optimizer else ())]
         return _Agreement({
             "sizes": str(net.sizes), "dtype": net.dtype.name, "activation": net.activation, "loss": net.loss,
             "network seed": str(net.seed), "shuffle seed": str(seed), "batch_size": str(batch_size),
             "backend device": net.backend.device, "samples": str(X.shape[0]),
             "X": _sha256(to_numpy(X)), "y": _sha256(to_numpy(y)), "params": _sha256(to_numpy(net.params)),
             "optimizer": "" if optimizer is None else f"{optimizer.name} step {optimizer.step_count}",
-            "optimizer state": _sha256(np.concatenate([to_numpy(s).ravel().view(np.uint8) for s in
-                                                       (optimizer.state.values() if optimizer else ())] or [np.zeros(0, np.uint8)])),
+            "optimizer state": _sha256(np.concatenate(state) if state else np.zeros(0, np.uint8)),
         })
 
     def _agree(self, when, mine: _Agreement):
