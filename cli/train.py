@@ -4,7 +4,9 @@
     deltaprop train --data FILE.npz                       arrays X (N, n0) and y (N,)
     deltaprop train --data FILE.csv                       one sample a row, the label in the last column
 
-Every dataset is split into 75% training and 25% test samples, stratified, with random_state 0. Digits
+Every dataset is split into 75% training and 25% test samples, stratified, with random_state 0;
+--validation-fraction F holds out F of the training samples the same way as a validation set, whose
+loss and accuracy each epoch prints (with the whole curve and its best epoch at the end). Digits
 pixels are scaled by 1/16 into [0, 1]; other data is used as it is. Labels may be any integers; they
 are numbered 0..C-1 in sorted order. Prints one line per epoch, then the test accuracy and the wall
 time of the fit. Needs scikit-learn (the split, and the digits): pip install 'deltaprop[train]'. A bad
@@ -58,6 +60,16 @@ def _positive_float(text):
     return value
 
 
+def _fraction(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number strictly between 0 and 1, got {text!r}")
+    return value
+
+
 def _sizes(text):
     try:
         sizes = [int(part) for part in text.split(",")]
@@ -82,7 +94,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--backend", default="auto", help="auto, numpy, numba or cupy (default: auto)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--seed", type=int, default=0, help="initialisation and shuffling (default: 0)")
-    parser.add_argument("--patience", type=_positive_int, help="early stopping on the training loss")
+    parser.add_argument("--validation-fraction", type=_fraction, metavar="F",
+                        help="hold out this fraction of the training samples (stratified) as a validation set, "
+                             "reported each epoch; --patience then watches its loss")
+    parser.add_argument("--patience", type=_positive_int,
+                        help="early stopping on the validation loss (the training loss without --validation-fraction)")
     parser.add_argument("--save", type=output_file, metavar="FILE.npz", help="write the trained network here")
     parser.add_argument("--distributed", action="store_true",
                         help="data parallel over the ranks of mpiexec -n N (MPI; NCCL on GPUs); rank 0 prints and saves")
@@ -163,13 +179,13 @@ def _checked(X, y, source):
     return X.astype(np.float64), labels, classes
 
 
-def _split(X, y, source):
+def _split(X, y, source, fraction=TEST_FRACTION, part="test"):
     from sklearn.model_selection import train_test_split
 
     try:
-        return train_test_split(X, y, test_size=TEST_FRACTION, stratify=y, random_state=SPLIT_SEED)
+        return train_test_split(X, y, test_size=fraction, stratify=y, random_state=SPLIT_SEED)
     except ValueError as e:  # e.g. a class with a single sample cannot be stratified
-        raise DataError(f"{source}: cannot make a stratified {TEST_FRACTION:.0%} test split: {e}") from None
+        raise DataError(f"{source}: cannot make a stratified {fraction:.0%} {part} split: {e}") from None
 
 
 def _sizes_for(args, features, classes):
@@ -203,20 +219,27 @@ def _train(args):
     X, y = _load_digits() if args.dataset else _load_file(args.data)
     X, y, classes = _checked(X, y, source)
     X_train, X_test, y_train, y_test = _split(X, y, source)
+    validation_data = None
+    if args.validation_fraction is not None:
+        X_train, X_val, y_train, y_val = _split(X_train, y_train, source, args.validation_fraction, "validation")
+        validation_data = (X_val, y_val)
     try:
         net = MLP(_sizes_for(args, X.shape[1], len(classes)), activation=args.activation,
                   backend=backend, dtype=args.dtype, seed=args.seed)
     except (TypeError, ValueError) as e:
         raise DataError(str(e)) from None
-    print(f"{source}: {len(y_train)} training and {len(y_test)} test samples, {X.shape[1]} features, "
+    held_out = f", {len(validation_data[1])} validation" if validation_data else ""
+    print(f"{source}: {len(y_train)} training{held_out} and {len(y_test)} test samples, {X.shape[1]} features, "
           f"{len(classes)} classes; {net!r}", flush=True)
     warmup = _compile(net, ["fit"], [args.batch_size])  # fit runs its last, smaller batch with the same step
     started = time.perf_counter()
-    net.fit(X_train, y_train, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
-            lr=args.lr, patience=args.patience, seed=args.seed, progress=False, callback=_print_epoch(args.epochs),
-            comm=comm)
+    history = net.fit(X_train, y_train, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
+                      lr=args.lr, validation_data=validation_data, patience=args.patience, seed=args.seed,
+                      progress=False, callback=_print_epoch(args.epochs), comm=comm)
     net.backend.synchronize()
     wall = time.perf_counter() - started
+    if validation_data:
+        _print_validation_curve(history)
     warmup += _compile(net, ["predict"])
     predicted = net.backend.to_numpy(net.predict(X_test))
     correct = int((predicted == y_test).sum())
@@ -237,6 +260,16 @@ def _data_parallel(args):
         return session(args.backend)
     except DistributedError as e:
         raise UsageError(f"--distributed: {e}") from None
+
+
+def _print_validation_curve(history):
+    """The validation loss per epoch in one line, and its best epoch (the one kept, with --patience)."""
+    best = history.best_epoch or 1 + min(range(history.epochs), key=history.val_loss.__getitem__)
+    curve = " ".join(f"{value:.4f}" for value in history.val_loss)
+    kept = " (its weights kept)" if history.best_epoch else ""
+    print(f"validation loss by epoch: {curve}")
+    print(f"best validation epoch {best}{kept}: val_loss {history.val_loss[best - 1]:.4f}  "
+          f"val_accuracy {history.val_accuracy[best - 1]:.4f}", flush=True)
 
 
 def _compile(net, uses, batches=None) -> float:

@@ -14,6 +14,8 @@ The epoch's loss sum and correct count are summed over the ranks once per epoch.
 agree (sizes, dtype, activation, loss, seeds, batch size, data, parameters and optimizer state) is
 compared across ranks when a fit starts (a mismatch: DistributedError on every rank, naming the field
 and the ranks) and of the parameters when it ends. Only rank 0 draws progress and writes checkpoints.
+Callbacks run on every rank and see the same epoch logs; a per-batch hook sees its own rank's loss
+(of its rows), so a callback that stops a fit mid-epoch must decide alike on every rank.
 
 Faults: every collective is non-blocking and waited on for at most ``timeout`` seconds; a rank that
 died or hangs makes the others raise DistributedError within that time instead of waiting forever
@@ -222,7 +224,7 @@ class DataParallel:
         self.checkpoint = None if checkpoint is None else os.fspath(checkpoint)
         self.resume = bool(resume)
         self.first_epoch = 1
-        self.batch_rows = 0  # rows of the current global batch
+        self.batch_rows = self.batch_end = 0  # rows of the current global batch, and the row it ends at
         self._sum: MpiSum | NcclSum | None = None  # bound by start(), for the network's device
         self._sum_totals = MpiSum(comm, self.timeout)  # the epoch's loss and hits, on the host
 
@@ -260,7 +262,7 @@ class DataParallel:
         """This rank's (start, stop) of each global batch of ``batch_size`` rows of ``n`` (possibly empty)."""
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
-            self.batch_rows = stop - start
+            self.batch_rows, self.batch_end = stop - start, stop
             yield split_rows(start, stop, self.rank, self.size)
 
     def reduce_gradients(self, grads, rows: int) -> None:
@@ -274,10 +276,11 @@ class DataParallel:
         self._sum(grads)
 
     def reduce_totals(self, loss_sum, hits):
-        """(loss summed over rows, correct rows) of this rank's rows of an epoch -> over all rows."""
+        """(loss summed over rows, correct rows) of this rank's rows of an epoch -> (the sums over every
+        rank's rows, the rows run by all ranks: the end of the last global batch)."""
         totals = np.array([float(loss_sum), float(hits)])
         self._sum_totals(totals, "epoch loss allreduce")
-        return float(totals[0]), int(totals[1])
+        return float(totals[0]), int(totals[1]), self.batch_end
 
     def end_epoch(self, net, epoch) -> None:
         """Rank 0 writes the checkpoint (atomically), when there is one."""

@@ -49,6 +49,7 @@ from deltaprop.model.optim import check_learning_rate, check_seed
 if TYPE_CHECKING:
     from deltaprop.arrays import Array, ArrayInput, DTypeLike
     from deltaprop.backend import Backend
+    from deltaprop.model.callbacks import Callback
     from deltaprop.model.optim import Optimizer
 
 _INT64 = np.dtype(np.int64)
@@ -415,27 +416,80 @@ class MLP:
             return len(y) == batch and y.dtype is _INT64
         return y.dtype is self.dtype and y.shape == (batch, self.sizes[-1])  # a 0-d or 3-d y is not ready
 
+    # ---- PyTorch interchange ----
+
+    def _torch_keys(self):
+        """(layer l, key of W[l], key of b[l]): a torch.nn.Sequential alternating Linear and activation
+        modules numbers its Linear layers 0, 2, 4, ... (the activations take the odd indices)."""
+        return [(l, f"{2 * l}.weight", f"{2 * l}.bias") for l in range(self.depth)]
+
+    def state_dict(self) -> dict[str, Array]:
+        """The parameters in torch.nn.Linear layout, keyed as torch.nn.Sequential(Linear, act, Linear, ...,
+        Linear) names them: "0.weight" W[1] (n1, n0), "0.bias" b[1] (n1,), "2.weight" W[2] (n2, n1), ...,
+        the last Linear's key 2 * (L - 1) (no activation after it: the loss applies the output map).
+        The values are views of ``params`` on the network's backend (as torch's state_dict shares
+        storage); torch takes them without a copy: ``{k: torch.from_dlpack(v) for k, v in ...items()}``."""
+        state = {}
+        for l, weight_key, bias_key in self._torch_keys():
+            state[weight_key], state[bias_key] = self.weights[l], self.biases[l]
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Copies the parameters from a ``state_dict`` of the same keys and shapes (a torch.nn.Sequential's,
+        tensors or any arrays; torch tensors without ``requires_grad`` come in through DLPack), converted
+        to the network's dtype. Every key is checked (missing, unexpected, shape, finite) before anything
+        changes: a ValueError names the first problem."""
+        if not hasattr(state_dict, "keys"):
+            raise TypeError(f"state_dict: expected a mapping of parameter names to arrays, got {type(state_dict).__name__}")
+        keys = self._torch_keys()
+        expected = [key for _, weight_key, bias_key in keys for key in (weight_key, bias_key)]
+        missing = [key for key in expected if key not in state_dict]
+        unexpected = sorted(set(state_dict.keys()) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"state_dict: expected the keys {expected} of a {self.depth}-layer network, "
+                             f"got {len(missing)} missing {missing} and {len(unexpected)} unexpected {unexpected}")
+        arrays = {}
+        for l, weight_key, bias_key in keys:
+            for key, target in ((weight_key, self.weights[l]), (bias_key, self.biases[l])):
+                array = self.backend.asarray(state_dict[key], self.dtype)
+                if tuple(array.shape) != tuple(target.shape):
+                    raise ValueError(f"state_dict: {key}: expected shape {tuple(target.shape)}, got {tuple(array.shape)}")
+                if not bool(self.backend.xp.isfinite(array).all()):
+                    raise ValueError(f"state_dict: {key}: expected finite values, got NaN or inf")
+                arrays[key] = array
+        with self._training:
+            for l, weight_key, bias_key in keys:
+                self.weights[l][...] = arrays[weight_key]
+                self.biases[l][...] = arrays[bias_key]
+
     # ---- training, inference and checkpoints (model/training.py, model/io.py) ----
 
     def fit(self, X: ArrayInput, y: ArrayInput, epochs: int = 10, batch_size: int = 32,
             optimizer: str | Optimizer | None = None, lr: float | None = None, schedule: Any = None,
             validation_data: tuple[ArrayInput, ArrayInput] | None = None, patience: int | None = None,
             shuffle: bool = True, seed: int | None = None, progress: bool | None = None,
-            callback: Callable[[int, dict[str, float]], object] | None = None, comm: Any = None) -> training.History:
+            callback: Callable[[int, dict[str, float]], object] | None = None,
+            callbacks: Sequence[Callback] | None = None, comm: Any = None) -> training.History:
         """Trains on X (N, n0) and y (int labels (N,) or targets (N, n_L)) by minibatches; returns a History.
 
         optimizer: "adam", "adamw", "sgd", "momentum" (torch.optim's defaults; ``lr`` overrides the
-        default learning rate, ``schedule`` is "constant", "step", "cosine" or a schedule object) or an
-        Optimizer; None carries on with ``self.optimizer`` (left by the last fit or a loaded checkpoint)
-        when there is one and no lr/schedule is given, else starts Adam. validation_data: (X_val, y_val),
-        evaluated after each epoch. patience: stop after that many epochs without a lower validation
-        loss (training loss without validation_data) and restore the best weights. shuffle: a new
-        order each epoch, drawn from default_rng(seed), seed defaulting to the network's seed.
-        progress: a tqdm bar on stderr (None: on in a terminal or a notebook). callback(epoch, logs):
-        called after each epoch (1-based) with that epoch's metrics.
-        comm: an mpi4py communicator (``MPI.COMM_WORLD``) or a ``deltaprop.distributed.DataParallel``:
-        data parallel over its ranks, the same losses as one process with the same global batch; only
-        rank 0 draws progress (deltaprop.model.distributed).
+        default learning rate, ``schedule`` is "constant", "step", "cosine", "one_cycle", a schedule
+        object or a function of the update index giving the factor of ``lr``) or an Optimizer (e.g.
+        ``Adam(lr=1e-3, betas=(0.9, 0.99), max_grad_norm=1.0)``); None carries on with ``self.optimizer``
+        (left by the last fit or a loaded checkpoint) when there is one and no lr/schedule is given,
+        else starts Adam. validation_data: (X_val, y_val), evaluated after each epoch. patience: stop
+        after that many epochs without a lower validation loss (training loss without validation_data)
+        and restore the best weights (an ``EarlyStopping(patience)`` callback). shuffle: a new order
+        each epoch, drawn from default_rng(seed), seed defaulting to the network's seed. progress: a
+        tqdm bar on stderr (None: on in a terminal or a notebook). callback(epoch, logs): called after
+        each epoch (1-based) with that epoch's metrics. callbacks: ``deltaprop.model.callbacks.Callback``
+        instances (EarlyStopping, TimeBudget, NaNGuard or your own) with per-batch and per-epoch hooks
+        that see a TrainingState and can stop training. comm: an mpi4py communicator
+        (``MPI.COMM_WORLD``) or a ``deltaprop.distributed.DataParallel``: data parallel over its ranks,
+        the same losses as one process with the same global batch; only rank 0 draws progress.
+
+        The History holds per epoch the training loss and accuracy, the validation loss and accuracy,
+        the wall seconds and the learning rate of the last update.
 
         Non-finite values in X, y or validation_data are refused before training, naming the rows. On a
         NaN or infinite loss (training diverged) raises NonFiniteLossError naming the epoch and batch,
@@ -446,7 +500,8 @@ class MLP:
         with self._training:
             return training.fit(self, X, y, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
                                 schedule=schedule, validation_data=validation_data, patience=patience,
-                                shuffle=shuffle, seed=seed, progress=progress, callback=callback, comm=comm)
+                                shuffle=shuffle, seed=seed, progress=progress, callback=callback,
+                                callbacks=callbacks, comm=comm)
 
     def predict(self, X: ArrayInput, chunk_size: int = training.DEFAULT_CHUNK) -> Array:
         """Class labels (N,) for softmax cross-entropy, 0/1 (N, n_L) for sigmoid cross-entropy, outputs
