@@ -2,6 +2,7 @@
 and a fit over a one-rank communicator (MPI.COMM_SELF) against the plain fit. The runs over 2 ranks under
 mpiexec are in test_distributed_mpi.py."""
 
+import sys
 import warnings
 
 import numpy as np
@@ -126,3 +127,10 @@ def test_fit_over_nccl_on_one_gpu_is_the_plain_fit(MPI):
     net = MLP([6, 8, 3], backend="cupy", dtype="float64", seed=3)
     history = net.fit(X, y, epochs=3, batch_size=16, seed=5, comm=MPI.COMM_SELF)  # NcclSum, one rank
     np.testing.assert_allclose(history.loss, expected, rtol=1e-12)
+
+
+def test_a_session_without_mpi4py_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # import mpi4py then fails as where it is not installed
+    with pytest.raises(DistributedError, match=r"data parallel: expected mpi4py and an MPI "
+                                               r"\(pip install 'deltaprop\[mpi\]'\), got: "):
+        distributed.session("numpy")
