@@ -122,8 +122,9 @@ class NcclSum:
     def __init__(self, comm, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.comm, self.timeout, self.rank = _check_comm(comm), _check_timeout(timeout), comm.Get_rank()
         nccl = _nccl()
-        unique_id = np.frombuffer(bytes(nccl.get_unique_id()), np.int8).copy() if self.rank == 0 else None
-        unique_id = _bcast_bytes(comm, unique_id, self.timeout, "NCCL unique id")
+        # the id is a tuple of C chars as ints (signed or not by platform): int64 holds either
+        unique_id = np.array(nccl.get_unique_id(), np.int64) if self.rank == 0 else None
+        unique_id = _bcast_ints(comm, unique_id, self.timeout, "NCCL unique id")
         self.nccl = nccl
         self.communicator = nccl.NcclCommunicator(comm.Get_size(), tuple(unique_id.tolist()), self.rank)
 
@@ -168,14 +169,14 @@ def use_rank_gpu(comm) -> int:
     return device
 
 
-def _bcast_bytes(comm, array, timeout, what):
-    """Rank 0's int8 array on every rank (its length first), each collective waited on for ``timeout``."""
+def _bcast_ints(comm, array, timeout, what):
+    """Rank 0's int64 array on every rank (its length first), each collective waited on for ``timeout``."""
     from mpi4py import MPI
 
     rank = comm.Get_rank()
     length = np.array([0 if array is None else array.size], np.int64)
     _wait(comm.Iallreduce(MPI.IN_PLACE, length, op=MPI.MAX).Test, timeout, what, rank)
-    out = array if rank == 0 else np.empty(int(length[0]), np.int8)
+    out = array if rank == 0 else np.empty(int(length[0]), np.int64)
     _wait(comm.Ibcast(out, root=0).Test, timeout, what, rank)
     return out
 
