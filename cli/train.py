@@ -29,7 +29,7 @@ import zipfile
 import numpy as np
 
 from deltaprop.cli import UsageError, backend_for, output_file
-from deltaprop.errors import NonFiniteLossError
+from deltaprop.errors import DistributedError, NonFiniteLossError
 from deltaprop.kernels.activations import ACTIVATIONS
 from deltaprop.model.optim import OPTIMIZERS
 
@@ -104,6 +104,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--save", type=output_file, metavar="FILE.npz", help="write the trained network here")
     parser.add_argument("--load", metavar="FILE.npz",
                         help="evaluate this saved network on the test split instead of training one")
+    parser.add_argument("--distributed", action="store_true",
+                        help="data parallel over the ranks of mpiexec -n N (MPI; NCCL on GPUs); rank 0 prints and saves")
 
 
 # ---- data -----------------------------------------------------------------------------------------
@@ -217,6 +219,7 @@ def _train(args):
                          "pip install 'deltaprop[train]'")
     if args.load and args.save:
         raise UsageError("--load evaluates a saved network and trains none, so --save has nothing to write: give one")
+    comm = _data_parallel(args)  # before the backend: it picks this rank's GPU
     backend = backend_for("--backend", args.backend)  # before the data, so that a bad name costs nothing
     source = "digits" if args.dataset else args.data
     X, y = _load_digits() if args.dataset else _load_file(args.data)
@@ -242,7 +245,7 @@ def _train(args):
     started = time.perf_counter()
     history = net.fit(X_train, y_train, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
                       lr=args.lr, validation_data=validation_data, patience=args.patience, seed=args.seed,
-                      progress=False, callback=_print_epoch(args.epochs))
+                      progress=False, callback=_print_epoch(args.epochs), comm=comm)
     net.backend.synchronize()
     wall = time.perf_counter() - started
     if validation_data:
@@ -252,9 +255,21 @@ def _train(args):
     correct = int((predicted == y_test).sum())
     print(f"test accuracy {correct / len(y_test):.4f} ({correct}/{len(y_test)})  "
           f"fit wall time {wall:.3f} s (backend {net.backend.name}, compile/warm-up {warmup:.3f} s, not timed)")
-    if args.save:
+    if args.save and (comm is None or comm.is_root):
         net.save(args.save)
         print(f"saved {args.save}")
+
+
+def _data_parallel(args):
+    """The DataParallel hook of ``--distributed`` (None without it); a UsageError without mpi4py."""
+    if not args.distributed:
+        return None
+    from deltaprop.model.distributed import session
+
+    try:
+        return session(args.backend)
+    except DistributedError as e:
+        raise UsageError(f"--distributed: {e}") from None
 
 
 def _print_validation_curve(history):
@@ -301,5 +316,8 @@ def run(args) -> int:
         _train(args)
     except NonFiniteLossError as e:
         print(f"deltaprop train: error: training diverged: {e}; try a smaller --lr", file=sys.stderr)
+        return 1
+    except DistributedError as e:
+        print(f"deltaprop train: error: {e}", file=sys.stderr)
         return 1
     return 0

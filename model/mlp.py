@@ -515,7 +515,7 @@ class MLP:
             validation_data: tuple[ArrayInput, ArrayInput] | None = None, patience: int | None = None,
             shuffle: bool = True, seed: int | None = None, progress: bool | None = None,
             callback: Callable[[int, dict[str, float]], object] | None = None,
-            callbacks: Sequence[Callback] | None = None) -> training.History:
+            callbacks: Sequence[Callback] | None = None, comm: Any = None) -> training.History:
         """Trains on X (N, n0) and y (int labels (N,) or targets (N, n_L)) by minibatches; returns a History.
 
         optimizer: "adam", "adamw", "sgd", "momentum" (torch.optim's defaults; ``lr`` overrides the
@@ -530,7 +530,9 @@ class MLP:
         tqdm bar on stderr (None: on in a terminal or a notebook). callback(epoch, logs): called after
         each epoch (1-based) with that epoch's metrics. callbacks: ``deltaprop.model.callbacks.Callback``
         instances (EarlyStopping, TimeBudget, NaNGuard or your own) with per-batch and per-epoch hooks
-        that see a TrainingState and can stop training.
+        that see a TrainingState and can stop training. comm: an mpi4py communicator
+        (``MPI.COMM_WORLD``) or a ``deltaprop.distributed.DataParallel``: data parallel over its ranks,
+        the same losses as one process with the same global batch; only rank 0 draws progress.
 
         The History holds per epoch the training loss and accuracy, the validation loss and accuracy,
         the wall seconds and the learning rate of the last update.
@@ -545,7 +547,7 @@ class MLP:
             return training.fit(self, X, y, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
                                 schedule=schedule, validation_data=validation_data, patience=patience,
                                 shuffle=shuffle, seed=seed, progress=progress, callback=callback,
-                                callbacks=callbacks)
+                                callbacks=callbacks, comm=comm)
 
     def predict(self, X: ArrayInput, chunk_size: int = training.DEFAULT_CHUNK) -> Array:
         """Class labels (N,) for softmax cross-entropy, 0/1 (N, n_L) for sigmoid cross-entropy, outputs

@@ -272,13 +272,15 @@ def _callbacks_for(callbacks, callback, patience):
 
 
 def fit(net, X, y, epochs=10, batch_size=32, optimizer=None, lr=None, schedule=None, validation_data=None,
-        patience=None, shuffle=True, seed=None, progress=None, callback=None, callbacks=None) -> History:
+        patience=None, shuffle=True, seed=None, progress=None, callback=None, callbacks=None, comm=None) -> History:
     """Trains ``net`` on X (N, n0) and y (labels (N,) or targets (N, n_L)) for ``epochs`` passes of
     minibatches of ``batch_size`` rows (the last one may be smaller). See ``MLP.fit`` for the arguments.
 
     Every argument is checked before anything changes. On divergence, raises NonFiniteLossError with
     ``history``, ``epoch``, ``batch`` (None when the validation loss diverged) and ``restored_epoch``,
     unless a callback (NaNGuard) handles it.
+    comm: None, or an mpi4py communicator or ``distributed.DataParallel`` hook: data parallel over its
+    ranks, each taking its slice of every batch (model/distributed.py).
     """
     check_count("epochs", epochs, minimum=1)
     check_count("batch_size", batch_size, minimum=1)
@@ -293,19 +295,22 @@ def fit(net, X, y, epochs=10, batch_size=32, optimizer=None, lr=None, schedule=N
     if optimizer is None and lr is None and schedule is None and net.optimizer is not None:
         optimizer = net.optimizer  # carry on with the state of the last fit (or of a loaded checkpoint)
     optimizer = get_optimizer("adam" if optimizer is None else optimizer, lr, schedule)
+    sync = _data_parallel(comm)
     net.optimizer = optimizer.bind(backend, net.params)
     n = X.shape[0]
     n_batches = -(-n // batch_size)
-    optimizer.total_steps = optimizer.step_count + epochs * n_batches
-    scorer = _Scorer(backend, net.loss)
     rng = np.random.default_rng(seed)
+    first_epoch = 1 if sync is None else sync.start(net, X, y, seed, batch_size, rng)  # after a resume: > 1
+    optimizer.total_steps = optimizer.step_count + (epochs - first_epoch + 1) * n_batches
+    scorer = _Scorer(backend, net.loss)
     X_epoch, y_epoch = (backend.empty(X.shape, X.dtype), backend.empty(y.shape, y.dtype)) if shuffle else (X, y)
-    history, bar = History(), _progress_bar(progress, epochs)
+    history, bar = History(), _progress_bar(progress if sync is None else sync.progress(progress), epochs)
     state = TrainingState(net, optimizer, history, epochs, n_batches)
+    step_batch = batch_size if sync is None else sync.local_batch(batch_size)
     epoch = batch = None
     try:
         hooks.call("on_train_begin", state)
-        for epoch in range(1, epochs + 1):
+        for epoch in range(first_epoch, epochs + 1):
             started = time.perf_counter()
             state.epoch = epoch
             hooks.call("on_epoch_begin", state)
@@ -317,12 +322,17 @@ def fit(net, X, y, epochs=10, batch_size=32, optimizer=None, lr=None, schedule=N
                 xp.take(X, order, axis=0, out=X_epoch)
                 xp.take(y, order, axis=0, out=y_epoch)
             loss_sum, hits = 0.0, 0
-            for batch, (start, stop) in enumerate(_chunks(n, batch_size), 1):
-                targets = y_epoch[start:stop]
-                loss, logits = net.forward_backward(X_epoch[start:stop], targets, batch_size)
-                if scorer.kind:
-                    hits += scorer.count(logits, targets)
-                loss_sum += loss * (stop - start)
+            for batch, (start, stop) in enumerate(_chunks(n, batch_size) if sync is None else sync.chunks(n, batch_size), 1):
+                if stop > start:  # a rank's slice of a batch smaller than the ranks is empty
+                    targets = y_epoch[start:stop]
+                    loss, logits = net.forward_backward(X_epoch[start:stop], targets, step_batch)
+                    if scorer.kind:
+                        hits += scorer.count(logits, targets)
+                    loss_sum += loss * (stop - start)
+                else:
+                    loss = 0.0  # no rows of this batch on this rank
+                if sync is not None:
+                    sync.reduce_gradients(net.grads, stop - start)
                 optimizer.step(net.params, net.grads)
                 if hooks.has_batch_hooks:
                     state.batch, state.batch_rows, state.step_loss = batch, stop - start, loss
@@ -330,6 +340,8 @@ def fit(net, X, y, epochs=10, batch_size=32, optimizer=None, lr=None, schedule=N
                     if state.stop_training:
                         break
             batch = state.batch = None
+            if sync is not None:  # the sums over every rank's rows, and the rows run over all ranks
+                loss_sum, hits, stop = sync.reduce_totals(loss_sum, hits)
             logs = {"loss": loss_sum / stop}  # the rows run: all n unless a callback stopped mid-epoch
             if scorer.kind:
                 logs["accuracy"] = hits / stop
@@ -346,6 +358,8 @@ def fit(net, X, y, epochs=10, batch_size=32, optimizer=None, lr=None, schedule=N
                 bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()}, refresh=False)
                 bar.update()
             state.logs = logs
+            if sync is not None:
+                sync.end_epoch(net, epoch)
             hooks.call("on_epoch_end", state)
             if state.stop_training:
                 history.stopped_epoch = epoch
@@ -359,7 +373,18 @@ def fit(net, X, y, epochs=10, batch_size=32, optimizer=None, lr=None, schedule=N
         if bar is not None:
             bar.close()
     hooks.call("on_train_end", state)
+    if sync is not None:
+        sync.finish(net)
     return history
+
+
+def _data_parallel(comm):
+    """fit's ``comm`` as a DataParallel hook, or None; mpi4py is imported only when a communicator is given."""
+    if comm is None:
+        return None
+    from deltaprop.model.distributed import data_parallel
+
+    return data_parallel(comm)
 
 
 def _diverged(history, epoch, batch, n_batches, cause):
