@@ -25,25 +25,29 @@ def non_finite_loss(loss) -> NonFiniteLossError:
 
 
 class EpochTotals:
-    """Per-batch slots for the losses and hits of an epoch of ``n_batches`` batches of ``batch_size`` rows
-    out of ``n`` (the last batch may be smaller), allocated once per fit on ``backend``."""
+    """Per-batch slots for the mean losses, rows and hits of an epoch of ``n_batches`` batches, allocated once
+    per fit on ``backend``; a slot left unwritten (a rank's empty slice, an epoch a callback stopped)
+    counts no rows."""
 
-    def __init__(self, backend, n, batch_size, n_batches):
+    def __init__(self, backend, n_batches):
         self.xp = xp = backend.xp
         self.check_each_batch = backend.results_on_host
         self.losses = xp.zeros(n_batches, np.float64)  # the mean loss of each batch
+        self.rows = xp.zeros(n_batches, np.float64)  # its weight in the epoch's loss
         self.hits = xp.zeros(n_batches, np.int64)
-        rows = np.full(n_batches, batch_size, np.float64)
-        rows[-1] = n - batch_size * (n_batches - 1)
-        self.rows = backend.asarray(rows)  # each batch's weight in the epoch's loss
 
-    def add(self, batch, loss, hits=0):
-        """Keeps the mean ``loss`` and ``hits`` of ``batch`` (1-based) as the backend gave them, unread;
-        raises NonFiniteLossError for a host loss that is not finite."""
+    def start_epoch(self):
+        for slots in (self.losses, self.rows, self.hits):
+            slots.fill(0)
+
+    def add(self, batch, loss, rows, hits=0):
+        """Keeps the mean ``loss`` over ``rows`` rows and the ``hits`` of ``batch`` (1-based) as the backend
+        gave them, unread; raises NonFiniteLossError for a host loss that is not finite."""
         if self.check_each_batch and not isfinite(loss):
             raise non_finite_loss(loss)
         slot = slice(batch - 1, batch)  # an element's slice: setting the element itself would read a 0-d array
         self.losses[slot] = loss
+        self.rows[slot] = rows
         self.hits[slot] = hits
 
     def read(self) -> tuple[float, int, int | None]:
