@@ -566,7 +566,8 @@ class MLP:
         early stopping restored, or None: then the parameters and optimizer state are those of the last
         update before the failing batch; on a GPU, whose losses are read once per epoch, those of the
         failing epoch's last update). On a GPU the optimizer state is that of the failing epoch's last
-        update in both cases, likely not finite: give the next fit a new optimizer.
+        update in both cases, likely not finite: give the next fit a new optimizer, or fit with the NaNGuard
+        callback, which puts back both as they were at the end of the last finished epoch.
         """
         with self._training:
             return training.fit(self, X, y, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
