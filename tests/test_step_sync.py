@@ -14,6 +14,7 @@ from helpers import CPU_BACKENDS, LOSS_REFERENCES, labels_for, rel_err, tol
 from deltaprop.backend import get_backend
 from deltaprop.backend.base import Backend
 from deltaprop.errors import NonFiniteLossError
+from deltaprop.model.callbacks import NaNGuard
 from deltaprop.model.mlp import MLP
 from deltaprop.model.optim import get_optimizer
 
@@ -155,3 +156,27 @@ def test_device_loss_is_the_loss_kernel_unread(backend, kernel):
     assert rel_err(delta, expected_delta) <= tol("float32")
     with pytest.raises(ValueError, match=r"device_loss: kernel: expected one of .*, got 'hinge'"):
         backend.device_loss("hinge", z, targets)
+
+
+def test_nan_guard_puts_back_the_last_finished_epoch_after_a_device_divergence():
+    """The rest of the diverging epoch ran its updates (the device's loss is read at the epoch's end):
+    NaNGuard still puts back the parameters and optimizer state of the last finished epoch."""
+    X, y = data()
+    net = MLP(SIZES, backend=HostReadCounting(), seed=3)
+    optimizer = get_optimizer("momentum", lr=0.05)
+    kept = {}
+
+    def callback(epoch, logs):
+        kept[epoch] = (net.params.copy(), optimizer.state["velocity"].copy(), optimizer.step_count)
+        if epoch == 2:
+            optimizer.hyper["lr"] = 1e30  # epoch 3 diverges
+
+    guard = NaNGuard()
+    with np.errstate(over="ignore", invalid="ignore"):
+        history = net.fit(X, y, epochs=5, batch_size=16, optimizer=optimizer, callback=callback, callbacks=[guard],
+                          progress=False)
+    assert history.stopped_epoch == 3 and history.epochs == 2 and guard.diverged is not None
+    params, velocity, steps = kept[2]
+    np.testing.assert_array_equal(net.params, params)
+    np.testing.assert_array_equal(optimizer.state["velocity"], velocity)
+    assert optimizer.step_count == steps == 2 * 3
