@@ -203,7 +203,8 @@ def test_solver_and_alpha_map_to_the_optimizer_scikit_learn_describes():
     model = MLPClassifier(solver="sgd", alpha=0.5, batch_size=4, learning_rate_init=0.1, max_iter=1, backend="numpy")
     with pytest.warns(ConvergenceWarning):
         model.fit(np.eye(8), [0, 1] * 4)
-    assert model.model_.optimizer.hyper == {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 0.125}
+    assert model.model_.optimizer.hyper == {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 0.125,
+                                            "max_grad_norm": None}
 
 
 @pytest.mark.parametrize("estimator_class", [MLPClassifier, MLPRegressor])
