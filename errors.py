@@ -27,3 +27,7 @@ class NonFiniteInputError(NonFiniteError, ValueError):
 
 class KernelCompileError(DeltapropError, RuntimeError):
     """A compiled kernel cannot be built: its source does not compile, or no instantiation matches."""
+
+
+class DistributedError(DeltapropError, RuntimeError):
+    """Data-parallel ranks disagree (network, data, seeds), or another rank died or stopped answering."""

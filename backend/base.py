@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from deltaprop.arrays import Array, ArrayInput, DTypeLike, FusedSteps, WarmupProgress
+from deltaprop.backend import checks
 from deltaprop.backend.checks import (
     check_adam,
     check_bias_grad,
@@ -46,6 +47,13 @@ def adam_bias_corrections(step, beta1, beta2) -> tuple[float, float]:
     return 1 - float(beta1) ** int(step), 1 - float(beta2) ** int(step)
 
 
+def check_loss_kernel(caller, kernel) -> str:
+    """``kernel`` when it names a loss kernel, else a ValueError naming ``caller``."""
+    if kernel not in checks.LOSS_KERNELS:
+        raise ValueError(f"{caller}: kernel: expected one of {list(checks.LOSS_KERNELS)}, got {kernel!r}")
+    return kernel
+
+
 # ---- the contract ---------------------------------------------------------------------------------
 
 
@@ -58,6 +66,8 @@ class Backend:
 
     name = "numpy"
     device = "cpu"  # the kind of device: "cpu" or "cuda" (a key of the dtype table's ``devices``)
+    # whether reading a result (``device_loss``'s) costs nothing: False where it waits for a device
+    results_on_host = True
 
     # ---- lifecycle and arrays ----
 
@@ -242,6 +252,17 @@ class Backend:
         y_hat: (B, C) network outputs (identity output map); targets: (B, C), or int labels (B,) as one-hot.
         """
         return self._loss("squared_error", y_hat, targets, delta_out, scale, z_name="y_hat")
+
+    def device_loss(self, kernel: str, z: Array, targets: Array, delta_out: Array | None = None) -> Array | float:
+        """The loss kernel ``kernel`` ("softmax_xent", "sigmoid_xent", "squared_error") without the read of
+        its value: writes delta_out as that kernel does (scale 1/B) and returns the mean loss over the
+        batch where it was computed, for the caller to read when it needs it. With ``results_on_host``
+        that is a float (this reference: the kernel itself); else a 0-d array of the device in the
+        accumulation dtype, whose launches are queued and which nothing has copied to the host. A
+        backend may reuse that array: it holds this loss until the calling thread's next one at the same
+        shape. A label outside [0, C) raises as the kernel does where that check is free, and makes the
+        loss NaN where it would wait for the device; the caller checks the labels of a NaN loss."""
+        return getattr(self, check_loss_kernel("device_loss", kernel))(z, targets, delta_out)
 
     def bias_grad(self, delta: Array, out: Array | None = None) -> Array:
         """Column sums: out[j] = sum_i delta[i, j]. delta: (B, n); out: (n,)."""

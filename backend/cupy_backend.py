@@ -10,6 +10,9 @@ GEMM reads transposed and strided device views in place, through cuBLAS's flags 
 - Kernels run asynchronously on the current stream; ``synchronize`` waits for them. The loss kernels
   return the mean loss as a Python float, as the contract says: one 4- or 8-byte copy that waits for
   the GPU. The losses are accumulated in the compute type (float32, or float64 for float64).
+  ``device_loss`` leaves the mean loss on the device instead (what ``fit`` reads once per epoch).
+- Scratch buffers (the row losses, the bias gradient's partial sums, GEMM's host scalars) are the
+  calling thread's, allocated once per shape.
 - A label outside [0, C) makes its row's loss NaN in the kernel; only a NaN loss has the labels checked
   (a second sync), so a bad label raises the reference's ValueError at no cost to a good batch (after
   delta_out was written). Non-finite logits give a NaN loss, as in the reference; ``check_inputs=True``
@@ -26,11 +29,12 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import threading
 import time
 
 import numpy as np
 
-from deltaprop.backend.base import Backend, adam_bias_corrections
+from deltaprop.backend.base import Backend, adam_bias_corrections, check_loss_kernel
 from deltaprop.backend import checks
 from deltaprop.backend.cupy_outputs import Outputs, on_device
 from deltaprop.errors import NonFiniteInputError
@@ -89,12 +93,14 @@ class CupyBackend(Backend):
 
     name = "cupy"
     device = "cuda"
+    results_on_host = False
 
     def __init__(self, check_inputs: bool = False):
         import cupy
 
         self._cupy = cupy
         self.check_inputs = check_inputs
+        self._scratch = threading.local()  # buffers reused by the calling thread's launches (per shape)
         self._modules = Modules()
         self.max_blocks = launch.max_blocks(cupy.cuda.Device().attributes["MultiProcessorCount"])
 
@@ -183,6 +189,21 @@ class CupyBackend(Backend):
         """An input as a C-contiguous device array (copied only if it is not one)."""
         return self._cupy.ascontiguousarray(self._device(kernel, name, x))
 
+    def _reused(self, key, make):
+        """The calling thread's buffers for ``key``, made by ``make()`` on first use, then reused: a
+        launch allocates nothing after the first at a shape, and no thread writes another's buffers."""
+        held = self._scratch.__dict__
+        buffers = held.get(key)
+        if buffers is None:
+            buffers = held[key] = make()
+        return buffers
+
+    def _outputs(self, kernel):
+        """The calling thread's Outputs for ``kernel``, made once and emptied for each call."""
+        outputs = self._reused(("outputs", kernel), lambda: Outputs(self.xp, kernel))
+        outputs.clear()
+        return outputs
+
     def _launch(self, kernel, dtype, variant, geometry: launch.Launch, args):
         function = self._modules.function(kernel, dtype.name, *variant)
         function(geometry.grid, geometry.block, args, shared_mem=geometry.shared_mem)
@@ -205,7 +226,7 @@ class CupyBackend(Backend):
         views on the device are read in place through cuBLAS's transpose flags and leading dimensions."""
         shape = checks.check_gemm(a, b, out, trans_a, trans_b, self.device)
         a, b = self._device("gemm", "a", a), self._device("gemm", "b", b)
-        outputs = Outputs(self.xp, "gemm")
+        outputs = self._outputs("gemm")
         if out is None:
             out, beta = self._cupy.empty(shape, dtype=a.dtype), 0.0
         writable = out if self._gemm_writes_in_place(out) else outputs.buffer("out", out, read=beta != 0.0)
@@ -226,7 +247,10 @@ class CupyBackend(Backend):
         first, second = (a, b) if call.first_is_a else (b, a)
         data_type_name, compute_type_name = CUBLAS_TYPES[a.dtype.name]
         data_type, compute_type = getattr(runtime, data_type_name), getattr(cublas, compute_type_name)
-        scalars = np.array([alpha, beta], dtype=_accum_scalar(a.dtype))  # host memory, alive through the call
+        accum = _accum_scalar(a.dtype)
+        # cuBLAS reads host-mode scalars before the call returns: the next call may overwrite them
+        scalars = self._reused(("gemm scalars", accum), lambda: np.empty(2, dtype=accum))
+        scalars[0], scalars[1] = alpha, beta
         handle = self._cupy.cuda.device.get_cublas_handle()
         cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
         cublas.gemmStridedBatchedEx(
@@ -243,7 +267,7 @@ class CupyBackend(Backend):
         dtype = checks.check_rows("bias_act", self.device, b, acc=acc, z_out=z_out, a_out=a_out)
         get_activation(act)
         acc, b = self._input("bias_act", "acc", acc), self._input("bias_act", "b", b)
-        outputs = Outputs(self.xp, "bias_act")
+        outputs = self._outputs("bias_act")
         z_out, z = outputs.output("z_out", z_out, acc.shape, dtype)
         a_out, a = outputs.output("a_out", a_out, acc.shape, dtype)
         rows, cols = acc.shape
@@ -257,7 +281,7 @@ class CupyBackend(Backend):
         dtype = checks.check_rows("act_backward", self.device, g=g, z=z, out=out)
         get_activation(act)
         g, z = self._input("act_backward", "g", g), self._input("act_backward", "z", z)
-        outputs = Outputs(self.xp, "act_backward")
+        outputs = self._outputs("act_backward")
         out, result = outputs.output("out", out, g.shape, dtype)
         self._launch("act_backward", dtype, (launch.activation_functor(act),), self._flat_launch(g.size, dtype),
                      (g, z, result, np.int64(g.size)))
@@ -267,7 +291,7 @@ class CupyBackend(Backend):
     def softmax(self, z, out=None):
         dtype = checks.check_rows("softmax", self.device, z=z, out=out)
         z = self._input("softmax", "z", z)
-        outputs = Outputs(self.xp, "softmax")
+        outputs = self._outputs("softmax")
         out, result = outputs.output("out", out, z.shape, dtype)
         rows, cols = z.shape
         args = (z, NULL, result, NULL, np.int64(rows), np.int64(cols), _accum_scalar(dtype)(1))
@@ -279,10 +303,12 @@ class CupyBackend(Backend):
         dtype = checks.check_bias_grad(self.device, delta, out)
         delta = self._input("bias_grad", "delta", delta)
         rows, cols = delta.shape
-        outputs = Outputs(self.xp, "bias_grad")
+        outputs = self._outputs("bias_grad")
         out, result = outputs.output("out", out, (cols,), dtype)
         geometry = launch.column_sums_launch(rows, cols, self.max_blocks)
-        partial = NULL if geometry.second is None else self._cupy.empty((geometry.chunks, cols), _accum_scalar(dtype))
+        accum = _accum_scalar(dtype)
+        partial = NULL if geometry.second is None else self._reused(
+            ("column sums", geometry.chunks, cols, accum), lambda: self._cupy.empty((geometry.chunks, cols), accum))
         self._launch("bias_grad", dtype, (), geometry.first,
                      (delta, result, partial, np.int64(rows), np.int64(cols), np.int64(geometry.chunk_rows)))
         if geometry.second is not None:
@@ -294,7 +320,7 @@ class CupyBackend(Backend):
     def sgd_update(self, params, grads, lr, weight_decay=0.0):
         dtype = checks.check_flat("sgd_update", self.device, params=params, grads=grads)
         scalar = _accum_scalar(dtype)
-        outputs = Outputs(self.xp, "sgd_update")
+        outputs = self._outputs("sgd_update")
         p = outputs.buffer("params", params, read=True)
         grads = self._input("sgd_update", "grads", grads)
         self._launch("sgd_update", dtype, (), self._flat_launch(p.size, dtype),
@@ -304,7 +330,7 @@ class CupyBackend(Backend):
     def momentum_update(self, params, grads, velocity, lr, momentum=0.9, nesterov=False, weight_decay=0.0):
         dtype = checks.check_flat("momentum_update", self.device, params=params, grads=grads, velocity=velocity)
         scalar = _accum_scalar(dtype)
-        outputs = Outputs(self.xp, "momentum_update")
+        outputs = self._outputs("momentum_update")
         p, v = outputs.buffer("params", params, read=True), outputs.buffer("velocity", velocity, read=True)
         grads = self._input("momentum_update", "grads", grads)
         self._launch("momentum_update", dtype, (), self._flat_launch(p.size, dtype),
@@ -316,7 +342,7 @@ class CupyBackend(Backend):
                     weight_decay=0.0, decoupled=False):
         dtype = checks.check_adam(self.device, params, grads, m, v, step)
         scalar = _accum_scalar(dtype)
-        outputs = Outputs(self.xp, "adam_update")
+        outputs = self._outputs("adam_update")
         p = outputs.buffer("params", params, read=True)
         m, v = outputs.buffer("m", m, read=True), outputs.buffer("v", v, read=True)
         grads = self._input("adam_update", "grads", grads)
@@ -334,6 +360,19 @@ class CupyBackend(Backend):
 
         The label range is checked only after a NaN loss (see the module docstring), finiteness only
         with ``check_inputs``."""
+        loss, targets = self._queued_loss(kernel, z, targets, delta_out, scale, z_name)
+        value = float(loss)
+        if math.isnan(value) and targets.ndim == 1:
+            checks.check_label_range(kernel, targets, z.shape[1], self._cupy)
+        return value
+
+    def device_loss(self, kernel, z, targets, delta_out=None):
+        return self._queued_loss(check_loss_kernel("device_loss", kernel), z, targets, delta_out, None, "z")[0]
+
+    def _queued_loss(self, kernel, z, targets, delta_out, scale, z_name):
+        """(the mean loss as a 0-d device array of the accumulation dtype, the targets on the device) of
+        the launches of ``_loss``, which nothing has read yet; the array is the calling thread's for
+        this batch size and accumulation dtype, reused by its next loss of that shape."""
         kind, scale = checks.check_loss(kernel, self.device, z, targets, delta_out, scale, z_name)
         if self.check_inputs and not bool(self._cupy.get_array_module(z).isfinite(z).all()):
             raise NonFiniteInputError(f"{kernel}: {z_name}: expected finite values, got NaN or infinity")
@@ -342,17 +381,14 @@ class CupyBackend(Backend):
         if kind == "labels":
             targets = self._device(kernel, "labels", targets).astype(np.int64, copy=False)
         targets = self._input(kernel, "targets", targets)
-        outputs = Outputs(self.xp, kernel)
+        outputs = self._outputs(kernel)
         delta = NULL if delta_out is None else outputs.buffer("delta_out", delta_out)
         rows, cols = z.shape
-        row_loss = self._cupy.empty(rows, dtype=accum)
+        row_loss, loss = self._reused(("loss", rows, accum),
+                                      lambda: (self._cupy.empty(rows, dtype=accum), self._cupy.empty((), dtype=accum)))
         args = (z, targets, delta, row_loss, np.int64(rows), np.int64(cols), accum(scale))
         self._launch_rows(kernel, launch.LOSS_VARIANTS[kernel] + (launch.TARGETS[kind],), dtype, rows, cols, args,
                           caches_row=kernel == "softmax_xent")
-        loss = self._cupy.empty((), dtype=accum)
         self._launch("mean_of_rows", dtype, (), launch.MEAN_LAUNCH, (row_loss, np.int64(rows), loss))
         outputs.write_back()
-        value = float(loss)
-        if math.isnan(value) and kind == "labels":
-            checks.check_label_range(kernel, targets, cols, self._cupy)
-        return value
+        return loss, targets

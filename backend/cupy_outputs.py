@@ -23,7 +23,8 @@ class Outputs:
     """The arrays one kernel call writes. A C-contiguous device array is written in place; any other
     through a contiguous device copy that ``write_back`` copies into it once the kernel has run.
 
-    cp: the CuPy module; kernel: the kernel's name, for messages."""
+    cp: the CuPy module; kernel: the kernel's name, for messages. One object serves one call at a time,
+    call after call (``CupyBackend`` keeps one per kernel and thread)."""
 
     def __init__(self, cp, kernel: str):
         self._cp, self._kernel = cp, kernel
@@ -51,3 +52,8 @@ class Outputs:
         """Copies each written copy into the array it stands for."""
         for array, copy in self._copies:
             array[...] = copy if isinstance(array, self._cp.ndarray) else copy.get()
+        self.clear()
+
+    def clear(self):
+        """Forgets the copies (of a call that failed before ``write_back``): the object serves the next call."""
+        self._copies.clear()

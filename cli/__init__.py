@@ -35,6 +35,8 @@ SUBCOMMANDS = {
     "warmup": "compile kernels ahead of time into the cache (for container images)",
 }
 
+TOP_LEVEL_FLAGS = ("-h", "--help", "--version")  # the only flags that come before a COMMAND
+
 # the errors that mean the user asked for something this machine or these files cannot give: exit 2
 USER_ERRORS = (BackendUnavailableError, CheckpointError)
 
@@ -108,7 +110,10 @@ def build_parser(argv) -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Runs ``deltaprop ARGV`` and returns its exit status (bad flags raise SystemExit(2), as argparse does)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args, unknown = build_parser(argv).parse_known_args(argv)
+    parser = build_parser(argv)
+    if argv and argv[0].startswith("-") and argv[0] not in TOP_LEVEL_FLAGS:  # argparse would say "COMMAND is required"
+        parser.error(f"unrecognized arguments: {argv[0]} (expected a COMMAND first: {', '.join(SUBCOMMANDS)})")
+    args, unknown = parser.parse_known_args(argv)
     if unknown:  # said by the subcommand's parser, which names the subcommand
         args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:

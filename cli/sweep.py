@@ -3,10 +3,11 @@
     deltaprop train --dataset digits --members 16 --lr 1e-3,3e-3,1e-2,3e-2
 
 Member k trains with learning rate lr[k % len(lr)] and seed seed + k (its initialisation and its
-shuffling), on the same data as `deltaprop train` (the same 75/25 test split); a quarter of the training
-split (stratified, random_state 0) is held out for validation. Prints each member's hyperparameters with
-its validation loss and accuracy, best first, then the best member's test accuracy. --save writes the
-best member (an MLP checkpoint), --save-ensemble the whole ensemble.
+shuffling), on the same data as `deltaprop train` (the same 75/25 test split); --validation-fraction
+(default a quarter) of the training split (stratified, random_state 0) is held out for validation.
+Prints each member's hyperparameters with its validation loss and accuracy, best first, then the best
+member's test accuracy. --save writes the best member (an MLP checkpoint), --save-ensemble the whole
+ensemble.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 
 from deltaprop.benchmarks.report import format_table
 from deltaprop.cli import UsageError, backend_for
-from deltaprop.cli.train import _checked, _load_digits, _load_file, _positive_float, _sizes_for, _split
+from deltaprop.cli.train import TEST_FRACTION, _checked, _load_digits, _load_file, _positive_float, _sizes_for, _split
 from deltaprop.model.ensemble import OPTIMIZERS
 
 
@@ -45,14 +46,16 @@ def run(args) -> int:
         raise UsageError(f"--lr: several learning rates ({len(args.lr)}) need --members, one network per member")
     if args.optimizer not in OPTIMIZERS:
         raise UsageError(f"--optimizer: an ensemble trains with one of {sorted(OPTIMIZERS)}, got {args.optimizer}")
-    if args.patience is not None:
-        raise UsageError("--patience: early stopping is not available with --members")
+    for flag, given in (("--patience", args.patience), ("--load", args.load), ("--distributed", args.distributed)):
+        if given:
+            raise UsageError(f"{flag}: not available with --members")
     backend = backend_for("--backend", args.backend)
     source = "digits" if args.dataset else args.data
     X, y = _load_digits() if args.dataset else _load_file(args.data)
     X, y, classes = _checked(X, y, source)
     X_train, X_test, y_train, y_test = _split(X, y, source)
-    X_fit, X_val, y_fit, y_val = _split(X_train, y_train, source)
+    X_fit, X_val, y_fit, y_val = _split(X_train, y_train, source, args.validation_fraction or TEST_FRACTION,
+                                        "validation")
     grid = args.lr if isinstance(args.lr, tuple) else (OPTIMIZERS[args.optimizer][0] if args.lr is None else args.lr,)
     lrs = np.array([grid[k % len(grid)] for k in range(args.members)])
     try:

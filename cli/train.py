@@ -3,10 +3,14 @@
     deltaprop train --dataset digits                      scikit-learn's bundled 8x8 digits (no download)
     deltaprop train --data FILE.npz                       arrays X (N, n0) and y (N,)
     deltaprop train --data FILE.csv                       one sample a row, the label in the last column
+    deltaprop train --data FILE.csv --load NET.npz        the saved network on the test split, no training
 
-Every dataset is split into 75% training and 25% test samples, stratified, with random_state 0. Digits
+Every dataset is split into 75% training and 25% test samples, stratified, with random_state 0;
+--validation-fraction F holds out F of the training samples the same way as a validation set, whose
+loss and accuracy each epoch prints (with the whole curve and its best epoch at the end). Digits
 pixels are scaled by 1/16 into [0, 1]; other data is used as it is. Labels may be any integers; they
-are numbered 0..C-1 in sorted order. Prints one line per epoch, then the test accuracy and the wall
+are numbered 0..C-1 in sorted order, and ``--save`` keeps them in the checkpoint, so that ``--load``
+reports predictions in the data's own labels. Prints one line per epoch, then the test accuracy and the wall
 time of the fit. Needs scikit-learn (the split, and the digits): pip install 'deltaprop[train]'. A bad
 file, flag or missing package prints one line "deltaprop train: error: ..." to stderr and exits with
 status 2, before any training; a diverging fit (non-finite loss) exits with status 1.
@@ -25,7 +29,7 @@ import zipfile
 import numpy as np
 
 from deltaprop.cli import UsageError, backend_for, output_file
-from deltaprop.errors import NonFiniteLossError
+from deltaprop.errors import DistributedError, NonFiniteLossError
 from deltaprop.kernels.activations import ACTIVATIONS
 from deltaprop.model.optim import OPTIMIZERS
 
@@ -58,6 +62,16 @@ def _positive_float(text):
     return value
 
 
+def _fraction(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number strictly between 0 and 1, got {text!r}")
+    return value
+
+
 def _sizes(text):
     try:
         sizes = [int(part) for part in text.split(",")]
@@ -85,8 +99,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--backend", default="auto", help="auto, numpy, numba or cupy (default: auto)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--seed", type=int, default=0, help="initialisation and shuffling (default: 0)")
-    parser.add_argument("--patience", type=_positive_int, help="early stopping on the training loss")
+    parser.add_argument("--validation-fraction", type=_fraction, metavar="F",
+                        help="hold out this fraction of the training samples (stratified) as a validation set, "
+                             "reported each epoch; --patience then watches its loss")
+    parser.add_argument("--patience", type=_positive_int,
+                        help="early stopping on the validation loss (the training loss without --validation-fraction)")
     parser.add_argument("--save", type=output_file, metavar="FILE.npz", help="write the trained network here")
+    parser.add_argument("--load", metavar="FILE.npz",
+                        help="evaluate this saved network on the test split instead of training one")
+    parser.add_argument("--distributed", action="store_true",
+                        help="data parallel over the ranks of mpiexec -n N (MPI; NCCL on GPUs); rank 0 prints and saves")
     parser.add_argument("--members", type=_positive_int, metavar="K",
                         help="train K networks in one pass, member k with the k-th --lr (cyclically) and seed "
                              "seed+k; print them best first; --save writes the best (cli/sweep.py)")
@@ -169,13 +191,13 @@ def _checked(X, y, source):
     return X.astype(np.float64), labels, classes
 
 
-def _split(X, y, source):
+def _split(X, y, source, fraction=TEST_FRACTION, part="test"):
     from sklearn.model_selection import train_test_split
 
     try:
-        return train_test_split(X, y, test_size=TEST_FRACTION, stratify=y, random_state=SPLIT_SEED)
+        return train_test_split(X, y, test_size=fraction, stratify=y, random_state=SPLIT_SEED)
     except ValueError as e:  # e.g. a class with a single sample cannot be stratified
-        raise DataError(f"{source}: cannot make a stratified {TEST_FRACTION:.0%} test split: {e}") from None
+        raise DataError(f"{source}: cannot make a stratified {fraction:.0%} {part} split: {e}") from None
 
 
 def _sizes_for(args, features, classes):
@@ -203,32 +225,87 @@ def _train(args):
     if importlib.util.find_spec("sklearn") is None:
         raise UsageError("needs scikit-learn (the digits and the test split), which is not installed: "
                          "pip install 'deltaprop[train]'")
+    if args.load and args.save:
+        raise UsageError("--load evaluates a saved network and trains none, so --save has nothing to write: give one")
+    comm = _data_parallel(args)  # before the backend: it picks this rank's GPU
     backend = backend_for("--backend", args.backend)  # before the data, so that a bad name costs nothing
     source = "digits" if args.dataset else args.data
     X, y = _load_digits() if args.dataset else _load_file(args.data)
     X, y, classes = _checked(X, y, source)
     X_train, X_test, y_train, y_test = _split(X, y, source)
+    if args.load:
+        _evaluate_saved(args.load, backend, X_test, classes[y_test], source)
+        return
+    validation_data = None
+    if args.validation_fraction is not None:
+        X_train, X_val, y_train, y_val = _split(X_train, y_train, source, args.validation_fraction, "validation")
+        validation_data = (X_val, y_val)
     try:
         net = MLP(_sizes_for(args, X.shape[1], len(classes)), activation=args.activation,
                   backend=backend, dtype=args.dtype, seed=args.seed)
     except (TypeError, ValueError) as e:
         raise DataError(str(e)) from None
-    print(f"{source}: {len(y_train)} training and {len(y_test)} test samples, {X.shape[1]} features, "
+    net.classes = classes
+    held_out = f", {len(validation_data[1])} validation" if validation_data else ""
+    print(f"{source}: {len(y_train)} training{held_out} and {len(y_test)} test samples, {X.shape[1]} features, "
           f"{len(classes)} classes; {net!r}", flush=True)
     warmup = _compile(net, ["fit"], [args.batch_size])  # fit runs its last, smaller batch with the same step
     started = time.perf_counter()
-    net.fit(X_train, y_train, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
-            lr=args.lr, patience=args.patience, seed=args.seed, progress=False, callback=_print_epoch(args.epochs))
+    history = net.fit(X_train, y_train, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
+                      lr=args.lr, validation_data=validation_data, patience=args.patience, seed=args.seed,
+                      progress=False, callback=_print_epoch(args.epochs), comm=comm)
     net.backend.synchronize()
     wall = time.perf_counter() - started
+    if validation_data:
+        _print_validation_curve(history)
     warmup += _compile(net, ["predict"])
     predicted = net.backend.to_numpy(net.predict(X_test))
     correct = int((predicted == y_test).sum())
     print(f"test accuracy {correct / len(y_test):.4f} ({correct}/{len(y_test)})  "
           f"fit wall time {wall:.3f} s (backend {net.backend.name}, compile/warm-up {warmup:.3f} s, not timed)")
-    if args.save:
+    if args.save and (comm is None or comm.is_root):
         net.save(args.save)
         print(f"saved {args.save}")
+
+
+def _data_parallel(args):
+    """The DataParallel hook of ``--distributed`` (None without it); a UsageError without mpi4py."""
+    if not args.distributed:
+        return None
+    from deltaprop.model.distributed import session
+
+    try:
+        return session(args.backend)
+    except DistributedError as e:
+        raise UsageError(f"--distributed: {e}") from None
+
+
+def _print_validation_curve(history):
+    """The validation loss per epoch in one line, and its best epoch (the one kept, with --patience)."""
+    best = history.best_epoch or 1 + min(range(history.epochs), key=history.val_loss.__getitem__)
+    curve = " ".join(f"{value:.4f}" for value in history.val_loss)
+    kept = " (its weights kept)" if history.best_epoch else ""
+    print(f"validation loss by epoch: {curve}")
+    print(f"best validation epoch {best}{kept}: val_loss {history.val_loss[best - 1]:.4f}  "
+          f"val_accuracy {history.val_accuracy[best - 1]:.4f}", flush=True)
+def _evaluate_saved(path, backend, X_test, labels_test, source):
+    """Prints the test accuracy of the network saved at ``path`` and the labels it predicts, in the labels
+    the checkpoint keeps (the indices 0..C-1 for a checkpoint without labels)."""
+    from deltaprop.model import MLP
+
+    net = MLP.load(path, backend=backend)
+    classes = np.arange(net.sizes[-1]) if net.classes is None else net.classes
+    if net.sizes[0] != X_test.shape[1]:
+        raise DataError(f"--load: {path} expects {net.sizes[0]} features, {source} has {X_test.shape[1]}")
+    unknown = np.setdiff1d(labels_test, classes)
+    if unknown.size:
+        raise DataError(f"--load: {path} knows the labels {classes.tolist()}, {source} has also {unknown.tolist()}")
+    _compile(net, ["predict"])
+    predicted = classes[net.backend.to_numpy(net.predict(X_test))]
+    correct = int((predicted == labels_test).sum())
+    counts = ", ".join(f"{label}: {count}" for label, count in zip(*np.unique(predicted, return_counts=True)))
+    print(f"{path}: {net!r}")
+    print(f"test accuracy {correct / len(labels_test):.4f} ({correct}/{len(labels_test)})  predicted labels {counts}")
 
 
 def _compile(net, uses, batches=None) -> float:
@@ -249,5 +326,8 @@ def run(args) -> int:
         sweep.run(args) if sweep.wanted(args) else _train(args)
     except NonFiniteLossError as e:
         print(f"deltaprop train: error: training diverged: {e}; try a smaller --lr", file=sys.stderr)
+        return 1
+    except DistributedError as e:
+        print(f"deltaprop train: error: {e}", file=sys.stderr)
         return 1
     return 0

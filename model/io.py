@@ -1,9 +1,9 @@
 """Checkpoints: an MLP (and its optimizer) in one .npz file, written atomically, read back with every check.
 
-Keys of format version 1 (all plain arrays; nothing is pickled):
+Keys of format version 2 (all plain arrays; nothing is pickled):
 
     magic              "deltaprop-checkpoint"            marks the file as ours
-    format_version     1
+    format_version     2 (a file of version 1, which has no ``classes`` nor ``estimator``, loads too)
     sizes              int64 (L+1,)                      layer widths, input first
     activation, loss, dtype                              names (str)
     seed               int64 (); -1 when the network had none
@@ -13,6 +13,9 @@ Keys of format version 1 (all plain arrays; nothing is pickled):
     optimizer_step     int64 ()                          updates made so far
     state/<name>       (P,) in float32 or float64         each flat state buffer (velocity, m, v), in ``dtype``'s
                                                          accumulation dtype (float32 for 16-bit ``dtype``)
+    classes            (n_L,) ints, floats, booleans or str  the labels outputs 0..n_L-1 stand for (``net.classes``);
+                                                         absent when the network has none
+    estimator          JSON object, "{}" for none        what a deltaprop.sklearn estimator keeps beside the network
 
 ``save`` checks first that ``load`` will accept what it writes (finite parameters and state, a named
 schedule), then writes through ``deltaprop.atomic.write_atomic``: a crash or a kill never leaves a
@@ -36,13 +39,15 @@ from deltaprop.kernels.dtypes import accumulation_dtype
 from deltaprop.model.optim import OPTIMIZERS, SCHEDULES, get_schedule, schedule_spec
 
 MAGIC = "deltaprop-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_OLDEST_READ = 1  # the first version this one reads
 _REQUIRED = ("format_version", "sizes", "activation", "loss", "dtype", "seed", "params", "optimizer",
              "optimizer_hyper", "optimizer_schedule", "optimizer_step")
 
 
-def save(net, path) -> None:
-    """Writes ``net`` (and ``net.optimizer``, when it has one) to ``path`` as .npz, atomically."""
+def save(net, path, estimator=None) -> None:
+    """Writes ``net`` (with ``net.optimizer`` and ``net.classes``, when it has them) to ``path`` as .npz,
+    atomically; ``estimator``: a JSON-able dict stored beside it (``read_estimator`` gives it back)."""
     backend = net.backend
     optimizer = net.optimizer
     arrays = {
@@ -58,7 +63,10 @@ def save(net, path) -> None:
         "optimizer_hyper": np.array(json.dumps(optimizer.hyper if optimizer else {})),
         "optimizer_schedule": np.array(json.dumps(_schedule_spec(optimizer.schedule) if optimizer else {})),
         "optimizer_step": np.array(optimizer.step_count if optimizer else 0, np.int64),
+        "estimator": np.array(json.dumps(estimator or {})),
     }
+    if net.classes is not None:
+        arrays["classes"] = _classes_to_save(net)
     for key, buffer in (optimizer.state.items() if optimizer else ()):
         arrays[f"state/{key}"] = backend.to_numpy(buffer)
     for key in ["params", *(key for key in arrays if key.startswith("state/"))]:
@@ -67,6 +75,18 @@ def save(net, path) -> None:
             raise ValueError(f"save: {key}: expected finite values (what load accepts), got NaN or inf in "
                              f"{int((~finite).sum())} of {finite.size}; nothing written")
     write_atomic(path, lambda file: np.savez(file, **arrays))
+
+
+def _classes_to_save(net):
+    """``net.classes`` as the plain array a checkpoint stores; a ValueError (nothing written) otherwise."""
+    classes = np.asarray(net.classes)
+    if classes.dtype.kind not in _CLASS_KINDS or classes.shape != (net.sizes[-1],):
+        raise ValueError(f"save: classes: expected {net.sizes[-1]} labels (one per output) of numbers, booleans "
+                         f"or strings, got {classes.dtype} of shape {classes.shape}; nothing written")
+    return classes
+
+
+_CLASS_KINDS = "biufU"  # the dtype kinds a label array may have in a checkpoint (never objects: no pickle)
 
 
 def _schedule_spec(schedule) -> dict:
@@ -165,6 +185,23 @@ def _sizes(arrays, path):
     return widths
 
 
+def _classes(arrays, path, outputs):
+    """The saved labels (outputs,), or None when the file has none."""
+    if "classes" not in arrays:
+        return None
+    classes = arrays["classes"]
+    if classes.dtype.kind not in _CLASS_KINDS or classes.shape != (outputs,):
+        raise CheckpointError(f"checkpoint {path!r}: classes: expected {outputs} labels (one per output) of "
+                              f"numbers, booleans or strings, got {classes.dtype} of shape {classes.shape}")
+    return classes
+
+
+def read_estimator(path) -> dict:
+    """The ``estimator`` dict a checkpoint holds ({} when none, or for a file of version 1)."""
+    arrays = _read_all(os.fspath(path))
+    return _json(arrays, "estimator", path) if "estimator" in arrays else {}
+
+
 def load(cls, path, backend="auto"):
     """The network saved at ``path``, on ``backend``, with its optimizer (state on that backend), if any.
 
@@ -181,8 +218,12 @@ def load(cls, path, backend="auto"):
     if missing:
         raise CheckpointError(f"checkpoint {path!r}: expected keys {list(_REQUIRED)}, missing {missing}")
     version = _integer(arrays, "format_version", path)
-    if version != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path!r}: format_version: expected {FORMAT_VERSION}, got {version}")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path!r}: format_version {version} was written by a newer deltaprop; "
+                              f"this one reads versions {_OLDEST_READ} to {FORMAT_VERSION}: upgrade deltaprop")
+    if version < _OLDEST_READ:
+        raise CheckpointError(f"checkpoint {path!r}: format_version: expected {_OLDEST_READ} to {FORMAT_VERSION}, "
+                              f"got {version}")
     seed = _integer(arrays, "seed", path)
     sizes = _sizes(arrays, path)
     try:
@@ -193,6 +234,9 @@ def load(cls, path, backend="auto"):
         raise CheckpointError(f"checkpoint {path!r}: {e}") from e
     params = _flat(arrays, "params", path, net.n_params, net.dtype)
     net.params[...] = net.backend.asarray(params)
+    net.classes = _classes(arrays, path, net.sizes[-1])
+    if "estimator" in arrays:  # read by read_estimator; checked here, so that a loaded file is a whole file
+        _json(arrays, "estimator", path)
     optimizer = _optimizer(arrays, path, net.n_params, net.dtype)
     if optimizer is not None:
         host_state = optimizer.state

@@ -24,6 +24,7 @@ some step, possibly mid-update.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import threading
@@ -36,19 +37,21 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from deltaprop.backend import get_backend
+from deltaprop.backend import get_backend, to_numpy
 from deltaprop.backend.checks import check_label_range, check_shape
 from deltaprop.errors import NonFiniteLossError
 from deltaprop.kernels.activations import get_activation
 from deltaprop.kernels.dtypes import floating, resolve_dtype
 from deltaprop.kernels.layout import Layout
 from deltaprop.model import io, training
+from deltaprop.model.epoch_totals import non_finite_loss
 from deltaprop.model.losses import get_loss
 from deltaprop.model.optim import check_learning_rate, check_seed
 
 if TYPE_CHECKING:
     from deltaprop.arrays import Array, ArrayInput, DTypeLike
     from deltaprop.backend import Backend
+    from deltaprop.model.callbacks import Callback
     from deltaprop.model.optim import Optimizer
 
 _INT64 = np.dtype(np.int64)
@@ -88,9 +91,15 @@ class _Workspace:
 def _finite(loss):
     """``loss``, or NonFiniteLossError when it is NaN or infinite."""
     if not isfinite(loss):
-        raise NonFiniteLossError(
-            f"loss: expected a finite value, got {loss} (NaN/inf in x, or a diverging learning rate)")
+        raise non_finite_loss(loss)
     return loss
+
+
+def _moved(backend, array):
+    """A fresh copy of ``array`` (of any backend) on ``backend``, in its own (aligned) buffer."""
+    out = backend.empty(array.shape, array.dtype)
+    out[...] = array if isinstance(array, type(out)) else backend.asarray(to_numpy(array))
+    return out
 
 
 def _check_sizes(sizes):
@@ -180,6 +189,7 @@ class MLP:
         self._lr: float = math.nan
         self._lr_scalar: np.floating | None = None
         self.optimizer = None  # the Optimizer of the last fit (or of a loaded checkpoint), with its state
+        self.classes: np.ndarray | None = None  # labels of outputs 0..n_L-1, kept by save/load (None: the indices)
 
     # ---- layout and initialisation ----
 
@@ -203,18 +213,55 @@ class MLP:
     def _initial_params(self):
         return initial_parameters(self._layout, self.activation, self.seed)
 
+    # ---- copies: copy.copy, copy.deepcopy, pickle and ``to`` all make an independent network ----
+
+    # attributes made anew in every copy: the per-thread workspaces, the lock, the views and the backend's
+    # compiled steps (cached_property), which belong to one buffer and one process
+    _NOT_COPIED = ("_threads", "_training", "weights", "biases", "grad_weights", "grad_biases", "_fused_step",
+                   "_fused_grads_step")
+
     def __getstate__(self):
-        """What copy and pickle keep: all but the per-thread workspaces and the lock (made anew)."""
-        state = dict(self.__dict__)
-        del state["_threads"], state["_training"]
+        """What pickle keeps: the buffers as arrays of the backend, the backend by name (so that a network
+        unpickles on the same backend in another process), the optimizer without its binding."""
+        state = {key: value for key, value in self.__dict__.items() if key not in self._NOT_COPIED}
+        state["backend"] = self.backend.name
+        if self.optimizer is not None:
+            optimizer = state["optimizer"] = copy.copy(self.optimizer)
+            optimizer.backend, optimizer.state, optimizer.hyper = None, dict(optimizer.state), dict(optimizer.hyper)
         return state
 
     def __setstate__(self, state):
+        """Rebuilds a network from ``__getstate__``'s dict (arrays of any backend): the buffers are copied
+        into fresh ones of the network's backend, so that the views view this network's own buffers."""
         self.__dict__.update(state)
-        self.weights, self.biases = self._views(self.params)  # a copy's views must view the copy's buffers
+        backend = self.backend = get_backend(state["backend"])
+        self.dtype = resolve_dtype(self.dtype, backend.device)
+        self.params, self.grads = _moved(backend, state["params"]), _moved(backend, state["grads"])
+        self.weights, self.biases = self._views(self.params)
         self.grad_weights, self.grad_biases = self._views(self.grads)
         self._threads = _ThreadWorkspaces()
         self._training = threading.RLock()
+        if self.optimizer is not None:
+            self.optimizer.state = {key: _moved(backend, value) for key, value in self.optimizer.state.items()}
+            self.optimizer.bind(backend, self.params)
+
+    def to(self, backend: str | Backend) -> MLP:
+        """A copy of the network (parameters, gradients, optimizer state) on ``backend``; the original is
+        left as it was. ValueError when the backend cannot hold the network's dtype."""
+        with self._training:  # one snapshot of parameters and optimizer state
+            state = self.__getstate__()
+        state["backend"] = get_backend(backend).name
+        network = object.__new__(type(self))
+        network.__setstate__(state)
+        return network
+
+    def __copy__(self) -> MLP:
+        """A copy that trains independently (its own buffers): a shallow copy sharing ``params`` would
+        change the original on every step."""
+        return self.to(self.backend)
+
+    def __deepcopy__(self, memo) -> MLP:
+        return self.to(self.backend)
 
     def __repr__(self):
         return (f"MLP({self.sizes}, activation={self.activation!r}, loss={self.loss!r}, "
@@ -295,10 +342,13 @@ class MLP:
         with self._training:
             return self._backward(cache, y)
 
-    def _backward(self, cache, y):
+    def _backward(self, cache, y, read=True):
+        """Loss and gradients of a forward pass; returns the mean loss, checked and read as a float
+        before the gradients are written (``read``), else as ``Backend.device_loss`` leaves it, unread."""
         backend, workspace = self.backend, self._workspace(cache.a[0].shape[0])
-        loss_kernel = getattr(backend, get_loss(self.loss).kernel)
-        loss = _finite(float(loss_kernel(cache.logits, y, delta_out=workspace.delta[-1])))
+        loss = backend.device_loss(get_loss(self.loss).kernel, cache.logits, y, delta_out=workspace.delta[-1])
+        if read:
+            loss = self._read_loss(loss, y)
         for l in reversed(range(self.depth)):
             delta = workspace.delta[l]
             backend.gemm(delta, cache.a[l], out=self.grad_weights[l], trans_a=True)  # dW = delta.T @ a[l-1]
@@ -308,6 +358,14 @@ class MLP:
                 backend.act_backward(workspace.delta[l - 1], cache.z[l - 1], self.activation,
                                      out=workspace.delta[l - 1])
         return loss
+
+    def _read_loss(self, loss, y):
+        """A mean loss (a float or a device's 0-d array) as a float; for a NaN, the loss kernels' error
+        when a label is outside [0, C), else NonFiniteLossError."""
+        value = float(loss)
+        if not isfinite(value) and y.ndim == 1:
+            check_label_range(get_loss(self.loss).kernel, y, self.sizes[-1], self.backend.xp)
+        return _finite(value)
 
     def loss_and_grads(self, x: ArrayInput, y: ArrayInput) -> tuple[float, list[tuple[Array, Array]]]:
         """The mean loss and [(dW[l], db[l])] for l = 1..L, fresh arrays shaped like W[l] and b[l]."""
@@ -328,16 +386,27 @@ class MLP:
         """
         steps = self._fused_grads_step if self.use_fused_step else None
         with self._training:
-            if steps is None:
+            if steps is None:  # checks the loss before it writes the gradients
                 x = self.as_inputs(x)
                 y = self.as_targets(y, x.shape[0])
                 cache = self._forward(x)
                 return self._backward(cache, y), cache.logits
             x, y = self._fused_inputs(x, y, "loss_and_grads")
-            workspace = self._workspace(len(x))
-            step = steps[step_batch or len(x)]
-            total, bad_row = step(x, y, self.params, self.grads, workspace.work, workspace.offsets)
-            return self._fused_loss(total, bad_row, y), workspace.z[-1]
+            loss, logits = self._gradients(x, y, step_batch)
+            return self._read_loss(loss, y), logits
+
+    def _gradients(self, x, y, step_batch=None):
+        """forward_backward of x and y as ``as_inputs`` and ``as_targets`` return them, for ``fit``:
+        returns (mean loss, logits) with the loss unread, as ``Backend.device_loss`` leaves it (a float
+        on the CPU, a 0-d array on a GPU), for the caller to check; ``grads`` may hold the gradients of a
+        non-finite loss. The caller holds the training lock."""
+        steps = self._fused_grads_step if self.use_fused_step else None
+        if steps is None:
+            cache = self._forward(x)
+            return self._backward(cache, y, read=False), cache.logits
+        workspace = self._workspace(len(x))
+        total, bad_row = steps[step_batch or len(x)](x, y, self.params, self.grads, workspace.work, workspace.offsets)
+        return self._fused_mean(total, bad_row, y), workspace.z[-1]
 
     # train_step runs the backend's fused step where it has one; False forces the kernel-by-kernel loop
     use_fused_step = True
@@ -379,7 +448,7 @@ class MLP:
             loss = total / batch
             if isfinite(loss):
                 return loss
-        return self._fused_loss(total, bad_row, y)
+        return self._read_loss(self._fused_mean(total, bad_row, y), y)
 
     def _fused_inputs(self, x, y, caller):
         """x and y as a fused step takes them: as they are when already in that form (the fast path),
@@ -392,11 +461,12 @@ class MLP:
             check_shape(caller, "targets", y, (x.shape[0], self.sizes[-1]))
         return x, y
 
-    def _fused_loss(self, total, bad_row, y):
-        """The mean loss from a fused step's summed loss and bad row; raises as the loss kernels do."""
+    def _fused_mean(self, total, bad_row, y):
+        """The mean loss from a fused step's summed loss and bad row, unread; raises the loss kernels'
+        error for a bad row."""
         if bad_row >= 0:  # the step found a label outside [0, C) and changed nothing
             check_label_range(get_loss(self.loss).kernel, y, self.sizes[-1])  # the message every backend gives
-        return _finite(float(total) / y.shape[0])
+        return total / y.shape[0]
 
     @cached_property
     def _fused_step(self):
@@ -421,35 +491,95 @@ class MLP:
             return len(y) == batch and y.dtype is _INT64
         return y.dtype is self.dtype and y.shape == (batch, self.sizes[-1])  # a 0-d or 3-d y is not ready
 
+    # ---- PyTorch interchange ----
+
+    def _torch_keys(self):
+        """(layer l, key of W[l], key of b[l]): a torch.nn.Sequential alternating Linear and activation
+        modules numbers its Linear layers 0, 2, 4, ... (the activations take the odd indices)."""
+        return [(l, f"{2 * l}.weight", f"{2 * l}.bias") for l in range(self.depth)]
+
+    def state_dict(self) -> dict[str, Array]:
+        """The parameters in torch.nn.Linear layout, keyed as torch.nn.Sequential(Linear, act, Linear, ...,
+        Linear) names them: "0.weight" W[1] (n1, n0), "0.bias" b[1] (n1,), "2.weight" W[2] (n2, n1), ...,
+        the last Linear's key 2 * (L - 1) (no activation after it: the loss applies the output map).
+        The values are views of ``params`` on the network's backend (as torch's state_dict shares
+        storage); torch takes them without a copy: ``{k: torch.from_dlpack(v) for k, v in ...items()}``."""
+        state = {}
+        for l, weight_key, bias_key in self._torch_keys():
+            state[weight_key], state[bias_key] = self.weights[l], self.biases[l]
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Copies the parameters from a ``state_dict`` of the same keys and shapes (a torch.nn.Sequential's,
+        tensors or any arrays; torch tensors without ``requires_grad`` come in through DLPack), converted
+        to the network's dtype. Every key is checked (missing, unexpected, shape, finite) before anything
+        changes: a ValueError names the first problem."""
+        if not hasattr(state_dict, "keys"):
+            raise TypeError(f"state_dict: expected a mapping of parameter names to arrays, got {type(state_dict).__name__}")
+        keys = self._torch_keys()
+        expected = [key for _, weight_key, bias_key in keys for key in (weight_key, bias_key)]
+        missing = [key for key in expected if key not in state_dict]
+        unexpected = sorted(set(state_dict.keys()) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"state_dict: expected the keys {expected} of a {self.depth}-layer network, "
+                             f"got {len(missing)} missing {missing} and {len(unexpected)} unexpected {unexpected}")
+        arrays = {}
+        for l, weight_key, bias_key in keys:
+            for key, target in ((weight_key, self.weights[l]), (bias_key, self.biases[l])):
+                array = self.backend.asarray(state_dict[key], self.dtype)
+                if tuple(array.shape) != tuple(target.shape):
+                    raise ValueError(f"state_dict: {key}: expected shape {tuple(target.shape)}, got {tuple(array.shape)}")
+                if not bool(self.backend.xp.isfinite(array).all()):
+                    raise ValueError(f"state_dict: {key}: expected finite values, got NaN or inf")
+                arrays[key] = array
+        with self._training:
+            for l, weight_key, bias_key in keys:
+                self.weights[l][...] = arrays[weight_key]
+                self.biases[l][...] = arrays[bias_key]
+
     # ---- training, inference and checkpoints (model/training.py, model/io.py) ----
 
     def fit(self, X: ArrayInput, y: ArrayInput, epochs: int = 10, batch_size: int = 32,
             optimizer: str | Optimizer | None = None, lr: float | None = None, schedule: Any = None,
             validation_data: tuple[ArrayInput, ArrayInput] | None = None, patience: int | None = None,
             shuffle: bool = True, seed: int | None = None, progress: bool | None = None,
-            callback: Callable[[int, dict[str, float]], object] | None = None) -> training.History:
+            callback: Callable[[int, dict[str, float]], object] | None = None,
+            callbacks: Sequence[Callback] | None = None, comm: Any = None) -> training.History:
         """Trains on X (N, n0) and y (int labels (N,) or targets (N, n_L)) by minibatches; returns a History.
 
         optimizer: "adam", "adamw", "sgd", "momentum" (torch.optim's defaults; ``lr`` overrides the
-        default learning rate, ``schedule`` is "constant", "step", "cosine" or a schedule object) or an
-        Optimizer; None carries on with ``self.optimizer`` (left by the last fit or a loaded checkpoint)
-        when there is one and no lr/schedule is given, else starts Adam. validation_data: (X_val, y_val),
-        evaluated after each epoch. patience: stop after that many epochs without a lower validation
-        loss (training loss without validation_data) and restore the best weights. shuffle: a new
-        order each epoch, drawn from default_rng(seed), seed defaulting to the network's seed.
-        progress: a tqdm bar on stderr (None: on in a terminal or a notebook). callback(epoch, logs):
-        called after each epoch (1-based) with that epoch's metrics.
+        default learning rate, ``schedule`` is "constant", "step", "cosine", "one_cycle", a schedule
+        object or a function of the update index giving the factor of ``lr``) or an Optimizer (e.g.
+        ``Adam(lr=1e-3, betas=(0.9, 0.99), max_grad_norm=1.0)``); None carries on with ``self.optimizer``
+        (left by the last fit or a loaded checkpoint) when there is one and no lr/schedule is given,
+        else starts Adam. validation_data: (X_val, y_val), evaluated after each epoch. patience: stop
+        after that many epochs without a lower validation loss (training loss without validation_data)
+        and restore the best weights (an ``EarlyStopping(patience)`` callback). shuffle: a new order
+        each epoch, drawn from default_rng(seed), seed defaulting to the network's seed. progress: a
+        tqdm bar on stderr (None: on in a terminal or a notebook). callback(epoch, logs): called after
+        each epoch (1-based) with that epoch's metrics. callbacks: ``deltaprop.model.callbacks.Callback``
+        instances (EarlyStopping, TimeBudget, NaNGuard or your own) with per-batch and per-epoch hooks
+        that see a TrainingState and can stop training. comm: an mpi4py communicator
+        (``MPI.COMM_WORLD``) or a ``deltaprop.distributed.DataParallel``: data parallel over its ranks,
+        the same losses as one process with the same global batch; only rank 0 draws progress.
+
+        The History holds per epoch the training loss and accuracy, the validation loss and accuracy,
+        the wall seconds and the learning rate of the last update.
 
         Non-finite values in X, y or validation_data are refused before training, naming the rows. On a
         NaN or infinite loss (training diverged) raises NonFiniteLossError naming the epoch and batch,
         with ``err.history`` (the epochs completed) and ``err.restored_epoch`` (the epoch whose weights
         early stopping restored, or None: then the parameters and optimizer state are those of the last
-        update before the failing batch).
+        update before the failing batch; on a GPU, whose losses are read once per epoch, those of the
+        failing epoch's last update). On a GPU the optimizer state is that of the failing epoch's last
+        update in both cases, likely not finite: give the next fit a new optimizer, or fit with the NaNGuard
+        callback, which puts back both as they were at the end of the last finished epoch.
         """
         with self._training:
             return training.fit(self, X, y, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
                                 schedule=schedule, validation_data=validation_data, patience=patience,
-                                shuffle=shuffle, seed=seed, progress=progress, callback=callback)
+                                shuffle=shuffle, seed=seed, progress=progress, callback=callback,
+                                callbacks=callbacks, comm=comm)
 
     def predict(self, X: ArrayInput, chunk_size: int = training.DEFAULT_CHUNK) -> Array:
         """Class labels (N,) for softmax cross-entropy, 0/1 (N, n_L) for sigmoid cross-entropy, outputs

@@ -1,16 +1,23 @@
 """Optimizers over the flat parameter buffer, and learning-rate schedules: two tables looked up by name.
 
     OPTIMIZERS   "sgd" (SGD), "momentum" (SGD with momentum 0.9, optionally Nesterov), "adam", "adamw"
-    SCHEDULES    "constant", "step" (StepLR), "cosine" (linear warm-up, then cosine annealing)
+    SCHEDULES    "constant", "step" (StepLR), "cosine" (linear warm-up, then cosine annealing),
+                 "one_cycle" (OneCycleLR); or a function of the update index (LambdaLR)
 
 Each optimizer step is one launch of the backend's update kernel (``sgd_update``, ``momentum_update``
 or ``adam_update``) over the whole flat (P,) parameter buffer, with the formulas and defaults of
 torch.optim (see those kernels' docstrings). The optimizer's state (``velocity``, or Adam's ``m`` and
-``v``) lives in flat (P,) buffers of the parameters' backend and dtype, allocated once by ``bind``;
-``step_count`` counts the updates made (Adam's bias corrections use ``step_count`` + 1 for the next).
+``v``) lives in flat (P,) buffers of the parameters' backend and accumulation dtype, allocated once by
+``bind``; ``step_count`` counts the updates made (Adam's bias corrections use ``step_count`` + 1 for
+the next). For 16-bit parameters the update applies to a float32 master copy (``master``), rounded
+into the parameters after each step.
 
 The learning rate of update t (0-based, t = ``step_count`` before the update) is
 ``lr * schedule.factor(t, total_steps)``; schedules count updates, not epochs.
+
+Every optimizer takes ``max_grad_norm``: before each update the gradients are scaled so that their global
+2-norm is at most that, as torch.nn.utils.clip_grad_norm_ does (None: no clipping). The norm stays a
+value of the device (``grad_norm``), read by no one unless a caller asks.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from deltaprop.kernels.dtypes import accumulation_dtype
@@ -90,17 +98,81 @@ class WarmupCosine:
         return self.min_factor + (1.0 - self.min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-SCHEDULES: dict[str, type] = {cls.name: cls for cls in (Constant, StepDecay, WarmupCosine)}
+@dataclass(frozen=True)
+class OneCycle:
+    """torch.optim.lr_scheduler.OneCycleLR (cosine annealing, two phases) with max_lr = the base rate:
+    from 1 / div_factor up to 1 over the first ``pct_start`` of ``total_steps`` updates, then down to
+    1 / (div_factor * final_div_factor) at the last update (and there after it). Momentum is not cycled.
+    ``total_steps`` None means the number of updates the caller plans (``fit`` passes epochs x batches).
+    """
+
+    total_steps: int | None = None
+    pct_start: float = 0.3
+    div_factor: float = 25.0
+    final_div_factor: float = 1e4
+    name = "one_cycle"
+
+    def __post_init__(self):
+        if self.total_steps is not None:
+            check_count("total_steps", self.total_steps, minimum=2)
+        if not 0 < self.pct_start < 1:
+            raise ValueError(f"one_cycle schedule: pct_start: expected a number in (0, 1), got {self.pct_start!r}")
+        for key in ("div_factor", "final_div_factor"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"one_cycle schedule: {key}: expected a finite number > 0, got {value!r}")
+
+    def factor(self, step: int, total_steps: int | None = None) -> float:
+        total = self.total_steps if self.total_steps is not None else total_steps
+        if total is None:
+            raise ValueError("one_cycle schedule: total_steps: expected the number of planned updates, got None")
+        initial = 1.0 / self.div_factor
+        peak_at, end_at = self.pct_start * total - 1, total - 1  # torch's phase ends (float)
+        if not 0 < peak_at < end_at:
+            raise ValueError(f"one_cycle schedule: expected pct_start * total_steps in (1, total_steps), got "
+                             f"{self.pct_start} * {total}")
+        step = min(step, end_at)
+        if step <= peak_at:
+            return _cosine_between(initial, 1.0, step / peak_at)
+        return _cosine_between(1.0, initial / self.final_div_factor, (step - peak_at) / (end_at - peak_at))
+
+
+def _cosine_between(start: float, end: float, progress: float) -> float:
+    """Cosine annealing from ``start`` (progress 0) to ``end`` (progress 1), torch's _annealing_cos."""
+    return end + (start - end) / 2.0 * (math.cos(math.pi * progress) + 1)
+
+
+@dataclass(frozen=True)
+class LambdaSchedule:
+    """A function of the update index t (0-based) giving the factor of the base rate (torch's LambdaLR
+    stepped once per update); what ``get_schedule`` makes of a callable. Not storable in a checkpoint."""
+
+    function: Callable[[int], float]
+    name = "lambda"
+
+    def factor(self, step: int, total_steps: int | None = None) -> float:
+        value = self.function(step)
+        if isinstance(value, bool) or not (isinstance(value, Real) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"schedule: expected the function to give a finite real number >= 0 at update "
+                             f"{step}, got {value!r}")
+        return float(value)
+
+
+SCHEDULES: dict[str, type] = {cls.name: cls for cls in (Constant, StepDecay, WarmupCosine, OneCycle)}
 
 
 def get_schedule(schedule: Schedule | str | None = None, **options: float) -> Schedule:
-    """A schedule from its name (with ``options`` for its fields), or a schedule passed through; None is constant."""
+    """A schedule from its name (with ``options`` for its fields), a schedule passed through, or a function
+    of the update index (0-based) giving the factor of the base rate; None is constant."""
     if schedule is None:
         schedule = "constant"
     if not isinstance(schedule, str):
-        if not hasattr(schedule, "factor"):
-            raise TypeError(f"schedule: expected one of {sorted(SCHEDULES)} or a schedule object, got {schedule!r}")
-        return schedule
+        if hasattr(schedule, "factor"):
+            return schedule
+        if callable(schedule):
+            return LambdaSchedule(schedule)
+        raise TypeError(f"schedule: expected one of {sorted(SCHEDULES)}, a schedule object or a function of the "
+                        f"update index, got {schedule!r}")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule: expected one of {sorted(SCHEDULES)}, got {schedule!r}")
     try:
@@ -150,15 +222,19 @@ class Optimizer(ABC):
     defaults: dict = {}
 
     def __init__(self, lr: float | None = None, schedule: Schedule | str | None = None, **hyper: float) -> None:
-        unknown = sorted(set(hyper) - set(self.defaults))
+        defaults = dict(self.defaults, max_grad_norm=None)
+        unknown = sorted(set(hyper) - set(defaults))
         if unknown:
-            raise TypeError(f"{self.name}: unknown hyper-parameter(s) {unknown}; expected some of {sorted(self.defaults)}")
-        self.hyper = dict(self.defaults, **hyper)
+            raise TypeError(f"{self.name}: unknown hyper-parameter(s) {unknown}; expected some of {sorted(defaults)}")
+        self.hyper = dict(defaults, **hyper)
         if lr is not None:
             self.hyper["lr"] = lr
         for key, value in self.hyper.items():
             if key == "lr":
                 self.hyper[key] = check_learning_rate(f"{self.name}: lr", value)
+            elif key == "max_grad_norm":
+                if value is not None:
+                    self.hyper[key] = check_learning_rate(f"{self.name}: max_grad_norm", value)
             elif key == "nesterov":
                 if not isinstance(value, bool):
                     raise ValueError(f"{self.name}: nesterov: expected True or False, got {value!r}")
@@ -172,6 +248,11 @@ class Optimizer(ABC):
         self.total_steps = None  # the updates the caller plans (for a cosine schedule without its own)
         self.state: dict = {}
         self.backend: Backend | None = None  # set by bind
+        self.last_lr: float | None = None  # the learning rate of the last update
+        self.grad_norm = None  # with max_grad_norm: the last gradients' norm before clipping, on the device
+        # 16-bit parameters: their float32 master copy, which the updates apply to, and the gradients' (bind)
+        self.master: Array | None = None
+        self._master_grads: Array | None = None
 
     def _check_hyper(self):
         """Subclass hook: cross-field checks of ``self.hyper``."""
@@ -190,7 +271,21 @@ class Optimizer(ABC):
             held = self.state.get(key)
             if held is None or held.shape != params.shape or held.dtype != state_dtype:
                 self.state[key] = backend.zeros(params.shape, state_dtype)
+        self._bind_master(backend, params, state_dtype)
         return self
+
+    def _bind_master(self, backend, params, master_dtype):
+        """For parameters stored in fewer bits than they compute in (float16, bfloat16): a master copy of
+        ``params`` in ``master_dtype`` (float32), taken anew at each bind, that every update applies to
+        before rounding it into ``params``, as mixed-precision training does: an update below half a
+        16-bit ulp is kept there instead of rounding away."""
+        if master_dtype == params.dtype:
+            self.master = self._master_grads = None
+            return
+        if self.master is None or self.master.shape != params.shape or self.master.dtype != master_dtype:
+            self.master = backend.empty(params.shape, master_dtype)
+            self._master_grads = backend.empty(params.shape, master_dtype)
+        self.master[...] = params
 
     def current_lr(self) -> float:
         """The learning rate the next update uses."""
@@ -202,7 +297,16 @@ class Optimizer(ABC):
             raise RuntimeError(f"{self.name}: call bind(backend, params) before step()")
         lr = self.current_lr()
         self.step_count += 1
-        self._update(params, grads, lr)
+        self.last_lr = lr
+        if self.hyper["max_grad_norm"] is not None:
+            self.grad_norm = clip_grad_norm(self.backend.xp, grads, self.hyper["max_grad_norm"])
+        master, master_grads = self.master, self._master_grads
+        if master is None or master_grads is None:
+            self._update(params, grads, lr)
+            return
+        master_grads[...] = grads
+        self._update(master, master_grads, lr)
+        params[...] = master  # rounded to nearest even
 
     @abstractmethod
     def _update(self, params, grads, lr):
@@ -211,6 +315,16 @@ class Optimizer(ABC):
     def __repr__(self):
         fields = ", ".join(f"{k}={v!r}" for k, v in self.hyper.items())
         return f"{type(self).__name__}({fields}, schedule={self.schedule!r}, step_count={self.step_count})"
+
+
+def clip_grad_norm(xp, grads: Array, max_norm: float) -> Array:
+    """Scales the flat (P,) ``grads`` in place by min(1, max_norm / (norm + 1e-6)), norm being their 2-norm
+    (computed in the accumulation dtype), as torch.nn.utils.clip_grad_norm_; returns that norm, a 0-d
+    value of ``xp``'s device: nothing is brought to the host."""
+    norm = xp.linalg.norm(grads.astype(accumulation_dtype(grads.dtype), copy=False))
+    scale = xp.minimum(max_norm / (norm + 1e-6), 1.0)
+    grads *= scale.astype(grads.dtype)
+    return norm
 
 
 class SGD(Optimizer):
@@ -249,6 +363,27 @@ class Adam(Optimizer):
     name = "adam"
     defaults = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0}
     decoupled = False
+
+    def __init__(self, lr: float | None = None, schedule: Schedule | str | None = None,
+                 betas: tuple[float, float] | None = None, **hyper: float) -> None:
+        """betas: (beta1, beta2), PyTorch's spelling of the ``beta1`` and ``beta2`` hyper-parameters."""
+        if betas is not None:
+            if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+                raise ValueError(f"{self.name}: betas: expected a pair (beta1, beta2), got {betas!r}")
+            both = sorted({"beta1", "beta2"} & set(hyper))
+            if both:
+                raise TypeError(f"{self.name}: betas: expected either betas or {both}, got both")
+            hyper.update(beta1=betas[0], beta2=betas[1])
+        super().__init__(lr, schedule, **hyper)
+
+    def _check_hyper(self):
+        for key in ("beta1", "beta2"):
+            if not self.hyper[key] < 1:
+                raise ValueError(f"{self.name}: {key}: expected a number in [0, 1), got {self.hyper[key]!r}")
+
+    @property
+    def betas(self) -> tuple[float, float]:
+        return self.hyper["beta1"], self.hyper["beta2"]
 
     def state_names(self) -> tuple[str, ...]:
         return ("m", "v")

@@ -9,7 +9,9 @@ is a ValueError naming the first rows, and a diverging fit a NonFiniteLossError 
 ``fit`` converts the training set once, and per epoch gathers a shuffled copy into buffers allocated
 once per fit, so that each step works on contiguous row slices: a step allocates nothing beyond what
 the network's own forward/backward pass and the optimizer's update kernel need. The running training
-accuracy is counted in buffers kept per batch size. Inference runs in chunks of ``chunk_size`` rows so
+accuracy is counted in buffers kept per batch size. Each batch's loss and hits stay where the backend
+computed them (model/epoch_totals.py) and are read once per epoch: on a GPU the inner loop never waits
+for the device. Inference runs in chunks of ``chunk_size`` rows so
 that predicting on a large X needs workspaces of one chunk only.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import itertools
 import math
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -26,6 +29,8 @@ import numpy as np
 from deltaprop.backend.checks import check_label_range
 from deltaprop.errors import NonFiniteLossError
 from deltaprop.kernels.dtypes import floating
+from deltaprop.model.callbacks import Callback, CallbackList, EarlyStopping, EpochEnd, TrainingState
+from deltaprop.model.epoch_totals import EpochTotals, non_finite_loss
 from deltaprop.model.losses import get_loss
 from deltaprop.model.optim import check_count, check_seed, get_optimizer
 
@@ -40,14 +45,18 @@ class History:
     loss: mean training loss over the epoch's batches (weighted by batch size), before each update;
     accuracy: running training accuracy over the epoch (classifier losses, and sigmoid cross-entropy
     as exact-match accuracy of the thresholded rows; empty for mse); val_loss, val_accuracy: on
-    ``validation_data`` after each epoch (empty without it). best_epoch: the epoch (1-based) whose
-    weights early stopping restored; stopped_epoch: the epoch after which it stopped (None if it ran on).
+    ``validation_data`` after each epoch (empty without it); time: the epoch's wall seconds (validation
+    included); lr: the learning rate of the epoch's last update. best_epoch: the epoch (1-based) whose
+    weights early stopping restored; stopped_epoch: the epoch after which a callback stopped the fit
+    (None if it ran on).
     """
 
     loss: list = field(default_factory=list)
     accuracy: list = field(default_factory=list)
     val_loss: list = field(default_factory=list)
     val_accuracy: list = field(default_factory=list)
+    time: list = field(default_factory=list)
+    lr: list = field(default_factory=list)
     best_epoch: int | None = None
     stopped_epoch: int | None = None
 
@@ -90,6 +99,10 @@ class _Scorer:
         return buffers
 
     def count(self, logits, targets) -> int:
+        return int(self.hits(logits, targets))
+
+    def hits(self, logits, targets):
+        """The count, unread: an int on the CPU, a 0-d array on a GPU (which ``count`` waits for)."""
         xp, buf = self.xp, self._get(tuple(logits.shape))
         if self.kind == "argmax":
             xp.argmax(logits, axis=1, out=buf["predicted"])
@@ -101,7 +114,7 @@ class _Scorer:
             xp.greater(targets, 0.5, out=buf["target_above"])
             xp.equal(buf["above"], buf["target_above"], out=buf["above"])
             xp.all(buf["above"], axis=1, out=buf["hit"])
-        return int(xp.count_nonzero(buf["hit"]))
+        return xp.count_nonzero(buf["hit"])
 
 
 # ---- inputs ---------------------------------------------------------------------------------------
@@ -254,36 +267,32 @@ def _progress_bar(progress, epochs):
     return tqdm(total=epochs, unit="epoch", file=sys.stderr, dynamic_ncols=True)
 
 
-class _EarlyStopping:
-    """Watches a value to minimise; keeps a copy of the best parameters; says when patience ran out."""
-
-    def __init__(self, net, patience):
-        check_count("patience", patience, minimum=1)
-        self.patience, self.best, self.best_epoch, self.waited = patience, math.inf, None, 0
-        self.best_params = net.backend.empty(net.params.shape, net.dtype)
-
-    def should_stop(self, net, epoch, value) -> bool:
-        if value < self.best:
-            self.best, self.best_epoch, self.waited = value, epoch, 0
-            self.best_params[...] = net.params
-            return False
-        self.waited += 1
-        return self.waited >= self.patience
+def _callbacks_for(callbacks, callback, patience):
+    """The fit's CallbackList: ``callback`` (a function (epoch, logs)) first, then ``callbacks``, then the
+    EarlyStopping that ``patience`` asks for."""
+    if callbacks is None:
+        callbacks = []
+    elif isinstance(callbacks, Callback) or not isinstance(callbacks, (list, tuple)):
+        raise TypeError(f"callbacks: expected None or a list of Callback instances, got {callbacks!r}")
+    return CallbackList([*([EpochEnd(callback)] if callback is not None else []), *callbacks,
+                         *([EarlyStopping(patience)] if patience is not None else [])])
 
 
 def fit(net, X, y, epochs=10, batch_size=32, optimizer=None, lr=None, schedule=None, validation_data=None,
-        patience=None, shuffle=True, seed=None, progress=None, callback=None) -> History:
+        patience=None, shuffle=True, seed=None, progress=None, callback=None, callbacks=None, comm=None) -> History:
     """Trains ``net`` on X (N, n0) and y (labels (N,) or targets (N, n_L)) for ``epochs`` passes of
     minibatches of ``batch_size`` rows (the last one may be smaller). See ``MLP.fit`` for the arguments.
 
     Every argument is checked before anything changes. On divergence, raises NonFiniteLossError with
-    ``history``, ``epoch``, ``batch`` (None when the validation loss diverged) and ``restored_epoch``.
+    ``history``, ``epoch``, ``batch`` (None when the validation loss diverged) and ``restored_epoch``,
+    unless a callback (NaNGuard) handles it.
+    comm: None, or an mpi4py communicator or ``distributed.DataParallel`` hook: data parallel over its
+    ranks, each taking its slice of every batch (model/distributed.py).
     """
     check_count("epochs", epochs, minimum=1)
     check_count("batch_size", batch_size, minimum=1)
     seed = net.seed if seed is None else check_seed("seed", seed)
-    if callback is not None and not callable(callback):
-        raise TypeError(f"callback: expected None or a callable (epoch, logs), got {callback!r}")
+    hooks = _callbacks_for(callbacks, callback, patience)
     backend, xp = net.backend, net.backend.xp
     X, y = _dataset(net, X, y)
     if validation_data is not None:
@@ -293,34 +302,58 @@ def fit(net, X, y, epochs=10, batch_size=32, optimizer=None, lr=None, schedule=N
     if optimizer is None and lr is None and schedule is None and net.optimizer is not None:
         optimizer = net.optimizer  # carry on with the state of the last fit (or of a loaded checkpoint)
     optimizer = get_optimizer("adam" if optimizer is None else optimizer, lr, schedule)
-    stopper = _EarlyStopping(net, patience) if patience is not None else None
+    sync = _data_parallel(comm)
     net.optimizer = optimizer.bind(backend, net.params)
     n = X.shape[0]
     n_batches = -(-n // batch_size)
-    optimizer.total_steps = optimizer.step_count + epochs * n_batches
-    scorer = _Scorer(backend, net.loss)
     rng = np.random.default_rng(seed)
+    first_epoch = 1 if sync is None else sync.start(net, X, y, seed, batch_size, rng)  # after a resume: > 1
+    optimizer.total_steps = optimizer.step_count + (epochs - first_epoch + 1) * n_batches
+    scorer = _Scorer(backend, net.loss)
+    totals = EpochTotals(backend, n_batches)
     X_epoch, y_epoch = (backend.empty(X.shape, X.dtype), backend.empty(y.shape, y.dtype)) if shuffle else (X, y)
-    history, bar = History(), _progress_bar(progress, epochs)
+    history, bar = History(), _progress_bar(progress if sync is None else sync.progress(progress), epochs)
+    state = TrainingState(net, optimizer, history, epochs, n_batches)
+    step_batch = batch_size if sync is None else sync.local_batch(batch_size)
     epoch = batch = None
     try:
-        for epoch in range(1, epochs + 1):
+        hooks.call("on_train_begin", state)
+        for epoch in range(first_epoch, epochs + 1):
+            started = time.perf_counter()
+            state.epoch = epoch
+            hooks.call("on_epoch_begin", state)
+            if state.stop_training:  # stopped before this epoch's first batch
+                history.stopped_epoch = epoch - 1
+                break
             if shuffle:
                 order = backend.asarray(rng.permutation(n))
                 xp.take(X, order, axis=0, out=X_epoch)
                 xp.take(y, order, axis=0, out=y_epoch)
-            loss_sum, hits = 0.0, 0
-            for batch, (start, stop) in enumerate(_chunks(n, batch_size), 1):
-                targets = y_epoch[start:stop]
-                loss, logits = net.forward_backward(X_epoch[start:stop], targets, batch_size)
-                if scorer.kind:
-                    hits += scorer.count(logits, targets)
-                loss_sum += loss * (stop - start)
+            totals.start_epoch()
+            for batch, (start, stop) in enumerate(_chunks(n, batch_size) if sync is None else sync.chunks(n, batch_size), 1):
+                if stop > start:  # a rank's slice of a batch smaller than the ranks is empty
+                    targets = y_epoch[start:stop]
+                    loss, logits = net._gradients(X_epoch[start:stop], targets, step_batch)
+                    totals.add(batch, loss, stop - start, scorer.hits(logits, targets) if scorer.kind else 0)
+                else:
+                    loss = 0.0  # no rows of this batch on this rank
+                if sync is not None:
+                    sync.reduce_gradients(net.grads, stop - start)
                 optimizer.step(net.params, net.grads)
-            batch = None
-            logs = {"loss": loss_sum / n}
+                if hooks.has_batch_hooks:
+                    state.batch, state.batch_rows, state.step_loss = batch, stop - start, loss
+                    hooks.call("on_batch_end", state)
+                    if state.stop_training:
+                        break
+            loss_sum, hits, batch = totals.read()  # batch: the first whose loss was not finite, else None
+            if batch is not None:
+                raise non_finite_loss(loss_sum)
+            state.batch = None
+            if sync is not None:  # the sums over every rank's rows, and the rows run over all ranks
+                loss_sum, hits, stop = sync.reduce_totals(loss_sum, hits)
+            logs = {"loss": loss_sum / stop}  # the rows run: all n unless a callback stopped mid-epoch
             if scorer.kind:
-                logs["accuracy"] = hits / n
+                logs["accuracy"] = hits / stop
             if validation_data is not None:
                 logs["val_loss"], val_accuracy = _evaluate_converted(net, X_val, y_val, scorer, DEFAULT_CHUNK)
                 _finite_loss(logs["val_loss"], "val_loss")
@@ -328,39 +361,47 @@ def fit(net, X, y, epochs=10, batch_size=32, optimizer=None, lr=None, schedule=N
                     logs["val_accuracy"] = val_accuracy
             for key, value in logs.items():
                 getattr(history, key).append(value)
+            history.time.append(time.perf_counter() - started)
+            history.lr.append(optimizer.last_lr)
             if bar is not None:
                 bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()}, refresh=False)
                 bar.update()
-            if callback is not None:
-                callback(epoch, logs)
-            if stopper is not None and stopper.should_stop(net, epoch, logs.get("val_loss", logs["loss"])):
+            state.logs = logs
+            if sync is not None:
+                sync.end_epoch(net, epoch)
+            hooks.call("on_epoch_end", state)
+            if state.stop_training:
                 history.stopped_epoch = epoch
                 break
     except NonFiniteLossError as e:
-        raise _diverged(net, stopper, history, epoch, batch, n_batches, e) from e
+        if not hooks.on_divergence(state, e):
+            hooks.call("on_train_end", state)
+            raise _diverged(history, epoch, batch, n_batches, e) from e
+        history.stopped_epoch = epoch
     finally:
         if bar is not None:
             bar.close()
-    _restore_best(net, stopper, history)
+    hooks.call("on_train_end", state)
+    if sync is not None:
+        sync.finish(net)
     return history
 
 
-def _restore_best(net, stopper, history):
-    """Puts the best parameters early stopping kept back into ``net``; True if there were any."""
-    if stopper is None or stopper.best_epoch is None:
-        return False
-    net.params[...] = stopper.best_params
-    history.best_epoch = stopper.best_epoch
-    return True
+def _data_parallel(comm):
+    """fit's ``comm`` as a DataParallel hook, or None; mpi4py is imported only when a communicator is given."""
+    if comm is None:
+        return None
+    from deltaprop.model.distributed import data_parallel
+
+    return data_parallel(comm)
 
 
-def _diverged(net, stopper, history, epoch, batch, n_batches, cause):
+def _diverged(history, epoch, batch, n_batches, cause):
     """The NonFiniteLossError a fit raises when its loss (or validation loss) stops being finite: says
-    where, restores the best weights when early stopping kept some, and carries the history."""
+    where, and which epoch's weights early stopping restored (if it did), and carries the history."""
     where = f"epoch {epoch}, " + (f"batch {batch} of {n_batches}" if batch is not None else "validation")
-    restored = _restore_best(net, stopper, history)
-    left = f"; the weights of epoch {history.best_epoch} (the best so far) restored" if restored else ""
+    restored = history.best_epoch
+    left = f"; the weights of epoch {restored} (the best so far) restored" if restored is not None else ""
     error = NonFiniteLossError(f"{cause} at {where}{left}")
-    error.history, error.epoch, error.batch = history, epoch, batch
-    error.restored_epoch = history.best_epoch if restored else None
+    error.history, error.epoch, error.batch, error.restored_epoch = history, epoch, batch, restored
     return error

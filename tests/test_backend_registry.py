@@ -23,8 +23,8 @@ from deltaprop.errors import BackendUnavailableError
 def test_import_loads_neither_numba_nor_cupy_nor_compiles():
     code = (
         "import sys, deltaprop, deltaprop.model, deltaprop.backend, deltaprop.kernels.activations, "
-        "deltaprop.kernels.reference, deltaprop.cli\n"
-        "heavy = [m for m in ('numba', 'cupy', 'scipy', 'torch', 'jax', 'matplotlib') if m in sys.modules]\n"
+        "deltaprop.kernels.reference, deltaprop.cli, deltaprop.distributed\n"
+        "heavy = [m for m in ('numba', 'cupy', 'scipy', 'torch', 'jax', 'matplotlib', 'mpi4py') if m in sys.modules]\n"
         "print(','.join(heavy))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -57,6 +57,14 @@ def test_an_unknown_flag_is_one_line_and_status_2_from_the_shell(command):
     assert err == f"deltaprop {command}: error: unrecognized arguments: --no-such-flag (see deltaprop {command} --help)\n"
 
 
+@pytest.mark.parametrize("argv", [["--no-such-flag"], ["--no-such-flag", "bench"]])
+def test_an_unknown_flag_before_the_command_is_named_with_the_commands(argv):
+    status, out, err = run_deltaprop(*argv)
+    assert (status, out) == (2, "")
+    assert err == ("deltaprop: error: unrecognized arguments: --no-such-flag (expected a COMMAND first: "
+                   f"{', '.join(SUBCOMMANDS)}) (see deltaprop --help)\n")
+
+
 @pytest.mark.parametrize("command", sorted(SUBCOMMANDS))
 def test_every_subcommand_has_help(command):
     status, out, err = run_deltaprop(command, "--help")

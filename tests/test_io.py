@@ -107,7 +107,12 @@ def rewrite(saved, tmp_path, **changes):
 
 
 BAD_CHANGES = {
-    "wrong version": (dict(format_version=np.array(2)), r"format_version: expected 1, got 2"),
+    "newer version": (dict(format_version=np.array(3)), r"format_version 3 was written by a newer deltaprop; this "
+                                                         r"one reads versions 1 to 2: upgrade deltaprop"),
+    "version 0": (dict(format_version=np.array(0)), r"format_version: expected 1 to 2, got 0"),
+    "classes of another length": (dict(classes=np.array([1, 2])), r"classes: expected 4 labels \(one per output\).*got int64 of shape \(2,\)"),
+    "classes not labels": (dict(classes=np.zeros((4, 2))), r"classes: expected 4 labels.*got float64 of shape \(4, 2\)"),
+    "estimator not a JSON object": (dict(estimator=np.array("[1]")), r"estimator: expected a JSON object"),
     "params too short": (dict(params=np.zeros(10)), r"params: expected float64 of shape \(114,\) for these sizes, got float64 of shape \(10,\)"),
     "params in another dtype": (dict(params=np.zeros(114, np.float32)), r"params: expected float64 of shape \(114,\).*got float32"),
     "sizes not matching params": (dict(sizes=np.array([6, 11, 4])), r"params: expected float64 of shape \(125,\)"),
@@ -160,3 +165,70 @@ def test_object_arrays_are_never_unpickled(saved, tmp_path):
     path = rewrite(saved, tmp_path, activation=np.array([{"evil": 1}], dtype=object))
     with pytest.raises(CheckpointError, match="expected a readable .npz file"):
         io.load(MLP, path, backend="numpy")
+
+
+# ---- class labels ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("classes", [np.array([3, 7, 9, 11]), np.array(["ant", "bee", "cat", "dog"]),
+                                     np.array([0.5, 1.5, 2.5, 3.5])], ids=["ints", "strings", "floats"])
+def test_class_labels_and_estimator_settings_round_trip(trained, tmp_path, classes):
+    trained.classes = classes
+    path = tmp_path / "labelled.npz"
+    io.save(trained, path, estimator={"class": "MLPClassifier", "params": {"alpha": 0.5, "hidden_layer_sizes": [10]}})
+    loaded = MLP.load(path, backend="numpy")
+    assert loaded.classes.dtype == classes.dtype and np.array_equal(loaded.classes, classes)
+    assert io.read_estimator(path) == {"class": "MLPClassifier", "params": {"alpha": 0.5, "hidden_layer_sizes": [10]}}
+
+
+def test_a_version_1_file_loads_without_labels(saved, tmp_path):
+    old = rewrite(saved, tmp_path, format_version=np.array(1, np.int64), estimator=None)
+    loaded = MLP.load(old, backend="numpy")
+    assert loaded.classes is None and io.read_estimator(old) == {}
+    assert np.array_equal(loaded.params, MLP.load(saved, backend="numpy").params)
+
+
+def test_labels_that_cannot_be_stored_are_refused_before_writing(trained, tmp_path):
+    trained.classes = np.array([1, 2, 3])  # the network has 4 outputs
+    with pytest.raises(ValueError, match=r"save: classes: expected 4 labels.*got int64 of shape \(3,\); nothing written"):
+        trained.save(tmp_path / "net.npz")
+    trained.classes = np.array([None, 1, 2, 3], dtype=object)
+    with pytest.raises(ValueError, match=r"save: classes: expected 4 labels.*got object"):
+        trained.save(tmp_path / "net.npz")
+    assert not os.listdir(tmp_path)
+
+
+def test_train_save_then_load_reports_the_files_own_labels(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    from deltaprop.cli import main
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat([3, 7, 9], 40)
+    X = rng.standard_normal((120, 4)) + 3.0 * np.eye(4)[np.searchsorted([3, 7, 9], labels)]  # a blob per label
+    data = tmp_path / "f.csv"
+    np.savetxt(data, np.column_stack([X, labels]), delimiter=",")
+    saved = tmp_path / "m.npz"
+    common = ["train", "--data", str(data), "--backend", "numpy"]
+    assert main([*common, "--epochs", "20", "--sizes", "4,16,3", "--lr", "0.01", "--save", str(saved)]) == 0
+    trained = capsys.readouterr().out
+    assert np.array_equal(MLP.load(saved, backend="numpy").classes, [3, 7, 9])
+    assert main([*common, "--load", str(saved)]) == 0
+    out = capsys.readouterr().out
+    accuracy = trained.split("test accuracy ")[1].split()[0]
+    assert f"test accuracy {accuracy}" in out and float(accuracy) > 0.9
+    counts = dict(part.split(": ") for part in out.split("predicted labels ")[1].strip().split(", "))
+    assert set(counts) <= {"3", "7", "9"} and sum(map(int, counts.values())) == 30
+
+
+def test_load_refuses_data_with_labels_the_checkpoint_does_not_know(trained, tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    from deltaprop.cli import main
+
+    trained.classes = np.array([0, 1, 2, 3])
+    trained.save(tmp_path / "m.npz")
+    rng = np.random.default_rng(1)
+    np.savetxt(tmp_path / "f.csv", np.column_stack([rng.standard_normal((40, 6)), np.repeat([0, 5], 20)]), delimiter=",")
+    assert main(["train", "--data", str(tmp_path / "f.csv"), "--backend", "numpy", "--load", str(tmp_path / "m.npz")]) == 2
+    assert "knows the labels [0, 1, 2, 3]" in capsys.readouterr().err
+    assert main(["train", "--dataset", "digits", "--load", str(tmp_path / "m.npz"), "--save", str(tmp_path / "n.npz")]) == 2
+    assert "--save has nothing to write" in capsys.readouterr().err

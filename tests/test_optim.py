@@ -60,6 +60,8 @@ def torch_run(name, hyper, params, grad_list, schedule_factory=None):
     scheduler = schedule_factory(opt) if schedule_factory else None
     for g in grad_list:
         p.grad = torch.tensor(g, dtype=torch.float64)
+        if h.get("max_grad_norm") is not None:
+            torch.nn.utils.clip_grad_norm_([p], h["max_grad_norm"])
         opt.step()
         if scheduler is not None:
             scheduler.step()
@@ -93,6 +95,36 @@ def test_updates_match_torch_optim(backend, dtype, name, hyper, rng):
     params, grads = random_problem(rng, dtype)
     expected = torch_run(name, hyper, params, grads)
     assert rel_err(run_ours(backend, dtype, name, hyper, params, grads), expected) <= tol(dtype.name)
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_betas_are_torchs_spelling_of_beta1_and_beta2(backend, dtype, name, rng):
+    params, grads = random_problem(rng, dtype)
+    expected = torch_run(name, dict(lr=0.01, beta1=0.7, beta2=0.95), params, grads)
+    assert rel_err(run_ours(backend, dtype, name, dict(lr=0.01, betas=(0.7, 0.95)), params, grads), expected) <= tol(dtype.name)
+    assert OPTIMIZERS[name](betas=(0.7, 0.95)).betas == (0.7, 0.95)
+
+
+@pytest.mark.parametrize("name, hyper", [("sgd", dict(lr=0.1, max_grad_norm=5.0)),
+                                         ("adam", dict(lr=0.01, max_grad_norm=20.0)),
+                                         ("momentum", dict(lr=0.05, max_grad_norm=1e3))])  # 1e3: never clips
+def test_clipping_by_global_norm_matches_torch(backend, dtype, name, hyper, rng):
+    params, grads = random_problem(rng, dtype)
+    grads = [g * scale for g, scale in zip(grads, (0.1, 1.0, 3.0, 0.5, 2.0, 0.05))]  # norms 3 to 95
+    expected = torch_run(name, hyper, params, grads)
+    assert rel_err(run_ours(backend, dtype, name, hyper, params, grads), expected) <= tol(dtype.name)
+
+
+def test_clipping_scales_the_gradients_in_place_and_keeps_the_norm_on_the_device(backend, dtype, rng):
+    grads = rng.standard_normal(SIZE).astype(dtype)
+    flat_grads, flat_params = backend.asarray(grads.copy(), dtype), backend.asarray(np.zeros(SIZE), dtype)
+    optimizer = get_optimizer(OPTIMIZERS["sgd"](lr=1.0, max_grad_norm=2.0)).bind(backend, flat_params)
+    optimizer.step(flat_params, flat_grads)
+    norm = np.linalg.norm(grads.astype(np.float64))
+    assert type(optimizer.grad_norm).__module__.split(".")[0] == backend.xp.__name__  # not a Python float
+    assert abs(float(optimizer.grad_norm) - norm) <= tol(dtype.name) * norm
+    assert rel_err(flat_grads, grads * (2.0 / (norm + 1e-6))) <= tol(dtype.name)
+    assert rel_err(flat_params, -grads * (2.0 / (norm + 1e-6))) <= tol(dtype.name)
 
 
 def test_defaults_are_pytorchs():
@@ -180,9 +212,29 @@ def test_optimizer_follows_its_schedule_like_torch(backend, rng):
     assert rel_err(ours, expected) <= tol("float64")
 
 
+@pytest.mark.parametrize("total, options", [(30, {}), (40, dict(pct_start=0.25, div_factor=10.0, final_div_factor=100.0))])
+def test_one_cycle_matches_torch_onecyclelr(total, options):
+    ours = get_schedule("one_cycle", **options)
+    expected = torch_lrs(lambda s, opt: s.OneCycleLR(opt, max_lr=1.0, total_steps=total, cycle_momentum=False,
+                                                      **options), total)
+    np.testing.assert_allclose([ours.factor(t, total) for t in range(total)], expected, rtol=1e-12, atol=1e-15)
+    assert ours.factor(total + 5, total) == ours.factor(total - 1, total)  # stays at the floor after the cycle
+
+
+def test_a_function_is_a_schedule_as_torchs_lambdalr():
+    def decay(step):
+        return 0.9 ** step
+
+    expected = torch_lrs(lambda s, opt: s.LambdaLR(opt, decay), 12)
+    np.testing.assert_allclose([get_schedule(decay).factor(t) for t in range(12)], expected, rtol=1e-12)
+    with pytest.raises(ValueError, match=r"schedule: expected the function to give a finite real number >= 0 "
+                                         r"at update 3, got nan"):
+        get_schedule(lambda step: math.nan if step == 3 else 1.0).factor(3)
+
+
 def test_tables_hold_every_name():
     assert sorted(OPTIMIZERS) == ["adam", "adamw", "momentum", "sgd"]
-    assert sorted(SCHEDULES) == ["constant", "cosine", "step"]
+    assert sorted(SCHEDULES) == ["constant", "cosine", "one_cycle", "step"]
 
 
 # ---- refusals ---------------------------------------------------------------------------------------
@@ -192,16 +244,23 @@ def test_tables_hold_every_name():
     "make, error, message",
     [
         (lambda: get_optimizer("rmsprop"), ValueError, r"optimizer: expected one of \['adam', 'adamw', 'momentum', 'sgd'\]"),
-        (lambda: OPTIMIZERS["adam"](betas=(0.9, 0.99)), TypeError, r"adam: unknown hyper-parameter\(s\) \['betas'\]"),
+        (lambda: OPTIMIZERS["adam"](amsgrad=True), TypeError, r"adam: unknown hyper-parameter\(s\) \['amsgrad'\]"),
         (lambda: OPTIMIZERS["sgd"](lr=-1.0), ValueError, r"sgd: lr: expected a finite real number > 0, got -1.0"),
         (lambda: OPTIMIZERS["adam"](lr=float("nan")), ValueError, r"adam: lr: expected a finite real number > 0, got nan"),
         (lambda: OPTIMIZERS["sgd"](nesterov=True), ValueError, r"sgd: nesterov: expected momentum > 0"),
         (lambda: get_optimizer(get_optimizer("adam"), lr=0.1), ValueError, r"lr/schedule: expected None with an Optimizer"),
-        (lambda: get_schedule("linear"), ValueError, r"schedule: expected one of \['constant', 'cosine', 'step'\], got 'linear'"),
+        (lambda: get_schedule("linear"), ValueError, r"schedule: expected one of \['constant', 'cosine', 'one_cycle', 'step'\], got 'linear'"),
         (lambda: get_schedule("step", step_size=0), ValueError, r"step_size: expected an integer >= 1, got 0"),
         (lambda: get_schedule("step", size=3), TypeError, r"schedule 'step': .*unexpected keyword argument 'size'"),
         (lambda: get_schedule("cosine").factor(0), ValueError, r"total_steps: expected the number of planned updates"),
         (lambda: get_schedule("cosine", warmup_steps=5, total_steps=5), ValueError, r"total_steps: expected an integer >= 6"),
+        (lambda: get_schedule("one_cycle", pct_start=1.0), ValueError, r"pct_start: expected a number in \(0, 1\), got 1.0"),
+        (lambda: get_schedule("one_cycle").factor(0, 3), ValueError, r"expected pct_start \* total_steps in \(1, total_steps\)"),
+        (lambda: get_schedule(3), TypeError, r"schedule: expected one of .* or a function of the update index, got 3"),
+        (lambda: OPTIMIZERS["adam"](betas=(0.9,)), ValueError, r"adam: betas: expected a pair \(beta1, beta2\)"),
+        (lambda: OPTIMIZERS["adamw"](betas=(0.9, 1.0)), ValueError, r"adamw: beta2: expected a number in \[0, 1\), got 1.0"),
+        (lambda: OPTIMIZERS["adam"](betas=(0.9, 0.9), beta1=0.8), TypeError, r"adam: betas: expected either betas or \['beta1'\]"),
+        (lambda: OPTIMIZERS["sgd"](max_grad_norm=0.0), ValueError, r"sgd: max_grad_norm: expected a finite real number > 0"),
     ],
 )
 def test_refusals_name_the_argument(make, error, message):

@@ -71,6 +71,17 @@ def test_the_wheel_holds_every_module_of_the_package(wheel_files):
     assert {"LICENSE", "entry_points.txt", "METADATA"} <= metadata
 
 
+@pytest.mark.slow
+def test_the_wheel_ships_the_estimators_folder_as_deltaprop_sklearn(wheel_files):
+    """estimators/ is installed as deltaprop.sklearn (a root file sklearn.py would shadow scikit-learn)."""
+    tracked = subprocess.run(["git", "ls-files", "estimators/*.py"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.split()
+    if not tracked:
+        pytest.skip("not a git checkout")
+    shipped = {name for name in wheel_files if name.startswith("deltaprop/sklearn/")}
+    assert shipped == {f"deltaprop/sklearn/{os.path.basename(path)}" for path in tracked}
+
+
 def numba_cache_files(folder):
     return sorted(path for path in folder.rglob("*") if path.suffix in (".nbi", ".nbc"))
 
@@ -125,7 +136,7 @@ sys.exit(pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", "-p", "n
 def test_the_suite_is_collected_without_the_optional_test_packages():
     """A device image has pytest but perhaps none of the test extra's other packages: every test module
     must still be collected (a module-level import of one stops `pytest -m gpu` at collection)."""
-    hidden = {"jsonschema", "hypothesis", "sklearn", "mypy", "torch", "jax", "matplotlib"}
+    hidden = {"jsonschema", "hypothesis", "sklearn", "mypy", "torch", "jax", "matplotlib", "mpi4py"}
     done = subprocess.run([sys.executable, "-c", COLLECT_WITHOUT.format(hidden=hidden), str(ROOT / "tests")],
                           capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -57,6 +57,38 @@ def test_data_files(tmp_path, capsys, suffix):
     assert "test accuracy 1.0000 (20/20)" in out  # the clusters are 6 standard deviations apart
 
 
+def test_validation_fraction_holds_out_a_stratified_validation_set_and_reports_its_curve(tmp_path, capsys):
+    """The validation loss printed each epoch and in the curve is that of the saved network's weights
+    (the last epoch's, without --patience) on the held-out rows, recomputed here from the same split."""
+    from sklearn.model_selection import train_test_split
+
+    X, y = blobs(n=100)
+    path, saved = tmp_path / "data.npz", tmp_path / "net.npz"
+    np.savez(path, X=X, y=y)
+    status = main(["train", "--data", str(path), "--sizes", "4,8,2", "--optimizer", "sgd", "--lr", "0.05",
+                   "--epochs", "3", "--batch-size", "16", "--backend", "numpy", "--validation-fraction", "0.2",
+                   "--save", str(saved)])
+    out = capsys.readouterr().out
+    assert status == 0
+    assert "60 training, 15 validation and 25 test samples" in out
+    epochs = re.findall(r"^epoch [1-3]/3  loss \S+  accuracy \S+  val_loss (\S+)  val_accuracy \S+$", out, re.M)
+    curve = re.search(r"^validation loss by epoch: (.*)$", out, re.M).group(1).split()
+    assert len(epochs) == 3 and curve == epochs
+    assert re.search(r"^best validation epoch [1-3]: val_loss \d\.\d{4}  val_accuracy \d\.\d{4}$", out, re.M)
+    labels = (y == 7).astype(int)
+    X_train, _, y_train, _ = train_test_split(X, labels, test_size=0.25, stratify=labels, random_state=0)
+    _, X_val, _, y_val = train_test_split(X_train, y_train, test_size=0.2, stratify=y_train, random_state=0)
+    net = MLP.load(saved, backend="numpy")
+    assert f"{net.evaluate(X_val, y_val).loss:.4f}" == curve[-1]
+
+
+def test_validation_fraction_outside_0_1_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--dataset", "digits", "--validation-fraction", "1.5"])
+    assert exit_.value.code == 2
+    assert "--validation-fraction: expected a number strictly between 0 and 1, got '1.5'" in capsys.readouterr().err
+
+
 def write(path, content):
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
     return str(path)
