@@ -14,8 +14,8 @@ from deltaprop.kernels.dtypes import DTYPES
 
 # Backend members that are not kernels: the lifecycle and the arrays
 NOT_KERNELS = {"asarray", "to_numpy", "empty", "zeros", "synchronize", "warmup", "describe",
-               "fused_sgd_step", "fused_grads_step", "fused_ensemble_step"}  # capabilities: None where a
-# backend has no fused step
+               "fused_sgd_step", "fused_grads_step", "fused_ensemble_step",  # capabilities: None where a
+               "device_loss"}  # backend has no fused step; device_loss runs the loss kernel it is named
 CONTRACT_KERNELS = {
     name for name, member in vars(Backend).items()
     if inspect.isfunction(member) and not name.startswith("_") and name not in NOT_KERNELS
