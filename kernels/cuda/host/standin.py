@@ -44,7 +44,7 @@ from deltaprop.kernels.cuda.host import cublas_emulation
 
 VARIABLE = "DELTAPROP_CUDA_SIM"
 SIM_CUDA_VERSION = 13000  # what the stand-in's driver and runtime report (CUDA 13.0)
-MULTIPROCESSORS = 2  # the stand-in device's: grids stay small, and grid-stride loops wrap at small sizes
+MULTIPROCESSORS = 1  # the stand-in device's: grids stay small, and grid-stride loops wrap at small sizes
 DESCRIPTION = (f"CUDA simulator on the host CPU ({VARIABLE}=1): the .cu kernels in the C++ host harness,"
                " cuBLAS emulated in NumPy; no GPU")
 
