@@ -266,11 +266,12 @@ def array(x, dtype=None, copy=True, order="K"):
 
 
 def ascontiguousarray(x, dtype=None):
+    """As NumPy's and CuPy's: at least 1-D; a device array that already is one, as it is."""
     if _is_device(x):
-        if x.flags.c_contiguous and (dtype is None or x.dtype == np.dtype(dtype)):
+        if x.flags.c_contiguous and x.ndim and (dtype is None or x.dtype == np.dtype(dtype)):
             return x
         return np.ascontiguousarray(x.view(np.ndarray), dtype=dtype).view(DeviceArray)
-    return _upload(x, dtype, "C", "ascontiguousarray")
+    return _upload(np.ascontiguousarray(x, dtype=dtype), name="ascontiguousarray")
 
 
 def asnumpy(x) -> np.ndarray:
