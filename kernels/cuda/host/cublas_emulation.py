@@ -60,8 +60,6 @@ class Matrix:
     def view(self, resolve) -> np.ndarray:
         """(batch, rows, cols) over the allocation, after checking that every element lies inside it."""
         item = self.dtype.itemsize
-        if self.stride < 0:
-            raise invalid(f"stride{self.name} = {self.stride}: expected >= 0")
         last = (self.rows - 1) + (self.cols - 1) * self.lead + (self.batch - 1) * self.stride
         buffer, offset = resolve(self.address, (last + 1) * item, f"matrix {self.name}")
         return np.ndarray((self.batch, self.rows, self.cols), self.dtype, buffer, offset,
@@ -87,6 +85,9 @@ def gemm_strided_batched_ex(resolve, pointer_mode, transa, transb, m, n, k, alph
     for name, lead, rows in (("lda", lda, a_rows), ("ldb", ldb, b_rows), ("ldc", ldc, m)):
         if lead < max(1, rows):
             raise invalid(f"{name} = {lead}: expected >= max(1, {rows}), the rows of the stored matrix")
+    for name, stride in (("strideA", stride_a), ("strideB", stride_b), ("strideC", stride_c)):
+        if stride < 0:
+            raise invalid(f"{name} = {stride}: expected >= 0")
     if not atype == btype == ctype or (atype, compute_type) not in SUPPORTED:
         raise CublasError("CUBLAS_STATUS_NOT_SUPPORTED", f"Atype {atype}, Btype {btype}, Ctype {ctype} with"
                           f" computeType {compute_type}: expected one of the pairs {sorted(SUPPORTED)}")
