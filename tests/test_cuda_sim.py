@@ -183,7 +183,7 @@ def test_an_mlp_trains_on_digits_to_the_numba_backends_accuracy(sim):
     accuracy = {}
     for name in ("numba", "cupy"):
         net = MLP([64, 32, 10], activation="relu", backend=name, dtype="float32", seed=0)
-        net.fit(X_train, y_train, epochs=12, batch_size=512, optimizer="adam", lr=2e-2, progress=False)
+        net.fit(X_train, y_train, epochs=8, batch_size=512, optimizer="adam", lr=3e-2, progress=False)
         accuracy[name] = float(np.mean(to_numpy(net.predict(X_test)) == y_test))
     assert accuracy["numba"] >= 0.9, accuracy
     assert accuracy["cupy"] >= accuracy["numba"] - 0.01, accuracy
