@@ -13,8 +13,8 @@ GEMM reads transposed and strided device views in place, through cuBLAS's flags 
 - A label outside [0, C) makes its row's loss NaN in the kernel; only a NaN loss has the labels checked
   (a second sync), so a bad label raises the reference's ValueError at no cost to a good batch. A
   delta_out that is not a C-contiguous device array (written through a copy) is then left unchanged; one
-  written in place holds the kernel's deltas. Non-finite logits give a NaN loss, as in the reference; ``check_inputs=True``
-  checks them before the launch instead (a sync) and raises NonFiniteInputError.
+  written in place holds the kernel's deltas. Non-finite logits give a NaN loss, as in the reference;
+  ``check_inputs=True`` checks them before the launch instead (a sync) and raises NonFiniteInputError.
 - The launch geometry and template arguments of each kernel live beside the kernels
   (``kernels/cuda/launch.py``), the cuBLAS call's arithmetic in ``kernels/cuda/cublas.py``, the copies
   of outputs that are not C-contiguous device arrays in ``backend/cupy_outputs.py``.
