@@ -1,7 +1,7 @@
 """Column-major cuBLAS's ``gemmStridedBatchedEx`` in NumPy, for the CuPy stand-in (``standin.py``).
 
 It takes what cuBLAS takes (raw device addresses, leading dimensions and strides in elements, op flags,
-cudaDataType and cublasComputeType constants, alpha and beta behind host or device pointers) and refuses
+cudaDataType and cublasComputeType constants, alpha and beta behind host pointers) and refuses
 what cuBLAS refuses, with the status cuBLAS would return: an op flag other than N, T or C, a negative
 size or batch count, a leading dimension below cuBLAS's bound (lda >= max(1, rows of the stored A)), a
 data/compute type pair cuBLAS has no kernel for. Stricter than cuBLAS, because a device would read or
@@ -27,7 +27,6 @@ COMPUTE_TYPES = {68: (np.float32, ctypes.c_float), 70: (np.float64, ctypes.c_dou
 # the (data type, compute type) pairs gemmEx has a kernel for, among those above
 SUPPORTED = {(0, 68), (1, 70), (2, 68), (14, 68)}
 OPS = {0: False, 1: True, 2: True}  # CUBLAS_OP_N, _T, _C (C is T for real types) -> transposed
-POINTER_MODE_HOST, POINTER_MODE_DEVICE = 0, 1
 GEMM_DEFAULT = -1
 
 
@@ -66,11 +65,7 @@ class Matrix:
                           (self.stride * item, item, self.lead * item))
 
 
-def _host_scalar(address: int, ctype) -> float:
-    return ctype.from_address(address).value
-
-
-def gemm_strided_batched_ex(resolve, pointer_mode, transa, transb, m, n, k, alpha, a, atype, lda, stride_a,
+def gemm_strided_batched_ex(resolve, transa, transb, m, n, k, alpha, a, atype, lda, stride_a,
                             b, btype, ldb, stride_b, beta, c, ctype, ldc, stride_c, batch, compute_type, algo):
     """C_i = alpha op(A_i) op(B_i) + beta C_i for i < batch, with cuBLAS's arguments (see the module
     docstring); raises CublasError where cuBLAS would return an error status."""
@@ -99,11 +94,7 @@ def gemm_strided_batched_ex(resolve, pointer_mode, transa, transb, m, n, k, alph
     if m == 0 or n == 0 or batch == 0:
         return
     compute, scalar = COMPUTE_TYPES[compute_type]
-    if pointer_mode == POINTER_MODE_HOST:
-        alpha, beta = _host_scalar(alpha, scalar), _host_scalar(beta, scalar)
-    else:
-        alpha, beta = (float(np.frombuffer(*resolve(p, ctypes.sizeof(scalar), name), dtype=compute, count=1)[0])
-                       for p, name in ((alpha, "alpha"), (beta, "beta")))
+    alpha, beta = scalar.from_address(alpha).value, scalar.from_address(beta).value  # CUBLAS_POINTER_MODE_HOST
     dtype = storage(atype)
     out = Matrix("C", c, dtype, m, n, ldc, stride_c, batch).view(resolve)
     if k == 0 or alpha == 0:

@@ -113,9 +113,6 @@ class DeviceArray(np.ndarray):
         _record("to_host", "get", self.nbytes)
         return np.array(self.view(np.ndarray))
 
-    def set(self, host) -> None:
-        self[...] = host
-
     def item(self, *args):
         _record("to_host", "item", self.itemsize)
         return self.view(np.ndarray).item(*args)
@@ -160,9 +157,14 @@ class DeviceArray(np.ndarray):
         return _to_device(result)
 
     def __array_function__(self, func, types_, args, kwargs):
-        _refuse_host(func.__name__, args, kwargs)
-        result = func(*_plain(args), **_plain(kwargs))
-        return kwargs["out"] if kwargs.get("out") is not None else _to_device(result)
+        return _on_device(func, func.__name__, args, kwargs)
+
+
+def _on_device(func, name, args, kwargs):
+    """NumPy's ``func`` as CuPy's: no host array among the arguments, device arrays back (or ``out``)."""
+    _refuse_host(name, args, kwargs)
+    result = func(*_plain(args), **_plain(kwargs))
+    return kwargs["out"] if kwargs.get("out") is not None else _to_device(result)
 
 
 def _plain(value):
@@ -312,9 +314,7 @@ class _ArrayModule(types.ModuleType):
 
         @functools.wraps(found)
         def on_device(*args, **kwargs):
-            _refuse_host(name, args, kwargs)
-            result = found(*_plain(args), **_plain(kwargs))
-            return kwargs["out"] if kwargs.get("out") is not None else _to_device(result)
+            return _on_device(found, name, args, kwargs)
 
         return on_device
 
@@ -346,14 +346,9 @@ runtime = types.SimpleNamespace(
 class _Cublas:
     """The part of cupy_backends.cuda.libs.cublas the backend calls."""
 
-    CUBLAS_POINTER_MODE_HOST = cublas_emulation.POINTER_MODE_HOST
-    CUBLAS_POINTER_MODE_DEVICE = cublas_emulation.POINTER_MODE_DEVICE
+    CUBLAS_POINTER_MODE_HOST = 0
     CUBLAS_COMPUTE_32F, CUBLAS_COMPUTE_64F = 68, 70
     CUBLAS_GEMM_DEFAULT = cublas_emulation.GEMM_DEFAULT
-    CUBLASError = cublas_emulation.CublasError
-
-    def __init__(self):
-        self._pointer_mode = {}
 
     def _check_handle(self, handle):
         if handle != _cublas_handle:
@@ -361,14 +356,13 @@ class _Cublas:
 
     def setPointerMode(self, handle, mode) -> None:  # noqa: N802 (cuBLAS's name)
         self._check_handle(handle)
-        if mode not in (self.CUBLAS_POINTER_MODE_HOST, self.CUBLAS_POINTER_MODE_DEVICE):
-            raise cublas_emulation.invalid(f"pointer mode {mode!r}: expected 0 (host) or 1 (device)")
-        self._pointer_mode[handle] = mode
+        if mode != self.CUBLAS_POINTER_MODE_HOST:
+            raise cublas_emulation.invalid(f"pointer mode {mode!r}: the emulation reads alpha and beta from host"
+                                           " memory only (CUBLAS_POINTER_MODE_HOST, 0)")
 
     def gemmStridedBatchedEx(self, handle, *args) -> None:  # noqa: N802 (cuBLAS's name)
         self._check_handle(handle)
-        mode = self._pointer_mode.get(handle, self.CUBLAS_POINTER_MODE_HOST)
-        cublas_emulation.gemm_strided_batched_ex(_resolve, mode, *args)
+        cublas_emulation.gemm_strided_batched_ex(_resolve, *args)
         _, _, m, n, _, _, _, data_type, *_, batch, _, _ = args
         _record("gemm", "gemmStridedBatchedEx", m * n * batch * cublas_emulation.storage(data_type).itemsize)
 
