@@ -8,7 +8,7 @@ The suites' cupy cases run on the stand-in as ``cupy-sim`` (tests/conftest.py, t
 
 import numpy as np
 import pytest
-from helpers import SIM_VARIABLE, assert_close
+from helpers import LOSS_REFERENCES, SIM_VARIABLE, assert_close, labels_for, random_host
 
 from deltaprop.backend import backend_status, get_backend, to_numpy
 from deltaprop.errors import BackendUnavailableError
@@ -87,6 +87,39 @@ def test_a_launch_is_checked_against_the_kernels_c_signature(sim):
         kernel((1,), (256,), (p, np.ones(5, np.float32), np.int64(5), np.float32(0.1), np.float32(0)))
     kernel((1,), (256,), (p, g, np.int64(5), np.float32(0.5), np.float32(0)))
     np.testing.assert_array_equal(to_numpy(p), np.full(5, 0.5, np.float32))
+
+
+# ---- every instantiation of the row and column kernels, through the backend ------------------------------
+
+# rows of these lengths take every row team (launch.row_team): GroupTeam<1, 2, 4, 8, 16, 32>, then BlockTeam
+TEAM_COLUMNS = (1, 2, 3, 5, 13, 31, 32, 33, 1025)
+SIM_DTYPES = ("float32", "float64", "float16", "bfloat16")
+
+
+@pytest.mark.parametrize("dtype", SIM_DTYPES)
+def test_every_row_team_of_softmax_and_the_losses_in_every_dtype(sim, dtype):
+    """One row and three rows of each team's lengths, labels and target rows: every softmax_rows and
+    elementwise_loss_rows instantiation (the suites' shapes leave some teams out), against the reference."""
+    for cols in TEAM_COLUMNS:
+        for rows in (1, 3):
+            z = random_host((rows, cols), dtype, cols)
+            assert_close(to_numpy(sim.softmax(sim.asarray(z))), reference.softmax(z), dtype)
+            labels = labels_for(rows, cols)
+            probabilities = reference.softmax(random_host((rows, cols), "float64", cols + 100)).astype(z.dtype)
+            for loss, expected in LOSS_REFERENCES.items():
+                for targets in (labels, probabilities):
+                    delta = sim.empty((rows, cols), z.dtype)
+                    value = getattr(sim, loss)(sim.asarray(z), sim.asarray(targets), delta_out=delta)
+                    value_ref, delta_ref = expected(z, targets)
+                    assert_close(value, value_ref, dtype)
+                    assert_close(to_numpy(delta), delta_ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", SIM_DTYPES)
+def test_bias_grad_in_row_chunks_in_every_dtype(sim, dtype):
+    """Rows enough for column_sums to split them into chunks (then column_sums_of_partials adds them)."""
+    delta = random_host((300, 5), dtype, 4)
+    assert_close(to_numpy(sim.bias_grad(sim.asarray(delta))), reference.bias_grad(delta), dtype)
 
 
 # ---- the cuBLAS emulation -----------------------------------------------------------------------------------
