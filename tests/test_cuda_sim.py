@@ -183,15 +183,19 @@ def test_cublas_refuses_an_address_outside_every_allocation(sim):
 # ---- the commands and the model on the stand-in -------------------------------------------------------------
 
 
-def test_info_and_check_say_it_is_the_simulator_and_check_runs_bfloat16(sim, capsys):
+def test_info_and_check_say_it_is_the_simulator_and_check_runs_the_16_bit_types(sim, capsys):
+    """`deltaprop check` in float16 and bfloat16: every kernel (every activation, loss and optimizer) and
+    three training steps through the backend, against the reference."""
     from deltaprop.cli import main
 
     assert main(["info"]) == 0
     assert "DELTAPROP_CUDA_SIM=1: cupy runs on the host simulator" in capsys.readouterr().out
-    assert main(["check", "--backends", "cupy", "--dtypes", "bfloat16"]) == 0
+    assert main(["check", "--backends", "cupy", "--dtypes", "float16,bfloat16"]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"cupy: {standin.DESCRIPTION}\n")
-    assert "cupy    bfloat16 train_step x3 (params)" in out and out.rstrip().endswith("all passed on cupy")
+    for dtype in ("float16", "bfloat16"):
+        assert f"cupy    {dtype:<8} train_step x3 (params)" in out
+    assert out.rstrip().endswith("all passed on cupy")
 
 
 def test_check_offers_bfloat16_on_cupy():

@@ -22,8 +22,8 @@ GPU = (pytest.mark.gpu, pytest.mark.skipif(not CUPY_USABLE, reason=f"cupy backen
 
 
 # The host stand-in (a thread per CUDA thread) takes seconds on this file's large shapes: it runs them in
-# the dtypes only cupy has, and tests/test_kernels.py runs float32 and float64 on it.
-SIM_DTYPES = ("float16", "bfloat16")
+# bfloat16 (tests/test_kernels.py runs float32 and float64 on it, tests/test_cuda_sim.py float16).
+SIM_DTYPES = ("bfloat16",)
 
 
 def backends_and_dtypes(dtypes=None, sim_dtypes=SIM_DTYPES):
