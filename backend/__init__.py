@@ -8,6 +8,9 @@
 "auto" resolves, in order, to the backend of the innermost ``use_backend`` block, the environment
 variable DELTAPROP_BACKEND, cupy when a CUDA device is usable, else numba. A name that is known but
 cannot run here raises BackendUnavailableError with the reason; it never falls back silently.
+
+DELTAPROP_CUDA_SIM=1 puts "cupy" on the host stand-in of the CUDA runtime (kernels/cuda/host/standin.py,
+for tests): then "cupy" is usable without a GPU, and "auto" never picks it.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ _REGISTRY: dict[str, str | type[Backend]] = {
 }
 # the order "auto" tries, fastest first
 _AUTO_ORDER = ("cupy", "numba", "numpy")
-_instances: dict[str, Backend] = {}
+_instances: dict[tuple[str, bool], Backend] = {}  # (name, on the CUDA stand-in) -> the instance
 _current: contextvars.ContextVar[str | None] = contextvars.ContextVar("deltaprop_backend", default=None)
 _auto_logged = False
 
@@ -60,7 +63,8 @@ def register_backend(name: str, backend: str | type[Backend]) -> None:
     if not isinstance(name, str) or not name or name == "auto":
         raise ValueError(f"register_backend: name: expected a non-empty string other than 'auto', got {name!r}")
     _REGISTRY[name] = backend
-    _instances.pop(name, None)
+    for key in [key for key in _instances if key[0] == name]:
+        del _instances[key]
 
 
 def _backend_class(name: str) -> type[Backend]:
@@ -112,6 +116,8 @@ def _resolve_auto() -> str:
     reasons: list[str] = []
     for name in _AUTO_ORDER:
         ok, why = backend_status(name)
+        if ok and _simulated(name):
+            ok, why = False, "simulated on the host (DELTAPROP_CUDA_SIM=1): name it to use it"
         if ok:
             if reasons and not _auto_logged:
                 log.info("deltaprop: backend 'auto' is %r (%s)", name, "; ".join(reasons))
@@ -129,13 +135,24 @@ def get_backend(name: str | Backend | None = "auto") -> Backend:
         name = _resolve_auto()
     if not isinstance(name, str) or name not in _REGISTRY:
         raise ValueError(f"backend: expected 'auto' or one of {sorted(_REGISTRY)}, got {name!r}")
-    if name not in _instances:
+    key = (name, _simulated(name))
+    if key not in _instances:
         cls = _backend_class(name)
         ok, why = cls.availability()
         if not ok:
             raise BackendUnavailableError(f"backend {name!r} is not usable here: {why}")
-        _instances[name] = cls()
-    return _instances[name]
+        _instances[key] = cls()
+    return _instances[key]
+
+
+def _simulated(name: str) -> bool:
+    """Whether ``name`` runs on the CUDA stand-in now (DELTAPROP_CUDA_SIM=1: "cupy" does); a ValueError
+    naming the variable for a value it does not take."""
+    if name != "cupy":
+        return False
+    from deltaprop.kernels.cuda.host import standin
+
+    return standin.simulated()
 
 
 @contextlib.contextmanager
@@ -151,8 +168,8 @@ def use_backend(name: str) -> Iterator[Backend]:
 
 def to_numpy(x: Array) -> np.ndarray:
     """Any array of any backend (NumPy, CuPy, or a DLPack producer) as a NumPy array on the host."""
-    if hasattr(x, "get") and type(x).__module__.startswith("cupy"):
-        return x.get()
+    if hasattr(x, "get") and type(x).__module__.startswith(("cupy", "deltaprop.kernels.cuda.host")):
+        return x.get()  # a device array (CuPy's, or the CUDA stand-in's)
     import numpy as np
 
     return np.asarray(x)

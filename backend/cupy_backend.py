@@ -14,12 +14,16 @@ GEMM reads transposed and strided device views in place, through cuBLAS's flags 
 - Scratch buffers (the row losses, the bias gradient's partial sums, GEMM's host scalars) are the
   calling thread's, allocated once per shape.
 - A label outside [0, C) makes its row's loss NaN in the kernel; only a NaN loss has the labels checked
-  (a second sync), so a bad label raises the reference's ValueError at no cost to a good batch (after
-  delta_out was written). Non-finite logits give a NaN loss, as in the reference; ``check_inputs=True``
-  checks them before the launch instead (a sync) and raises NonFiniteInputError.
+  (a second sync), so a bad label raises the reference's ValueError at no cost to a good batch. A
+  delta_out that is not a C-contiguous device array (written through a copy) is then left unchanged; one
+  written in place holds the kernel's deltas. Non-finite logits give a NaN loss, as in the reference;
+  ``check_inputs=True`` checks them before the launch instead (a sync) and raises NonFiniteInputError.
 - The launch geometry and template arguments of each kernel live beside the kernels
   (``kernels/cuda/launch.py``), the cuBLAS call's arithmetic in ``kernels/cuda/cublas.py``, the copies
   of outputs that are not C-contiguous device arrays in ``backend/cupy_outputs.py``.
+
+The backend runs on a ``CudaStack`` (its one seam): CuPy's, or with ``DELTAPROP_CUDA_SIM=1`` the host
+stand-in of ``kernels/cuda/host/standin.py`` (tests on machines without a GPU; never by default).
 
 Importing this module imports no CuPy: the constructor does, and ``availability`` asks the CUDA runtime
 directly, without importing CuPy.
@@ -31,6 +35,8 @@ import importlib.util
 import math
 import threading
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -77,6 +83,32 @@ def cuda_usability(driver: int, linked: int, count: int) -> tuple[bool, str]:
     return True, ""
 
 
+@dataclass(frozen=True)
+class CudaStack:
+    """What the backend runs on: the array module (cupy), CUDA's runtime API, cuBLAS's API, NVRTC (its
+    version) and the kernel launcher (a loader.Modules); ``simulated``: the host stand-in's."""
+
+    cupy: Any
+    runtime: Any
+    cublas: Any
+    nvrtc: Any
+    modules: Modules
+    simulated: bool = False
+
+
+def cuda_stack() -> CudaStack:
+    """CuPy's stack, or the host stand-in's where DELTAPROP_CUDA_SIM=1 asks for it (imports CuPy or the harness)."""
+    from deltaprop.kernels.cuda.host import standin
+
+    if standin.simulated():
+        return CudaStack(standin.xp, standin.runtime, standin.cublas, standin.nvrtc, standin.modules(), True)
+    import cupy
+    from cupy_backends.cuda.api import runtime
+    from cupy_backends.cuda.libs import cublas, nvrtc
+
+    return CudaStack(cupy, runtime, cublas, nvrtc, Modules())
+
+
 def _accum_scalar(dtype) -> type:
     return accumulation_dtype(dtype).type
 
@@ -96,17 +128,24 @@ class CupyBackend(Backend):
     results_on_host = False
 
     def __init__(self, check_inputs: bool = False):
-        import cupy
-
-        self._cupy = cupy
+        self._stack = cuda_stack()
+        self._cupy = self._stack.cupy
         self.check_inputs = check_inputs
         self._scratch = threading.local()  # buffers reused by the calling thread's launches (per shape)
-        self._modules = Modules()
-        self.max_blocks = launch.max_blocks(cupy.cuda.Device().attributes["MultiProcessorCount"])
+        self._modules = self._stack.modules
+        self.max_blocks = launch.max_blocks(self._cupy.cuda.Device().attributes["MultiProcessorCount"])
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
-        """(usable here, why not): CuPy installed, a driver of CuPy's CUDA major version or newer, a device."""
+        """(usable here, why not): CuPy installed, a driver of CuPy's CUDA major version or newer, a device;
+        with DELTAPROP_CUDA_SIM=1, a C++ compiler for the host stand-in (then the note says so)."""
+        from deltaprop.kernels.cuda.host import standin
+
+        try:
+            if standin.simulated():
+                return standin.availability()
+        except ValueError as error:
+            return False, str(error)
         if importlib.util.find_spec("cupy") is None:
             return False, f"CuPy is not installed: {INSTALL_HINT}"
         try:
@@ -163,9 +202,7 @@ class CupyBackend(Backend):
         return time.perf_counter() - start
 
     def describe(self) -> dict:
-        from cupy_backends.cuda.api import runtime
-        from cupy_backends.cuda.libs import nvrtc
-
+        runtime, nvrtc = self._stack.runtime, self._stack.nvrtc
         device = self._cupy.cuda.Device()
         properties = runtime.getDeviceProperties(device.id)
         return {
@@ -178,6 +215,7 @@ class CupyBackend(Backend):
             "cupy_cuda_runtime": _cuda_version(runtime.runtimeGetVersion()),  # linked into CuPy
             "nvrtc": ".".join(str(v) for v in nvrtc.getVersion()),
             "cupy": self._cupy.__version__,
+            "simulated": self._stack.simulated,
         }
 
     # ---- argument plumbing ----
@@ -238,9 +276,7 @@ class CupyBackend(Backend):
         return isinstance(out, self._cupy.ndarray) and blas_layout(out.shape, out.strides, out.itemsize) is not None
 
     def _cublas_gemm(self, a, b, out, trans_a, trans_b, alpha, beta):
-        from cupy_backends.cuda.api import runtime
-        from cupy_backends.cuda.libs import cublas
-
+        runtime, cublas = self._stack.runtime, self._stack.cublas
         # an operand no leading dimension describes (e.g. a broadcast) is copied once
         a, b = (x if blas_layout(x.shape, x.strides, x.itemsize) else self._cupy.ascontiguousarray(x) for x in (a, b))
         call = cublas_gemm(a, b, out, trans_a, trans_b)
@@ -360,18 +396,21 @@ class CupyBackend(Backend):
 
         The label range is checked only after a NaN loss (see the module docstring), finiteness only
         with ``check_inputs``."""
-        loss, targets = self._queued_loss(kernel, z, targets, delta_out, scale, z_name)
+        loss, targets, outputs = self._queued_loss(kernel, z, targets, delta_out, scale, z_name)
         value = float(loss)
         if math.isnan(value) and targets.ndim == 1:
             checks.check_label_range(kernel, targets, z.shape[1], self._cupy)
+        outputs.write_back()  # after the label check: a bad label leaves a delta_out written through a copy as it was
         return value
 
     def device_loss(self, kernel, z, targets, delta_out=None):
-        return self._queued_loss(check_loss_kernel("device_loss", kernel), z, targets, delta_out, None, "z")[0]
+        loss, _, outputs = self._queued_loss(check_loss_kernel("device_loss", kernel), z, targets, delta_out, None, "z")
+        outputs.write_back()  # no label check without a read: a bad label is found where the loss is read
+        return loss
 
     def _queued_loss(self, kernel, z, targets, delta_out, scale, z_name):
-        """(the mean loss as a 0-d device array of the accumulation dtype, the targets on the device) of
-        the launches of ``_loss``, which nothing has read yet; the array is the calling thread's for
+        """(the mean loss as a 0-d device array of the accumulation dtype, the targets on the device, the
+        outputs still to write back) of the launches of ``_loss``, which nothing has read yet; the array is the calling thread's for
         this batch size and accumulation dtype, reused by its next loss of that shape."""
         kind, scale = checks.check_loss(kernel, self.device, z, targets, delta_out, scale, z_name)
         if self.check_inputs and not bool(self._cupy.get_array_module(z).isfinite(z).all()):
@@ -390,5 +429,4 @@ class CupyBackend(Backend):
         self._launch_rows(kernel, launch.LOSS_VARIANTS[kernel] + (launch.TARGETS[kind],), dtype, rows, cols, args,
                           caches_row=kernel == "softmax_xent")
         self._launch("mean_of_rows", dtype, (), launch.MEAN_LAUNCH, (row_loss, np.int64(rows), loss))
-        outputs.write_back()
-        return loss, targets
+        return loss, targets, outputs

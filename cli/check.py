@@ -25,12 +25,14 @@ def add_arguments(parser) -> None:
 def _backends_and_dtypes(args):
     """[(backend, [dtype, ...])] to check; a UsageError for a name or dtype that is wrong here."""
     from deltaprop.backend import available_backends
-    from deltaprop.kernels.dtypes import DTYPES
+    from deltaprop.kernels.dtypes import DTYPES, supports
 
     chosen = []
     for name in args.backends or available_backends():
         backend = backend_for("--backends", name)
-        computable = [d for d in backend.dtypes if DTYPES[d].numpy is not None]
+        # every dtype the device computes in whose NumPy type is here (bfloat16: with ml_dtypes)
+        computable = [d for d in backend.dtypes if (found := DTYPES[d].numpy_dtype()) is not None
+                      and supports(backend.device, found)]
         for dtype in args.dtypes or ():
             if dtype not in computable:
                 raise UsageError(f"--dtypes: expected dtypes among {computable} for backend {name}, got {dtype!r}")
@@ -44,8 +46,13 @@ def run(args) -> int:
     from deltaprop.cli.warmup import CompileProgress
     from deltaprop.kernels.activations import ACTIVATIONS
 
+    from deltaprop.backend import backend_status
+
     chosen = _backends_and_dtypes(args)
     failures = 0
+    for backend, _ in chosen:
+        if backend.describe().get("simulated"):
+            print(f"{backend.name}: {backend_status(backend.name)[1]}")
     print(f"{'backend':<7} {'dtype':<8} {'kernel':<34} {'rel err':>11} {'tolerance':>9}  result")
     for backend, dtypes in chosen:
         with CompileProgress(backend) as progress:  # every kernel alone and the step, for every activation and loss

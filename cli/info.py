@@ -22,8 +22,11 @@ def facts(load=False) -> dict:
     from deltaprop.backend import backend_status, environment_backend, get_backend, registered_backends
     from deltaprop.benchmarks import machine
 
+    from deltaprop.kernels.cuda.host import standin
+
     try:
         chosen = environment_backend()
+        simulated = standin.simulated()
     except ValueError as e:
         raise UsageError(str(e)) from None
     backends = {}
@@ -51,6 +54,7 @@ def facts(load=False) -> dict:
         "blas": machine.blas(),
         "backends": backends,
         "DELTAPROP_BACKEND": chosen,
+        "DELTAPROP_CUDA_SIM": simulated,
     }
 
 
@@ -60,6 +64,8 @@ def run(args) -> int:
     f = facts(load=args.load)
     print(f"deltaprop {f['deltaprop']}  python {f['python']}  numpy {f['numpy']}  on {f['platform']}")
     print(f"cpus: {f['cpu_count']}")
+    if f["DELTAPROP_CUDA_SIM"]:
+        print("DELTAPROP_CUDA_SIM=1: cupy runs on the host simulator of the CUDA runtime (tests only), not on a GPU")
     numba = f["numba"]
     print(f"numba: {numba['version'] or 'not importable: ' + numba['error']}"
           + (f" ({numba['threads']} threads)" if numba["version"] else ""))
@@ -72,7 +78,8 @@ def run(args) -> int:
               f"{pool['architecture'] or 'architecture unknown'})")
     print("backends:")
     for name, status in f["backends"].items():
-        print(f"  {name:<6} {'usable' if status['usable'] else 'unusable: ' + status['why_not']}")
+        note = f" ({status['why_not']})" if status["why_not"] else ""  # a usable backend's note: the CUDA stand-in
+        print(f"  {name:<6} {'usable' + note if status['usable'] else 'unusable: ' + status['why_not']}")
         for key, value in status.get("describe", {}).items():
             print(f"         {key}: {value}")
     if f["DELTAPROP_BACKEND"]:

@@ -4,12 +4,19 @@ Tests parametrized over ``backend_name`` run on every backend present: numpy and
 hard dependencies: one that cannot load fails the test rather than skipping it), cupy when a CUDA
 device is usable. Tests on cupy carry the ``gpu`` marker, and every ``gpu`` test is skipped without a
 device, so CPU CI runs everything else.
+
+The ``cupy-sim`` cases (marker ``cuda_sim``, helpers.SIM_BACKEND) run the cupy backend on the host stand-in
+of the CUDA runtime (DELTAPROP_CUDA_SIM=1, set for the test), on every machine. Run with
+DELTAPROP_CUDA_SIM=0 in the environment, they run on the real device instead (skipped without one): the
+same cases on the GPU, for comparison.
 """
+
+import os
 
 import numpy as np
 import pytest
 
-from helpers import CPU_BACKENDS, GPU_BACKENDS
+from helpers import CPU_BACKENDS, GPU_BACKENDS, SIM_BACKEND, SIM_VARIABLE
 
 from deltaprop.backend import backend_status, get_backend
 
@@ -18,12 +25,22 @@ def gpu_usable() -> bool:
     return backend_status("cupy")[0]
 
 
-@pytest.fixture(params=CPU_BACKENDS + GPU_BACKENDS)
+SIM_ON_DEVICE = os.environ.get(SIM_VARIABLE) == "0"  # the cuda_sim cases on the real device
+
+
+@pytest.fixture(params=CPU_BACKENDS + GPU_BACKENDS + (SIM_BACKEND,))
 def backend_name(request):
     ok, why = backend_status(request.param)
     if not ok and request.param in CPU_BACKENDS:
         pytest.fail(f"backend {request.param} must be usable on every machine, but: {why}")
     return request.param  # an unusable GPU backend is skipped through the gpu marker below
+
+
+@pytest.fixture(autouse=True)
+def _cuda_stand_in(request, monkeypatch):
+    """A cuda_sim test runs "cupy" on the host stand-in (unless DELTAPROP_CUDA_SIM=0 asks for the device)."""
+    if request.node.get_closest_marker("cuda_sim") and not SIM_ON_DEVICE:
+        monkeypatch.setenv(SIM_VARIABLE, "1")
 
 
 @pytest.fixture
@@ -45,8 +62,11 @@ def pytest_collection_modifyitems(config, items):
     skip_gpu = None if gpu_usable() else pytest.mark.skip(reason=f"no usable CUDA device: {backend_status('cupy')[1]}")
     for item in items:
         params = getattr(item, "callspec", None)
-        if params is not None and params.params.get("backend_name") in GPU_BACKENDS:
+        simulated = "cuda_sim" in item.keywords
+        if params is not None and params.params.get("backend_name") in GPU_BACKENDS and not simulated:
             item.add_marker(pytest.mark.gpu)
+        if simulated and SIM_ON_DEVICE and skip_gpu and item.get_closest_marker("cuda_sim").kwargs.get("backend"):
+            item.add_marker(skip_gpu)
         if skip_gpu and "gpu" in item.keywords:
             item.add_marker(skip_gpu)
 

@@ -1,6 +1,7 @@
 """Helpers the test modules share (imported as ``from helpers import ...``; conftest holds fixtures only)."""
 
 import numpy as np
+import pytest
 
 from deltaprop.backend import to_numpy
 from deltaprop.kernels import reference
@@ -8,11 +9,15 @@ from deltaprop.kernels.dtypes import DTYPES
 from deltaprop.kernels.dtypes import tolerance as tol
 from deltaprop.kernels.reference import relative_error
 
-__all__ = ["CPU_BACKENDS", "GPU_BACKENDS", "LOSS_REFERENCES", "assert_close", "host64", "host_params", "labels_for",
+__all__ = ["CPU_BACKENDS", "GPU_BACKENDS", "LOSS_REFERENCES", "SIM", "SIM_BACKEND", "SIM_VARIABLE", "assert_close", "host64", "host_params", "labels_for",
            "random_host", "rel_err", "targets_for", "tol"]
 
 CPU_BACKENDS = ("numpy", "numba")  # hard dependencies: usable on every machine
 GPU_BACKENDS = ("cupy",)
+SIM_VARIABLE = "DELTAPROP_CUDA_SIM"
+# the marks of a case that runs "cupy" on the host stand-in of the CUDA runtime (conftest sets the variable)
+SIM = pytest.mark.cuda_sim(backend=True)
+SIM_BACKEND = pytest.param("cupy", marks=SIM, id="cupy-sim")  # a backend_name param
 
 LOSS_REFERENCES = {  # contract loss kernel -> its reference
     "softmax_xent": reference.softmax_xent,

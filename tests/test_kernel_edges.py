@@ -9,7 +9,7 @@ carry the ``gpu`` marker).
 
 import numpy as np
 import pytest
-from helpers import LOSS_REFERENCES, assert_close, host64, labels_for, random_host
+from helpers import LOSS_REFERENCES, SIM, assert_close, host64, labels_for, random_host
 
 from deltaprop.backend import backend_status, get_backend
 from deltaprop.kernels import reference
@@ -21,16 +21,23 @@ CUPY_USABLE, CUPY_WHY_NOT = backend_status("cupy")
 GPU = (pytest.mark.gpu, pytest.mark.skipif(not CUPY_USABLE, reason=f"cupy backend unusable: {CUPY_WHY_NOT}"))
 
 
-def backends_and_dtypes(dtypes=None):
-    """(backend name, dtype) cases: numpy and numba in the CPU's dtypes, cupy (marked gpu) in all of its own."""
+# The host stand-in (a thread per CUDA thread) takes seconds on this file's large shapes: it runs them in
+# bfloat16 (tests/test_kernels.py runs float32 and float64 on it, tests/test_cuda_sim.py float16).
+SIM_DTYPES = ("bfloat16",)
+
+
+def backends_and_dtypes(dtypes=None, sim_dtypes=SIM_DTYPES):
+    """(backend name, dtype) cases: numpy and numba in the CPU's dtypes, cupy (marked gpu) in all of its own,
+    and cupy on the host stand-in (marked cuda_sim) in ``sim_dtypes``."""
     keep = (lambda d: True) if dtypes is None else (lambda d: d in dtypes)
     cases = [pytest.param(name, d, id=f"{name}-{d}") for name in ("numpy", "numba") for d in dtypes_for("cpu")
              if keep(d)]
-    return cases + [pytest.param("cupy", d, marks=GPU, id=f"cupy-{d}") for d in dtypes_for("cuda") if keep(d)]
+    cases += [pytest.param("cupy", d, marks=GPU, id=f"cupy-{d}") for d in dtypes_for("cuda") if keep(d)]
+    return cases + [pytest.param("cupy", d, marks=SIM, id=f"cupy-sim-{d}") for d in sim_dtypes if keep(d)]
 
 
 CASES = backends_and_dtypes()
-CASES_32_64 = backends_and_dtypes(("float32", "float64"))
+CASES_32_64 = backends_and_dtypes(("float32", "float64"), sim_dtypes=("float32",))
 
 
 # ---- helpers ------------------------------------------------------------------------------------------

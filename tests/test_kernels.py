@@ -327,7 +327,7 @@ BAD_CALLS = {
     ),
     "bias_act int acc": (
         lambda backend, dt: backend.bias_act(np.ones((4, 3), np.int64), _x(dt, (3,)), "relu"),
-        TypeError, r"bias_act: acc: expected one of \['float32', 'float64'\] on cpu, got int64",
+        TypeError, r"bias_act: acc: expected one of \['float32', 'float64'(, 'float16', 'bfloat16')?\] on c(pu|uda), got int64",
     ),
     "bias_act mixed dtypes": (
         lambda backend, dt: backend.bias_act(_x(dt), _x(np.float16, (3,)), "relu"),
