@@ -21,8 +21,10 @@ import numpy as np
 
 from deltaprop.benchmarks.report import format_table
 from deltaprop.cli import UsageError, backend_for
-from deltaprop.cli.train import TEST_FRACTION, _checked, _load_digits, _load_file, _positive_float, _sizes_for, _split
+from deltaprop.cli.train import (TEST_FRACTION, _checked, _compile, _load_digits, _load_file, _positive_float, _sizes_for,
+                                 _split)
 from deltaprop.model.ensemble import OPTIMIZERS
+from deltaprop.model.optim import OPTIMIZERS as OPTIMIZER_CLASSES
 
 
 def learning_rates(text):
@@ -55,7 +57,7 @@ def run(args) -> int:
         raise UsageError(f"--lr: several learning rates ({len(args.lr)}) need --members, one network per member")
     if args.optimizer not in OPTIMIZERS:
         raise UsageError(f"--optimizer: an ensemble trains with one of {sorted(OPTIMIZERS)}, got {args.optimizer}")
-    for flag, given in (("--patience", args.patience), ("--load", args.load), ("--distributed", args.distributed)):
+    for flag, given in (("--load", args.load), ("--distributed", args.distributed)):
         if given:
             raise UsageError(f"{flag}: not available with --members")
     backend = backend_for("--backend", args.backend)
@@ -65,7 +67,8 @@ def run(args) -> int:
     X_train, X_test, y_train, y_test = _split(X, y, source)
     X_fit, X_val, y_fit, y_val = _split(X_train, y_train, source, args.validation_fraction or TEST_FRACTION,
                                         "validation")
-    grid = args.lr if isinstance(args.lr, tuple) else (OPTIMIZERS[args.optimizer][0] if args.lr is None else args.lr,)
+    default_lr = OPTIMIZER_CLASSES[args.optimizer].defaults["lr"]
+    grid = args.lr if isinstance(args.lr, tuple) else (default_lr if args.lr is None else args.lr,)
     lrs = np.array([grid[k % len(grid)] for k in range(args.members)])
     sizes = _sizes_for(args, X.shape[1], len(classes))
     try:
@@ -75,12 +78,14 @@ def run(args) -> int:
     print(f"{source}: {len(y_fit)} training, {len(y_val)} validation and {len(y_test)} test samples; {ensemble!r}, "
           f"{args.optimizer}, lr {', '.join(f'{v:g}' for v in grid)}", flush=True)
     started = time.perf_counter()
-    ensemble.fit(X_fit, y_fit, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=lrs)
+    history = ensemble.fit(X_fit, y_fit, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
+                           lr=lrs, validation_data=(X_val, y_val), patience=args.patience)
     ensemble.backend.synchronize()
     wall = time.perf_counter() - started
     losses, accuracies = ensemble.evaluate(X_val, y_val)
     order, table = _member_table(ensemble, lrs, losses, accuracies)
     best = order[0]
+    epochs = args.epochs if args.patience is None else history.best_epoch[best]  # the epochs its weights had
     print(f"ranked: {ensemble.members} members trained on {len(y_fit)} samples, by accuracy on the {len(y_val)} "
           f"held-out validation samples (fit of all members {wall:.3f} s, backend {ensemble.backend.name})")
     print(table)
@@ -88,12 +93,13 @@ def run(args) -> int:
           f"test accuracy {_test_accuracy(ensemble.member(best), X_test, y_test)}")
     refit = MLP(sizes, args.activation, backend=backend, dtype=args.dtype, seed=args.seed + best)
     refit.classes = classes
+    _compile(refit, ["fit"], [args.batch_size])
     started = time.perf_counter()
-    refit.fit(X_train, y_train, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
+    refit.fit(X_train, y_train, epochs=epochs, batch_size=args.batch_size, optimizer=args.optimizer,
               lr=float(lrs[best]), progress=False)
     refit.backend.synchronize()
     print(f"refit: lr {lrs[best]:g}, seed {args.seed + best} retrained as one MLP on the whole training split "
-          f"({len(y_train)} samples, {args.epochs} epochs, {time.perf_counter() - started:.3f} s): test accuracy "
+          f"({len(y_train)} samples, {epochs} epochs, {time.perf_counter() - started:.3f} s after compiling): test accuracy "
           f"{_test_accuracy(refit, X_test, y_test)}")
     if args.save:
         refit.save(args.save)
