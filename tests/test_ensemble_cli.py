@@ -47,6 +47,28 @@ def test_sweep_ranks_members_best_first_and_saves_the_best_refit_on_the_whole_tr
                      rf"\(1347 samples, 2 epochs, .*\): test accuracy {correct / 450:.4f} \({correct}/450\)$", out, re.M)
 
 
+def test_sweep_with_patience_refits_for_the_epochs_its_best_member_kept(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    refit_path = tmp_path / "refit.npz"
+    assert main(["train", "--dataset", "digits", "--backend", "numpy", "--epochs", "6", "--members", "2", "--sizes",
+                 "64,16,10", "--lr", "0.3", "--patience", "1", "--save", str(refit_path)]) == 0
+    out = capsys.readouterr().out
+    best, epochs = map(int, re.search(r"^refit: lr 0.3, seed (\d+) .* \(1347 samples, (\d+) epochs", out, re.M).groups())
+    X, y = load_digits(return_X_y=True)
+    X_train, _, y_train, _ = train_test_split(X / 16, y, test_size=0.25, stratify=y, random_state=0)
+    X_fit, X_val, y_fit, y_val = train_test_split(X_train, y_train, test_size=0.25, stratify=y_train, random_state=0)
+    member = MLP([64, 16, 10], backend="numpy", seed=best)  # the ranked member, early-stopped alone
+    kept = member.fit(X_fit, y_fit, epochs=6, optimizer="adam", lr=0.3, validation_data=(X_val, y_val), patience=1,
+                      progress=False)
+    assert kept.stopped_epoch is not None and epochs == kept.best_epoch < 6
+    alone = MLP([64, 16, 10], backend="numpy", seed=best)
+    alone.fit(X_train, y_train, epochs=epochs, optimizer="adam", lr=0.3, progress=False)
+    assert np.array_equal(MLP.load(refit_path, backend="numpy").params, alone.params)
+
+
 def test_several_learning_rates_need_members(capsys):
     assert main(["train", "--dataset", "digits", "--lr", "1e-3,1e-2"]) == 2
     assert "several learning rates (2) need --members" in capsys.readouterr().err
