@@ -86,8 +86,9 @@ def run(args) -> int:
     order, table = _member_table(ensemble, lrs, losses, accuracies)
     best = order[0]
     epochs = args.epochs if args.patience is None else history.best_epoch[best]  # the epochs its weights had
-    print(f"ranked: {ensemble.members} members trained on {len(y_fit)} samples, by accuracy on the {len(y_val)} "
-          f"held-out validation samples (fit of all members {wall:.3f} s, backend {ensemble.backend.name})")
+    stopped = "" if args.patience is None else f", each early-stopped at its best validation loss (patience {args.patience})"
+    print(f"ranked: {ensemble.members} members trained on {len(y_fit)} samples{stopped}, by accuracy on the "
+          f"{len(y_val)} held-out validation samples (fit of all members {wall:.3f} s, backend {ensemble.backend.name})")
     print(table)
     print(f"best member {best} (lr {lrs[best]:g}, seed {args.seed + best}), trained on {len(y_fit)} samples: "
           f"test accuracy {_test_accuracy(ensemble.member(best), X_test, y_test)}")
