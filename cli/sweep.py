@@ -21,8 +21,8 @@ import numpy as np
 
 from deltaprop.benchmarks.report import format_table
 from deltaprop.cli import UsageError, backend_for
-from deltaprop.cli.train import (TEST_FRACTION, _checked, _compile, _load_digits, _load_file, _positive_float, _sizes_for,
-                                 _split)
+from deltaprop.cli.train import (TEST_FRACTION, _checked, _compile, _load_digits, _load_file, _positive_float,
+                                 _sizes_for, _split)
 from deltaprop.model.ensemble import OPTIMIZERS
 from deltaprop.model.optim import OPTIMIZERS as OPTIMIZER_CLASSES
 
@@ -86,9 +86,11 @@ def run(args) -> int:
     order, table = _member_table(ensemble, lrs, losses, accuracies)
     best = order[0]
     epochs = args.epochs if args.patience is None else history.best_epoch[best]  # the epochs its weights had
-    stopped = "" if args.patience is None else f", each early-stopped at its best validation loss (patience {args.patience})"
+    stopped = "" if args.patience is None else \
+        f", each early-stopped at its best validation loss (patience {args.patience})"
     print(f"ranked: {ensemble.members} members trained on {len(y_fit)} samples{stopped}, by accuracy on the "
-          f"{len(y_val)} held-out validation samples (fit of all members {wall:.3f} s, backend {ensemble.backend.name})")
+          f"{len(y_val)} held-out validation samples (fit of all members {wall:.3f} s, backend "
+          f"{ensemble.backend.name})")
     print(table)
     print(f"best member {best} (lr {lrs[best]:g}, seed {args.seed + best}), trained on {len(y_fit)} samples: "
           f"test accuracy {_test_accuracy(ensemble.member(best), X_test, y_test)}")
@@ -100,7 +102,8 @@ def run(args) -> int:
               lr=float(lrs[best]), progress=False)
     refit.backend.synchronize()
     print(f"refit: lr {lrs[best]:g}, seed {args.seed + best} retrained as one MLP on the whole training split "
-          f"({len(y_train)} samples, {epochs} epochs, {time.perf_counter() - started:.3f} s after compiling): test accuracy "
+          f"({len(y_train)} samples, {epochs} epochs, {time.perf_counter() - started:.3f} s after compiling): "
+          f"test accuracy "
           f"{_test_accuracy(refit, X_test, y_test)}")
     if args.save:
         refit.save(args.save)

@@ -131,7 +131,8 @@ def test_fit_makes_int_labels_one_hot_rows_for_sigmoid_cross_entropy(backend_nam
     ensemble = MLPEnsemble(2, SIZES, loss="sigmoid_cross_entropy", backend=backend_name, dtype="float64", seed=5)
     history = ensemble.fit(X, y, epochs=3, batch_size=8, optimizer="adam", lr=[0.01, 0.03],
                            validation_data=(X_val, y_val))
-    nets = [MLP(SIZES, loss="sigmoid_cross_entropy", backend=backend_name, dtype="float64", seed=5 + k) for k in range(2)]
+    nets = [MLP(SIZES, loss="sigmoid_cross_entropy", backend=backend_name, dtype="float64", seed=5 + k)
+            for k in range(2)]
     for k, net in enumerate(nets):
         alone = net.fit(X, y, epochs=3, batch_size=8, optimizer="adam", lr=[0.01, 0.03][k],
                         validation_data=(X_val, y_val), progress=False)

@@ -18,7 +18,8 @@ def test_sweep_ranks_members_best_first_and_saves_the_best_refit_on_the_whole_tr
     from sklearn.model_selection import train_test_split
 
     refit_path, all_path = tmp_path / "refit.npz", tmp_path / "all.npz"
-    status = main(["train", "--dataset", "digits", "--backend", "numpy", "--epochs", "2", "--members", "4", "--sizes", "64,32,10",
+    status = main(["train", "--dataset", "digits", "--backend", "numpy", "--epochs", "2", "--members", "4",
+                   "--sizes", "64,32,10",
                    "--lr", "1e-3,1e-2", "--save", str(refit_path), "--save-ensemble", str(all_path)])
     out = capsys.readouterr().out
     assert status == 0
@@ -56,7 +57,8 @@ def test_sweep_with_patience_refits_for_the_epochs_its_best_member_kept(tmp_path
     assert main(["train", "--dataset", "digits", "--backend", "numpy", "--epochs", "6", "--members", "2", "--sizes",
                  "64,16,10", "--lr", "0.3", "--patience", "1", "--save", str(refit_path)]) == 0
     out = capsys.readouterr().out
-    best, epochs = map(int, re.search(r"^refit: lr 0.3, seed (\d+) .* \(1347 samples, (\d+) epochs", out, re.M).groups())
+    refit_line = re.search(r"^refit: lr 0.3, seed (\d+) .* \(1347 samples, (\d+) epochs", out, re.M)
+    best, epochs = map(int, refit_line.groups())
     X, y = load_digits(return_X_y=True)
     X_train, _, y_train, _ = train_test_split(X / 16, y, test_size=0.25, stratify=y, random_state=0)
     X_fit, X_val, y_fit, y_val = train_test_split(X_train, y_train, test_size=0.25, stratify=y_train, random_state=0)
