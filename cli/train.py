@@ -111,7 +111,8 @@ def add_arguments(parser) -> None:
                         help="data parallel over the ranks of mpiexec -n N (MPI; NCCL on GPUs); rank 0 prints and saves")
     parser.add_argument("--members", type=_positive_int, metavar="K",
                         help="train K networks in one pass, member k with the k-th --lr (cyclically) and seed "
-                             "seed+k; print them best first; --save writes the best (cli/sweep.py)")
+                             "seed+k; rank them on a held-out validation split, then refit the best on the whole training "
+                             "split; --save writes that refit network (cli/sweep.py)")
     parser.add_argument("--save-ensemble", type=output_file, metavar="FILE.npz",
                         help="with --members: write the whole ensemble here")
 

@@ -36,25 +36,30 @@ from deltaprop.kernels.dtypes import floating, resolve_dtype
 from deltaprop.kernels.layout import Layout
 from deltaprop.model.losses import get_loss
 from deltaprop.model.mlp import MLP, _check_sizes, initial_parameters
+from deltaprop.model.optim import OPTIMIZERS as OPTIMIZER_CLASSES
 from deltaprop.model.optim import check_count, check_seed, get_schedule
 
 MAGIC = "deltaprop-ensemble"
 FORMAT_VERSION = 1
 _WORKSPACES_KEPT = 4  # batch sizes whose buffers stay allocated (full and last batch of a fit, evaluation)
-# fit's optimizers: name -> (default lr, default momentum), torch.optim's defaults as MLP.fit's; "adam"
-# updates by Backend.stacked_adam_update, the others by Backend.stacked_sgd_update
-OPTIMIZERS = {"sgd": (1e-3, 0.0), "momentum": (1e-3, 0.9), "adam": (1e-3, 0.0)}
+# fit's optimizers: name -> the stacked update that runs it (Backend.stacked_<update>_update); their
+# defaults (lr, momentum, weight decay) and AdamW's decoupled decay are model.optim's classes', as MLP.fit's
+OPTIMIZERS = {"sgd": "sgd", "momentum": "sgd", "adam": "adam", "adamw": "adam"}
 
 
 @dataclass
 class EnsembleHistory:
     """Per-epoch metrics of an ensemble fit: each entry a (K,) float64 array, one value per member
-    (accuracy and val_accuracy only for a classifier loss, val_* only with validation data)."""
+    (accuracy and val_accuracy not for mse, val_* only with validation data). With ``patience``:
+    best_epoch[k], the epoch (1-based) whose weights member k kept, and stopped_epoch[k], the epoch after
+    which it stopped (None if it ran on); a stopped member's later entries are those of its kept weights."""
 
     loss: list = field(default_factory=list)
     accuracy: list = field(default_factory=list)
     val_loss: list = field(default_factory=list)
     val_accuracy: list = field(default_factory=list)
+    best_epoch: list | None = None
+    stopped_epoch: list | None = None
 
     @property
     def epochs(self) -> int:
@@ -70,6 +75,45 @@ class _Workspace:
         self.offsets = layout.offsets
         self.work = backend.empty((members, layout.work_size), dtype)
         self.z, self.a, self.delta = layout.z(self.work), layout.a(self.work), layout.delta(self.work)
+
+
+class _EarlyStopping:
+    """Early stopping of each member on its own (EarlyStopping's rule): member k stops after ``patience``
+    epochs without a lower monitored loss, and its best epoch's weights, put back then, stay frozen (its
+    learning rate 0: the stacked step still computes it, its update changes nothing) while the others
+    train on; at the end every member has its best epoch's weights."""
+
+    def __init__(self, ensemble, patience):
+        check_count("patience", patience, minimum=1)
+        self.ensemble, self.patience = ensemble, patience
+        self.best = np.full(ensemble.members, np.inf)
+        self.best_epoch = np.zeros(ensemble.members, np.int64)
+        self.waited = np.zeros(ensemble.members, np.int64)
+        self.stopped_epoch = [None] * ensemble.members
+        self.best_params = ensemble.backend.empty(ensemble.params.shape, ensemble.dtype)
+
+    @property
+    def running(self) -> np.ndarray:
+        """(K,) 1.0 for a member still training, 0.0 for a stopped one: the factor of its learning rate."""
+        return np.array([stopped is None for stopped in self.stopped_epoch], np.float64)
+
+    def epoch_end(self, epoch, monitored) -> bool:
+        """Takes the epoch's (K,) monitored losses; whether every member has stopped."""
+        params, running = self.ensemble.params, self.running.astype(bool)
+        better = running & (monitored < self.best)
+        for k in np.flatnonzero(better):
+            self.best[k], self.best_epoch[k], self.waited[k] = monitored[k], epoch, 0
+            self.best_params[k] = params[k]
+        self.waited[running & ~better] += 1
+        for k in np.flatnonzero(running & (self.waited >= self.patience)):
+            self.stopped_epoch[k] = epoch
+            params[k] = self.best_params[k]
+        return not self.running.any()
+
+    def train_end(self, history):
+        """Puts back every member's best weights (those stopped have them already); records the epochs."""
+        self.ensemble.params[...] = self.best_params
+        history.best_epoch, history.stopped_epoch = self.best_epoch.tolist(), list(self.stopped_epoch)
 
 
 def _non_finite(losses, where):
@@ -290,15 +334,21 @@ class MLPEnsemble:
 
     # ---- fit and inference ----
 
-    def fit(self, X, y, epochs=10, batch_size=32, optimizer="adam", lr=None, momentum=None, weight_decay=0.0,
-            nesterov=False, schedule=None, validation_data=None, shuffle=True, seed=None, callback=None):
-        """Trains every member on X (N, n0) and y (labels (N,) or targets (N, n_L)) by minibatches; returns
-        an EnsembleHistory of per-member metrics.
+    def fit(self, X, y, epochs=10, batch_size=32, optimizer="adam", lr=None, momentum=None, weight_decay=None,
+            nesterov=False, schedule=None, validation_data=None, patience=None, shuffle=True, seed=None,
+            callback=None):
+        """Trains every member on X (N, n0) and y (labels (N,) or targets (N, n_L); for sigmoid
+        cross-entropy labels become one-hot rows, as ``MLP.fit`` makes them) by minibatches; returns an
+        EnsembleHistory of per-member metrics.
 
-        optimizer: "adam", "sgd" or "momentum" (torch.optim's formulas and defaults, as ``MLP.fit``'s; momentum
-        only for the SGDs); lr, momentum, weight_decay: a number or one per member; schedule: as ``MLP.fit``.
+        optimizer: "adam", "adamw", "sgd" or "momentum" (torch.optim's formulas and defaults, as
+        ``MLP.fit``'s; momentum only for the SGDs; weight_decay None: the optimizer's default, 1e-2 for
+        AdamW, else 0); lr, momentum, weight_decay: a number or one per member; schedule: as ``MLP.fit``.
         The optimizer state (velocity, or Adam's moments and step) carries on from the last fit with the
         same optimizer.
+        patience: early stopping of each member, as ``MLP.fit(patience=...)`` alone: member k stops after
+        that many epochs without a lower validation loss (training loss without validation_data), its
+        best epoch's weights put back and frozen while the others train on; the fit ends when all stopped.
         shuffle: a new order each epoch; seed None: member k draws its orders from default_rng(seed + k),
         as ``MLP(seed=seed + k).fit`` would (each member gets its own batches), an int: every member
         shares the orders of default_rng(seed). callback(epoch, logs): logs of (K,) arrays.
@@ -308,10 +358,10 @@ class MLPEnsemble:
         check_count("epochs", epochs, minimum=1)
         check_count("batch_size", batch_size, minimum=1)
         seed = check_seed("seed", seed)
-        default_lr, default_momentum = OPTIMIZERS[optimizer]
-        lr = self.per_member("fit: lr", default_lr if lr is None else lr, exclusive=True)
-        mu = self.per_member("fit: momentum", default_momentum if momentum is None else momentum)
-        wd = self.per_member("fit: weight_decay", weight_decay)
+        defaults = OPTIMIZER_CLASSES[optimizer].defaults
+        lr = self.per_member("fit: lr", defaults["lr"] if lr is None else lr, exclusive=True)
+        mu = self.per_member("fit: momentum", defaults.get("momentum", 0.0) if momentum is None else momentum)
+        wd = self.per_member("fit: weight_decay", defaults["weight_decay"] if weight_decay is None else weight_decay)
         if nesterov and not (mu > 0).all():
             raise ValueError(f"fit: nesterov: expected momentum > 0 for every member, got {mu.tolist()}")
         schedule = get_schedule(schedule)
@@ -322,9 +372,10 @@ class MLPEnsemble:
             if not (isinstance(validation_data, (tuple, list)) and len(validation_data) == 2):
                 raise TypeError(f"validation_data: expected a pair (X_val, y_val), got {type(validation_data).__name__}")
             X_val, y_val = self._dataset(*validation_data, "validation_data X")
+        stopping = None if patience is None else _EarlyStopping(self, patience)
         backend, xp = self.backend, self.backend.xp
         n = X.shape[0]
-        classifier = get_loss(self.loss).classifier
+        scored = self._scored()
         rngs = [np.random.default_rng(seed if seed is not None else self.seed + k)
                 for k in range(1 if seed is not None else self.members)]
         update = self._updater(optimizer, wd, mu, nesterov)
@@ -344,36 +395,44 @@ class MLPEnsemble:
                         x_batch, y_batch = xp.take(X, rows, axis=0), xp.take(y, rows, axis=0)
                     losses, logits = self._gradients(x_batch, y_batch, batch_size)
                     loss_sum += losses * x_batch.shape[-2]
-                    if classifier:
+                    if scored:
                         hits += self._hits(logits, y_batch)
                     factor = schedule.factor(step, total_steps)
                     step += 1
-                    update((lr * factor).astype(self.dtype))
+                    update((lr * factor * (1.0 if stopping is None else stopping.running)).astype(self.dtype))
                 logs = {"loss": loss_sum / n}
-                if classifier:
+                if scored:
                     logs["accuracy"] = hits / n
                 if validation_data is not None:
                     logs["val_loss"], val_accuracy = self._evaluate(X_val, y_val)
-                    if classifier:
+                    if scored:
                         logs["val_accuracy"] = val_accuracy
                 for key, value in logs.items():
                     getattr(history, key).append(value)
                 if callback is not None:
                     callback(epoch, logs)
+                if stopping is not None and stopping.epoch_end(epoch, logs.get("val_loss", logs["loss"])):
+                    break
+            if stopping is not None:
+                stopping.train_end(history)
         return history
 
     def _updater(self, optimizer, wd, mu, nesterov):
         """update(lr (K,)) for one step of ``optimizer``, its state made (or kept from the last fit)."""
         backend, wd = self.backend, wd.astype(self.dtype)
         state = self._state
+        adam = OPTIMIZERS[optimizer] == "adam"
         if state.get("name") != optimizer:
-            names = ("m", "v") if optimizer == "adam" else ("velocity",) if mu.any() else ()
+            names = ("m", "v") if adam else ("velocity",) if mu.any() else ()
             state.clear()
             state.update({"name": optimizer, "step": 0}, **{n: backend.zeros(self.params.shape, self.dtype) for n in names})
-        if optimizer == "adam":
+        if adam:
+            decoupled = OPTIMIZER_CLASSES[optimizer].decoupled
+
             def update(lr):
                 state["step"] += 1
-                backend.stacked_adam_update(self.params, self.grads, state["m"], state["v"], state["step"], lr, wd)
+                backend.stacked_adam_update(self.params, self.grads, state["m"], state["v"], state["step"], lr, wd,
+                                            decoupled=decoupled)
             return update
         if mu.any() and "velocity" not in state:
             state["velocity"] = backend.zeros(self.params.shape, self.dtype)
@@ -382,7 +441,8 @@ class MLPEnsemble:
                        momentum=mu.astype(self.dtype), nesterov=nesterov)
 
     def _dataset(self, X, y, name):
-        """X (N, n0) and y (N,)/(N, n_L) (or None) converted once, finite, labels in range."""
+        """X (N, n0) and y (N,)/(N, n_L) (or None) converted once, finite, labels in range; for sigmoid
+        cross-entropy, int labels become one-hot rows (N, n_L) (so that accuracy compares whole rows)."""
         X = self.backend.asarray(X, self.dtype)
         if X.ndim != 2 or X.shape[1] != self.sizes[0] or X.shape[0] == 0:
             raise ValueError(f"{name}: expected shape (samples, {self.sizes[0]}), got {tuple(X.shape)}")
@@ -392,17 +452,28 @@ class MLPEnsemble:
             raise ValueError(f"{name}: expected finite values, got NaN or inf")
         if y is not None and y.ndim == 1:
             check_label_range(get_loss(self.loss).kernel, y, self.sizes[-1], xp)
+            if get_loss(self.loss).output == "sigmoid":
+                y = (y[:, None] == xp.arange(self.sizes[-1])).astype(self.dtype)
         return X, y
 
+    def _scored(self) -> bool:
+        """Whether the loss has an accuracy: a classifier's, or sigmoid cross-entropy's exact-match rows."""
+        loss = get_loss(self.loss)
+        return loss.classifier or loss.output == "sigmoid"
+
     def _hits(self, logits, y):
-        """(K,) count of rows whose argmax is the label (or the target row's argmax)."""
+        """(K,) count of correct rows: whose argmax is the label (or the target row's argmax) for a
+        classifier; for sigmoid cross-entropy, whose thresholded logits (z > 0) all match the targets (> 0.5)."""
         xp = self.backend.xp
-        truth = y if y.dtype.kind in "iu" else xp.argmax(y, axis=-1)
-        return self.backend.to_numpy((xp.argmax(logits, axis=-1) == truth).sum(axis=-1)).astype(np.float64)
+        if not get_loss(self.loss).classifier:
+            hit = ((logits > 0) == (y > 0.5)).all(axis=-1)
+        else:
+            hit = xp.argmax(logits, axis=-1) == (y if y.dtype.kind in "iu" else xp.argmax(y, axis=-1))
+        return self.backend.to_numpy(hit.sum(axis=-1)).astype(np.float64)
 
     def _evaluate(self, X, y, chunk_size=4096):
         """((K,) mean losses, (K,) accuracies or None) over converted X, y."""
-        n, classifier = X.shape[0], get_loss(self.loss).classifier
+        n, scored = X.shape[0], self._scored()
         loss_sum, hits = np.zeros(self.members), np.zeros(self.members)
         for start in range(0, n, chunk_size):
             y_chunk = y[start:start + chunk_size]
@@ -410,14 +481,15 @@ class MLPEnsemble:
             losses = self.backend.to_numpy(self.backend.stacked_loss(
                 get_loss(self.loss).kernel, z[-1], self._stack(y_chunk, y_chunk.ndim + 1), workspace.delta[-1]))
             loss_sum += losses * len(y_chunk)
-            if classifier:
+            if scored:
                 hits += self._hits(z[-1], y_chunk)
         if not np.isfinite(loss_sum).all():
             raise _non_finite(loss_sum / n, "val_loss")
-        return loss_sum / n, (hits / n if classifier else None)
+        return loss_sum / n, (hits / n if scored else None)
 
     def evaluate(self, X, y):
-        """((K,) mean losses, (K,) accuracies or None for mse) of every member over X (N, n0) and y."""
+        """((K,) mean losses, (K,) accuracies or None for mse) of every member over X (N, n0) and y (int
+        labels become one-hot rows for sigmoid cross-entropy, whose accuracy is exact-match rows)."""
         with self._lock:
             return self._evaluate(*self._dataset(X, y, "X"))
 

@@ -97,6 +97,55 @@ def test_fit_matches_each_member_fitted_alone(backend_name, dtype, optimizer):
     assert_members_equal(ensemble, nets, backend_name, dtype)
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "momentum"])
+def test_fit_with_patience_stops_each_member_as_it_would_alone(backend_name, dtype, optimizer):
+    data = np.random.default_rng(0)
+    X, y = data.standard_normal((60, SIZES[0])).astype(dtype), data.integers(0, SIZES[-1], 60)
+    X_val, y_val = data.standard_normal((30, SIZES[0])).astype(dtype), data.integers(0, SIZES[-1], 30)
+    lrs = [0.3, 0.05, 0.1, 0.003]  # members that stop at different epochs, and one that runs on
+    ensemble = MLPEnsemble(K, SIZES, backend=backend_name, dtype=dtype, seed=2)
+    snapshots = []  # each epoch's parameters: a stopped member's stay its kept (final) ones
+    history = ensemble.fit(X, y, epochs=10, batch_size=16, optimizer=optimizer, lr=lrs, validation_data=(X_val, y_val),
+                           patience=2, callback=lambda epoch, logs: snapshots.append(host64(ensemble.backend,
+                                                                                             ensemble.params)))
+    nets = [MLP(SIZES, backend=backend_name, dtype=dtype, seed=2 + k) for k in range(K)]
+    final, stopped = host64(ensemble.backend, ensemble.params), []
+    for k, net in enumerate(nets):
+        alone = net.fit(X, y, epochs=10, batch_size=16, optimizer=optimizer, lr=lrs[k], validation_data=(X_val, y_val),
+                        patience=2, progress=False)
+        assert (history.best_epoch[k], history.stopped_epoch[k]) == (alone.best_epoch, alone.stopped_epoch)
+        np.testing.assert_allclose([h[k] for h in history.val_loss[:alone.epochs]], alone.val_loss, rtol=1e-5)
+        if alone.stopped_epoch is not None:
+            stopped.append(k)
+            for later in snapshots[alone.stopped_epoch:]:
+                assert np.array_equal(later[k], final[k]), f"member {k} moved after stopping"
+    assert stopped and len(stopped) < K  # the case tested: some members stop, at least one runs on
+    assert history.epochs == 10
+    assert_members_equal(ensemble, nets, backend_name, dtype)
+
+
+def test_fit_makes_int_labels_one_hot_rows_for_sigmoid_cross_entropy(backend_name):
+    data = np.random.default_rng(3)
+    X, y = data.standard_normal((40, SIZES[0])), data.integers(0, SIZES[-1], 40)
+    X_val, y_val = X[:15], y[:15]
+    ensemble = MLPEnsemble(2, SIZES, loss="sigmoid_cross_entropy", backend=backend_name, dtype="float64", seed=5)
+    history = ensemble.fit(X, y, epochs=3, batch_size=8, optimizer="adam", lr=[0.01, 0.03],
+                           validation_data=(X_val, y_val))
+    nets = [MLP(SIZES, loss="sigmoid_cross_entropy", backend=backend_name, dtype="float64", seed=5 + k)
+            for k in range(2)]
+    for k, net in enumerate(nets):
+        alone = net.fit(X, y, epochs=3, batch_size=8, optimizer="adam", lr=[0.01, 0.03][k],
+                        validation_data=(X_val, y_val), progress=False)
+        np.testing.assert_allclose([h[k] for h in history.loss], alone.loss, rtol=1e-12)
+        assert [h[k] for h in history.accuracy] == alone.accuracy  # exact-match rows, as MLP.fit counts them
+        assert [h[k] for h in history.val_accuracy] == alone.val_accuracy
+    assert_members_equal(ensemble, nets, backend_name, "float64")
+    _, accuracies = ensemble.evaluate(X_val, y_val)
+    rows = np.eye(SIZES[-1])[y_val]  # the one-hot rows, counted by hand against each member's 0/1 predictions
+    expected = [np.mean((host64(net.backend, net.predict(X_val)) == rows).all(axis=1)) for net in nets]
+    np.testing.assert_allclose(accuracies, expected)
+
+
 def test_predictions_are_the_members_mean(backend_name, rng):
     ensemble = MLPEnsemble(K, SIZES, backend=backend_name, dtype="float64", seed=4)
     X = rng.standard_normal((11, SIZES[0]))
