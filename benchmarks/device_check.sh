@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The one script a GPU session runs: it installs deltaprop, records the machine and CuPy's config,
-# compiles every CUDA kernel (one process per dtype, timed apart), runs the `gpu` tests, the simulator's
+# compiles every CUDA kernel (one process per dtype, timed apart), runs the `gpu` tests (NCCL's among them), the simulator's
 # suites on the real device (`pytest -m cuda_sim` with DELTAPROP_CUDA_SIM=0: the cupy-sim cases on CuPy, to
 # compare with the CPU stand-in's run in CI), `deltaprop check` and the training-step timings on cupy
-# against PyTorch CUDA only, and writes one JSON file under $OUT.
+# against PyTorch CUDA only, an ensemble step against a loop of MLPs, and writes one JSON file under $OUT.
 #
 #     OUT=/path/to/report bash benchmarks/device_check.sh      (PYTHON defaults to python3)
 #
@@ -58,7 +58,7 @@ XDIST=()
 DELTAPROP=("$PYTHON" -m deltaprop)
 
 stage nvidia-smi 10 nvidia-smi
-stage install 30 "$PYTHON" -m pip install --no-deps --no-build-isolation -e .
+stage install 20 "$PYTHON" -m pip install --no-deps --no-build-isolation -e .
 if ! "$PYTHON" -c "import deltaprop.model" 2>/dev/null; then
     # no pip or setuptools that can build it there: the repository root is the package, so a link
     # named deltaprop on PYTHONPATH imports it as it stands
@@ -71,15 +71,17 @@ stage cupy-config 10 "$PYTHON" -c "import cupy; cupy.show_config()
 from deltaprop.backend import backend_status
 print('deltaprop cupy backend usable:', backend_status('cupy'))"
 stage warmup 50 bash -c "$WARMUP" "$PYTHON"
-stage pytest-gpu 70 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider -rfE "${XDIST[@]}" \
+stage pytest-gpu 65 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider -rfE "${XDIST[@]}" \
     --junitxml="$WORK/pytest-gpu.xml" tests
-stage pytest-cuda-sim 50 "$PYTHON" -m pytest -m cuda_sim -q -p no:cacheprovider -rfE "${XDIST[@]}" \
+stage pytest-cuda-sim 40 "$PYTHON" -m pytest -m cuda_sim -q -p no:cacheprovider -rfE "${XDIST[@]}" \
     --junitxml="$WORK/pytest-cuda-sim.xml" tests --deselect tests/test_cuda_host.py --deselect tests/test_cuda_sim.py
 stage deltaprop-check 20 "${DELTAPROP[@]}" check --backends cupy
 # the training step on cupy against PyTorch CUDA, through `deltaprop bench` (CUDA events)
 BENCH=(bench --batch 256,8192 --backends cupy,torch-cuda --repeat 5 --max-time 2)
 stage bench-mlp 25 "${DELTAPROP[@]}" "${BENCH[@]}" --sizes 784,1024,1024,10 --kernels --json "$WORK/bench_mlp.json"
-stage bench-large 30 "${DELTAPROP[@]}" "${BENCH[@]}" --sizes 4096,4096,4096,1000 --json "$WORK/bench_large.json"
+stage bench-large 25 "${DELTAPROP[@]}" "${BENCH[@]}" --sizes 4096,4096,4096,1000 --json "$WORK/bench_large.json"
+# K stacked networks (MLPEnsemble) against a loop of K MLPs on the device, K = 8 and 64
+stage bench-ensemble 25 "${DELTAPROP[@]}" bench --ensemble --quick --backends cupy --json "$WORK/bench_ensemble.json"
 
 "$PYTHON" - "$WORK" "$OUT" <<'EOF'
 import json, pathlib, sys
@@ -101,7 +103,7 @@ for name in ("pytest-gpu", "pytest-cuda-sim"):  # the device's own cases, and th
         counts["failed"] = [f"{case.get('classname')}::{case.get('name')}" for case in suite.iter("testcase")
                             if case.find("failure") is not None or case.find("error") is not None]
         report[name.replace("-", "_")] = counts
-for name in ("bench_mlp", "bench_large"):
+for name in ("bench_mlp", "bench_large", "bench_ensemble"):
     bench = work / f"{name}.json"
     if bench.exists():
         report[name] = json.loads(bench.read_text())
