@@ -125,11 +125,16 @@ def run(args) -> int:
     finally:
         progress.close()
     print(report.render(result))
+    _write_reports(args, result, report.plot)
+    return 0
+
+
+def _write_reports(args, result, plot) -> None:
+    """The JSON report (--json) and the picture that ``plot`` draws (--plot), where they were asked for."""
     if args.json:
         report.write_json(result, args.json)
     if args.plot:
-        report.plot(result, args.plot)
-    return 0
+        plot(result, args.plot)
 
 
 def run_ensemble(args) -> int:
@@ -151,8 +156,5 @@ def run_ensemble(args) -> int:
                               progress=lambda label: print(f"deltaprop bench --ensemble: {label}", file=sys.stderr,
                                                            flush=True))
     print(ensemble.render(result))
-    if args.json:
-        report.write_json(result, args.json)
-    if args.plot:
-        ensemble.plot(result, args.plot)
+    _write_reports(args, result, ensemble.plot)
     return 0

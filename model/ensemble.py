@@ -28,14 +28,12 @@ from functools import partial
 import numpy as np
 
 from deltaprop.atomic import write_atomic
-from deltaprop.backend import get_backend
 from deltaprop.backend.checks import check_label_range
 from deltaprop.errors import CheckpointError, NonFiniteLossError
-from deltaprop.kernels.activations import get_activation
-from deltaprop.kernels.dtypes import floating, resolve_dtype
+from deltaprop.kernels.dtypes import floating
 from deltaprop.kernels.layout import Layout
 from deltaprop.model.losses import get_loss
-from deltaprop.model.mlp import MLP, _check_sizes, initial_parameters
+from deltaprop.model.mlp import MLP, initial_parameters, network_spec
 from deltaprop.model.optim import OPTIMIZERS as OPTIMIZER_CLASSES
 from deltaprop.model.optim import check_count, check_seed, get_schedule
 
@@ -133,12 +131,8 @@ class MLPEnsemble:
                  dtype="float32", seed=0):
         check_count("members", members, minimum=1)
         self.members = members
-        self.sizes = _check_sizes(sizes)
-        self.activation = get_activation(activation).name
-        self.loss = get_loss(loss).name
-        self.backend = get_backend(backend)
-        self.dtype = resolve_dtype(dtype, self.backend.device)
-        self.seed = check_seed("seed", seed)
+        self.sizes, self.activation, self.loss, self.backend, self.dtype, self.seed = network_spec(
+            sizes, activation, loss, backend, dtype, seed)
         if self.seed + members > 2**63:
             raise ValueError(f"seed: expected seed + members <= 2**63 (member k's seed is seed + k), got {seed}")
         self._layout = Layout(self.sizes)

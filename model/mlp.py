@@ -39,7 +39,6 @@ import numpy as np
 
 from deltaprop.backend import get_backend, to_numpy
 from deltaprop.backend.checks import check_label_range, check_shape
-from deltaprop.errors import NonFiniteLossError
 from deltaprop.kernels.activations import get_activation
 from deltaprop.kernels.dtypes import floating, resolve_dtype
 from deltaprop.kernels.layout import Layout
@@ -113,6 +112,15 @@ def _check_sizes(sizes):
     return widths
 
 
+def network_spec(sizes, activation, loss, backend, dtype, seed):
+    """(sizes, activation name, loss name, Backend, numpy dtype, seed), each checked or resolved: the
+    arguments every network of this module family takes (MLP, MLPEnsemble)."""
+    sizes = _check_sizes(sizes)
+    activation, loss = get_activation(activation).name, get_loss(loss).name
+    backend = get_backend(backend)
+    return sizes, activation, loss, backend, resolve_dtype(dtype, backend.device), check_seed("seed", seed)
+
+
 def initial_parameters(layout, activation, seed):
     """The flat float64 (P,) initial parameters of a network of ``layout``: He (ReLU family) or Xavier
     weights drawn from default_rng(seed) on the host, zero biases."""
@@ -165,12 +173,8 @@ class MLP:
 
     def __init__(self, sizes: Sequence[int], activation: str = "relu", loss: str = "softmax_cross_entropy",
                  backend: str | Backend | None = "auto", dtype: DTypeLike = "float32", seed: int = 0) -> None:
-        self.sizes = _check_sizes(sizes)
-        self.activation = get_activation(activation).name
-        self.loss = get_loss(loss).name
-        self.backend = get_backend(backend)
-        self.dtype = resolve_dtype(dtype, self.backend.device)
-        self.seed = check_seed("seed", seed)
+        self.sizes, self.activation, self.loss, self.backend, self.dtype, self.seed = network_spec(
+            sizes, activation, loss, backend, dtype, seed)
         try:  # sizes whose offsets overflow int64 fail in the layout, others in the allocation
             self._layout = self._param_layout(self.sizes)
             self.params = self.backend.empty(self.n_params, self.dtype)  # aligned, where the backend aligns
