@@ -14,9 +14,10 @@ GEMM reads transposed and strided device views in place, through cuBLAS's flags 
 - Scratch buffers (the row losses, the bias gradient's partial sums, GEMM's host scalars) are the
   calling thread's, allocated once per shape.
 - A label outside [0, C) makes its row's loss NaN in the kernel; only a NaN loss has the labels checked
-  (a second sync), so a bad label raises the reference's ValueError at no cost to a good batch. A
-  delta_out that is not a C-contiguous device array (written through a copy) is then left unchanged; one
-  written in place holds the kernel's deltas. Non-finite logits give a NaN loss, as in the reference;
+  (a second sync), so a bad label raises the reference's ValueError at no cost to a good batch. With
+  labels, the loss kernels write delta_out through a device copy that reaches it only once the labels
+  are known good (one B x C device copy per call), so a refused call leaves it unchanged, as on the
+  CPU; ``device_loss``, which reads nothing, writes in place. Non-finite logits give a NaN loss, as in the reference;
   ``check_inputs=True`` checks them before the launch instead (a sync) and raises NonFiniteInputError.
 - The launch geometry and template arguments of each kernel live beside the kernels
   (``kernels/cuda/launch.py``), the cuBLAS call's arithmetic in ``kernels/cuda/cublas.py``, the copies
@@ -396,7 +397,7 @@ class CupyBackend(Backend):
 
         The label range is checked only after a NaN loss (see the module docstring), finiteness only
         with ``check_inputs``."""
-        loss, targets, outputs = self._queued_loss(kernel, z, targets, delta_out, scale, z_name)
+        loss, targets, outputs = self._queued_loss(kernel, z, targets, delta_out, scale, z_name, staged=True)
         value = float(loss)
         if math.isnan(value) and targets.ndim == 1:
             checks.check_label_range(kernel, targets, z.shape[1], self._cupy)
@@ -408,7 +409,7 @@ class CupyBackend(Backend):
         outputs.write_back()  # no label check without a read: a bad label is found where the loss is read
         return loss
 
-    def _queued_loss(self, kernel, z, targets, delta_out, scale, z_name):
+    def _queued_loss(self, kernel, z, targets, delta_out, scale, z_name, staged=False):
         """(the mean loss as a 0-d device array of the accumulation dtype, the targets on the device, the
         outputs still to write back) of the launches of ``_loss``, which nothing has read yet; the array is the calling thread's for
         this batch size and accumulation dtype, reused by its next loss of that shape."""
@@ -421,7 +422,8 @@ class CupyBackend(Backend):
             targets = self._device(kernel, "labels", targets).astype(np.int64, copy=False)
         targets = self._input(kernel, "targets", targets)
         outputs = self._outputs(kernel)
-        delta = NULL if delta_out is None else outputs.buffer("delta_out", delta_out)
+        # staged: labels are checked after the read, and a bad one must leave delta_out as it was
+        delta = NULL if delta_out is None else outputs.buffer("delta_out", delta_out, staged=staged and kind == "labels")
         rows, cols = z.shape
         row_loss, loss = self._reused(("loss", rows, accum),
                                       lambda: (self._cupy.empty(rows, dtype=accum), self._cupy.empty((), dtype=accum)))

@@ -30,10 +30,12 @@ class Outputs:
         self._cp, self._kernel = cp, kernel
         self._copies: list[tuple] = []  # (the caller's array, the contiguous device copy the kernel writes)
 
-    def buffer(self, name, array, read=False):
-        """The device array the kernel writes for ``array``; ``read``: the kernel also reads its values."""
+    def buffer(self, name, array, read=False, staged=False):
+        """The device array the kernel writes for ``array``; ``read``: the kernel also reads its values;
+        ``staged``: through a copy even where in place would do, so that nothing reaches ``array`` before
+        ``write_back`` (a call that may still refuse after its launch)."""
         cp = self._cp
-        if isinstance(array, cp.ndarray) and array.flags.c_contiguous:
+        if not staged and isinstance(array, cp.ndarray) and array.flags.c_contiguous:
             return array
         if read:
             copy = cp.array(on_device(cp, self._kernel, name, array), order="C")

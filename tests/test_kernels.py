@@ -408,15 +408,18 @@ BAD_TARGETS = {
 }
 
 
+@pytest.mark.parametrize("on_backend", [False, True], ids=["host delta_out", "backend delta_out"])
 @pytest.mark.parametrize("loss", LOSS_REFERENCES)
 @pytest.mark.parametrize("case", BAD_TARGETS)
-def test_bad_targets_write_nothing(backend, dtype, loss, case):
+def test_bad_targets_write_nothing(backend, dtype, loss, case, on_backend):
+    """A refused call leaves delta_out as it was, whether a host array or one the kernel writes in place."""
     targets, error, message = BAD_TARGETS[case]
     targets = targets.astype(dtype) if targets.dtype.kind == "f" else targets
     delta = np.full((4, 3), 7.0, dtype)
+    delta = backend.asarray(delta) if on_backend else delta
     with pytest.raises(error, match=message.format(loss=loss)):
         getattr(backend, loss)(_x(dtype), targets, delta)
-    assert np.all(delta == 7.0)
+    assert np.all(backend.to_numpy(delta) == 7.0)
 
 
 @pytest.mark.parametrize("loss", LOSS_REFERENCES)
