@@ -12,6 +12,7 @@ alpha * W / batch rows to the gradient: the optimizer's weight decay alpha / bat
 from __future__ import annotations
 
 import math
+from abc import ABCMeta, abstractmethod
 import os
 import warnings
 from numbers import Integral
@@ -51,7 +52,7 @@ def _hidden_layer_sizes(value):
     return [int(w) for w in widths]
 
 
-class BaseMLP(BaseEstimator):
+class BaseMLP(BaseEstimator, metaclass=ABCMeta):
     """Parameters as sklearn.neural_network.MLPClassifier/MLPRegressor, plus ``backend`` (a deltaprop
     backend name: "auto", "numpy", "numba", "cupy") and ``dtype`` (None: float32 for float32 X, else
     float64). Fitted: ``model_`` (the deltaprop MLP), ``n_iter_``, ``t_``, ``loss_curve_``, ``best_loss_``
@@ -82,22 +83,22 @@ class BaseMLP(BaseEstimator):
 
     # ---- subclass hooks ----
 
+    @abstractmethod
     def _targets(self, X, y, first, classes):
         """(X, targets) checked, targets as the MLP takes them (int64 labels or a float matrix); classes:
         partial_fit's, or None."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _loss_for(self, targets):
         """The MLP's loss for targets as ``_targets`` returns them."""
-        raise NotImplementedError
 
     def _reported_loss(self, loss):
         """An epoch's mean loss as ``loss_curve_`` (and ``tol``) take it: scikit-learn's definition."""
         return loss
 
+    @abstractmethod
     def _validation_score(self, X, targets):
         """The score (higher is better) on held-out rows whose targets are as ``_targets`` returned them."""
-        raise NotImplementedError
 
     # ---- fit ----
 

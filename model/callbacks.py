@@ -104,13 +104,18 @@ class CallbackList:
         return any([method(state, error) for method in self._hooks["on_divergence"]])
 
 
+def check_epoch_function(function):
+    """``function``, the ``callback=`` of a fit, if it is callable (epoch, logs); else a TypeError."""
+    if not callable(function):
+        raise TypeError(f"callback: expected None or a callable (epoch, logs), got {function!r}")
+    return function
+
+
 class EpochEnd(Callback):
     """Calls ``function(epoch, logs)`` after each epoch (what ``fit(callback=...)`` passes)."""
 
     def __init__(self, function: Callable[[int, dict[str, float]], object]) -> None:
-        if not callable(function):
-            raise TypeError(f"callback: expected None or a callable (epoch, logs), got {function!r}")
-        self.function = function
+        self.function = check_epoch_function(function)
 
     def on_epoch_end(self, state):
         self.function(state.epoch, state.logs)

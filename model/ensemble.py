@@ -32,10 +32,12 @@ from deltaprop.backend.checks import check_label_range
 from deltaprop.errors import CheckpointError, NonFiniteLossError
 from deltaprop.kernels.dtypes import floating
 from deltaprop.kernels.layout import Layout
+from deltaprop.model.callbacks import check_epoch_function
 from deltaprop.model.losses import get_loss
 from deltaprop.model.mlp import MLP, initial_parameters, network_spec
 from deltaprop.model.optim import OPTIMIZERS as OPTIMIZER_CLASSES
 from deltaprop.model.optim import check_count, check_seed, get_schedule
+from deltaprop.model.training import DEFAULT_CHUNK, check_validation_data
 
 MAGIC = "deltaprop-ensemble"
 FORMAT_VERSION = 1
@@ -73,6 +75,7 @@ class _Workspace:
         self.offsets = layout.offsets
         self.work = backend.empty((members, layout.work_size), dtype)
         self.z, self.a, self.delta = layout.z(self.work), layout.a(self.work), layout.delta(self.work)
+        self.loss_sums = np.empty(members, dtype)  # the compiled step's (K,) summed losses, on the host
 
 
 class _EarlyStopping:
@@ -304,13 +307,13 @@ class MLPEnsemble:
         """A compiled ensemble step on x, y (made stacks of one where shared); (losses, logits) as above."""
         batch = x.shape[-2]
         workspace = self._workspace(batch)
-        totals = np.empty(self.members, self.dtype)
         x3 = self.backend.asarray(x if x.ndim == 3 else x[None])
         y3 = self.backend.asarray(y if y.ndim == (2 if y.dtype.kind in "iu" else 3) else y[None])
-        bad_row = steps[step_batch](x3, y3, self.params, workspace.work, workspace.offsets, per_member, totals)
+        bad_row = steps[step_batch](x3, y3, self.params, workspace.work, workspace.offsets, per_member,
+                                    workspace.loss_sums)
         if bad_row >= 0:
             check_label_range(get_loss(self.loss).kernel, y, self.sizes[-1])  # the message every backend gives
-        losses = totals.astype(np.float64) / batch
+        losses = workspace.loss_sums.astype(np.float64) / batch
         if not np.isfinite(losses).all():
             raise _non_finite(losses, "loss")
         return losses, workspace.z[-1]
@@ -359,13 +362,11 @@ class MLPEnsemble:
         if nesterov and not (mu > 0).all():
             raise ValueError(f"fit: nesterov: expected momentum > 0 for every member, got {mu.tolist()}")
         schedule = get_schedule(schedule)
-        if callback is not None and not callable(callback):
-            raise TypeError(f"callback: expected None or a callable (epoch, logs), got {callback!r}")
+        if callback is not None:
+            check_epoch_function(callback)
         X, y = self._dataset(X, y, "X")
         if validation_data is not None:
-            if not (isinstance(validation_data, (tuple, list)) and len(validation_data) == 2):
-                raise TypeError(f"validation_data: expected a pair (X_val, y_val), got {type(validation_data).__name__}")
-            X_val, y_val = self._dataset(*validation_data, "validation_data X")
+            X_val, y_val = self._dataset(*check_validation_data(validation_data), "validation_data X")
         stopping = None if patience is None else _EarlyStopping(self, patience)
         backend, xp = self.backend, self.backend.xp
         n = X.shape[0]
@@ -465,7 +466,7 @@ class MLPEnsemble:
             hit = xp.argmax(logits, axis=-1) == (y if y.dtype.kind in "iu" else xp.argmax(y, axis=-1))
         return self.backend.to_numpy(hit.sum(axis=-1)).astype(np.float64)
 
-    def _evaluate(self, X, y, chunk_size=4096):
+    def _evaluate(self, X, y, chunk_size=DEFAULT_CHUNK):
         """((K,) mean losses, (K,) accuracies or None) over converted X, y."""
         n, scored = X.shape[0], self._scored()
         loss_sum, hits = np.zeros(self.members), np.zeros(self.members)
@@ -487,7 +488,7 @@ class MLPEnsemble:
         with self._lock:
             return self._evaluate(*self._dataset(X, y, "X"))
 
-    def predict_proba(self, X, reduce="mean", chunk_size=4096):
+    def predict_proba(self, X, reduce="mean", chunk_size=DEFAULT_CHUNK):
         """The loss's output map (softmax, sigmoid, identity) of each member: (K, N, n_L) with
         reduce=None, or their mean over the members (N, n_L) with reduce="mean"."""
         if reduce not in ("mean", None):

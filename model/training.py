@@ -170,6 +170,13 @@ def _dataset(net, X, y, name="X"):
     return X, y
 
 
+def check_validation_data(validation_data):
+    """``validation_data`` as the pair (X_val, y_val) it must be; a TypeError naming what came otherwise."""
+    if not (isinstance(validation_data, (tuple, list)) and len(validation_data) == 2):
+        raise TypeError(f"validation_data: expected a pair (X_val, y_val), got {type(validation_data).__name__}")
+    return validation_data
+
+
 def _chunks(total, size):
     for start in range(0, total, size):
         yield start, min(start + size, total)
@@ -296,9 +303,8 @@ def fit(net, X, y, epochs=10, batch_size=32, optimizer=None, lr=None, schedule=N
     backend, xp = net.backend, net.backend.xp
     X, y = _dataset(net, X, y)
     if validation_data is not None:
-        if not (isinstance(validation_data, (tuple, list)) and len(validation_data) == 2):
-            raise TypeError(f"validation_data: expected a pair (X_val, y_val), got {type(validation_data).__name__}")
-        X_val, y_val = _dataset(net, validation_data[0], validation_data[1], name="validation_data X")
+        X_val, y_val = check_validation_data(validation_data)
+        X_val, y_val = _dataset(net, X_val, y_val, name="validation_data X")
     if optimizer is None and lr is None and schedule is None and net.optimizer is not None:
         optimizer = net.optimizer  # carry on with the state of the last fit (or of a loaded checkpoint)
     optimizer = get_optimizer("adam" if optimizer is None else optimizer, lr, schedule)

@@ -53,8 +53,6 @@ def test_members_start_as_their_networks(backend_name, dtype):
 @pytest.mark.parametrize("batch", [3, 20])  # the small-batch loops and the GEMM step of a compiled backend
 @pytest.mark.parametrize("fused", [True, False])
 def test_train_step_matches_each_member_trained_alone(backend_name, dtype, batch, fused, rng):
-    if backend_name == "numba" and fused and np.dtype(dtype) == np.float64 and batch == 3:
-        pytest.skip("CI time: each compiled ensemble step takes seconds to compile cold; float64 runs the GEMM one")
     lrs = [0.1, 0.05, 0.2, 0.02]
     ensemble = MLPEnsemble(K, SIZES, backend=backend_name, dtype=dtype, seed=3)
     ensemble.use_fused_step = fused
