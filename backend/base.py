@@ -337,8 +337,9 @@ class Backend:
         B, n0) (a stack of one: shared by every member), targets (1 or K, B) int64 labels or (1 or K, B,
         n_L), per_member the (K,) learning rates of the dtype (SGD step: params updated) or the (K, P)
         gradient buffer (gradients step); each member's summed loss goes into ``totals``, (K,) of the dtype.
-        A member whose loss is not finite is left unchanged (the others are not); a label outside [0, n_L)
-        returns its row (-1 when none), that member and those after it unchanged.
+        Members are independent: one whose loss is not finite, or whose labels leave [0, n_L), is left
+        unchanged and the others are stepped; the call returns the first bad row of the first member with
+        a bad label (-1 when none). A backend may run the members in any order or at once.
         """
         return None
 

@@ -259,3 +259,48 @@ def test_fit_with_one_order_for_all_matches_each_member_with_that_seed(shuffle):
                         seed=5, progress=False)
         assert np.array_equal(ensemble.params[k], net.params)
         np.testing.assert_allclose([h[k] for h in history.accuracy], alone.accuracy)
+
+
+# ---- the compiled ensemble step on numba: members on Numba's threads, or one after the other ----
+
+
+@pytest.mark.parametrize(("sizes", "batch", "parallel"), [
+    ([64, 96, 10], 20, True),  # GEMMs that run BLAS on one thread: the members on Numba's threads
+    ([64, 128, 10], 1024, False),  # a 2**23 multiply-add GEMM runs BLAS threaded: one member at a time
+])
+def test_members_on_threads_or_in_turn_match_each_member_alone(sizes, batch, parallel, rng):
+    from deltaprop.kernels.cpu.ensemble import members_in_parallel
+    from deltaprop.kernels.layout import Layout
+
+    assert members_in_parallel(batch, Layout(sizes, batch).offsets) == parallel
+    ensemble = MLPEnsemble(3, sizes, backend="numba", seed=4)
+    nets = [MLP(sizes, backend="numba", seed=4 + k) for k in range(3)]
+    x, y = rng.standard_normal((3, batch, sizes[0])).astype(np.float32), rng.integers(0, sizes[-1], (3, batch))
+    losses = ensemble.train_step(x, y, [0.1, 0.2, 0.05])
+    alone = [net.train_step(x[k], y[k], lr) for k, (net, lr) in enumerate(zip(nets, [0.1, 0.2, 0.05]))]
+    np.testing.assert_allclose(losses, alone, rtol=1e-6)
+    assert_members_equal(ensemble, nets, "numba", "float32")
+
+
+@pytest.mark.parametrize("batch", [3, 20, 1024])  # the small variant, members on threads, members in turn
+def test_compiled_step_leaves_each_member_with_a_bad_label_unchanged(batch, rng):
+    """The kernel contract: a member whose labels are out of range is not stepped, the others are, and the
+    step returns the first bad row of the first such member (the model checks per-member labels first)."""
+    backend, sizes = get_backend("numba"), [64, 128, 10]
+    from deltaprop.kernels.layout import Layout
+
+    layout = Layout(sizes, batch)
+    ensemble = MLPEnsemble(4, sizes, backend="numba", seed=0)
+    params, before = ensemble.params, ensemble.params.copy()
+    x = rng.standard_normal((4, batch, sizes[0])).astype(np.float32)
+    y = rng.integers(0, sizes[-1], (4, batch))
+    y[1, batch - 1], y[3, 0] = sizes[-1], -1
+    step = backend.fused_ensemble_step("relu", "softmax_xent", "float32")[batch]
+    work = np.empty((4, layout.work_size), np.float32)
+    bad_row = step(x, y, params, work, layout.offsets, np.full(4, 0.1, np.float32), np.empty(4, np.float32))
+    assert bad_row == batch - 1
+    changed = [not np.array_equal(params[k], before[k]) for k in range(4)]
+    assert changed == [True, False, True, False]
+    net = MLP(sizes, backend="numba", seed=2)
+    net.train_step(x[2], y[2], 0.1)
+    assert np.array_equal(params[2], net.params)

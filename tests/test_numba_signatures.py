@@ -22,15 +22,16 @@ from numba.extending import register_jitable  # noqa: E402
 from deltaprop.backend import get_backend  # noqa: E402
 from deltaprop.backend.checks import LOSS_KERNELS  # noqa: E402
 from deltaprop.kernels.activations import ACTIVATIONS  # noqa: E402
-from deltaprop.kernels.cpu import JIT_OPTIONS, built_kernels  # noqa: E402
+from deltaprop.kernels.cpu import built_kernels, jit_options  # noqa: E402
 
 _DEFINE = re.compile(r"^define .*?@(\S+?)\(", re.MULTILINE)
 
 
-def promotions(dispatcher, signature) -> list[str]:
-    """What computes in float64 in a fresh compile of ``dispatcher`` for ``signature``: the kernel's own
-    variables and calls typed float64, and the nopython functions whose LLVM IR uses doubles."""
-    fresh = numba.njit(**JIT_OPTIONS)(dispatcher.py_func)  # not cached: JIT_OPTIONS leave that to kernels.cache
+def promotions(dispatcher, signature, name="") -> list[str]:
+    """What computes in float64 in a fresh compile of ``dispatcher`` for ``signature``, with the options
+    of kernel ``name`` (not cached: kernels.cache does that): the kernel's own variables and calls typed
+    float64, and the nopython functions whose LLVM IR uses doubles."""
+    fresh = numba.njit(**jit_options(name))(dispatcher.py_func)
     fresh.compile(signature)
     annotation = fresh.overloads[tuple(signature)].type_annotation
     typed = [f"{var}: {ty}" for var, ty in annotation.typemap.items() if "float64" in str(ty)]
@@ -65,7 +66,7 @@ def test_float32_kernels_do_not_promote(float32_kernels):
         assert dispatcher.signatures, key
         for signature in dispatcher.signatures:
             assert "float64" not in str(signature), (key, signature)
-            found = promotions(dispatcher, signature)
+            found = promotions(dispatcher, signature, key[0])
             if found:
                 promoted[(key, str(signature))] = found
     assert not promoted
@@ -128,6 +129,18 @@ def test_fused_steps_load_from_the_cache_in_a_new_process(tmp_path):
         "net = MLP([4, 5, 3], backend='numba', seed=0); x = np.ones((2, 4), np.float32); y = np.array([0, 2]);"
         "net.train_step(x, y); net.loss_and_grads(x, y);"
         "print(*(sum(s[2].stats.cache_hits.values()) for s in (net._fused_step, net._fused_grads_step)))"
+    )
+    assert _run(code, tmp_path) == "0 0"
+    assert _run(code, tmp_path) == "1 1"
+
+
+def test_ensemble_steps_load_from_the_cache_in_a_new_process(tmp_path):
+    """The ensemble steps are compiled with ``parallel`` (their loop over members is a prange)."""
+    code = (
+        "import numpy as np; from deltaprop.model import MLPEnsemble;"
+        "e = MLPEnsemble(2, [4, 5, 3], backend='numba', seed=0); x = np.ones((2, 4), np.float32); y = np.array([0, 2]);"
+        "e.train_step(x, y); e.loss_and_grads(x, y);"
+        "print(*(sum(s[2].stats.cache_hits.values()) for s in (e._sgd_steps, e._gradient_steps)))"
     )
     assert _run(code, tmp_path) == "0 0"
     assert _run(code, tmp_path) == "1 1"

@@ -37,6 +37,8 @@ from deltaprop.kernels import cache
 from deltaprop.kernels.cpu import elementwise, ensemble, gemm, losses, optimizers, step
 
 JIT_OPTIONS = {"nogil": True, "error_model": "numpy"}  # and disk caching, turned on by ``cache.enable``
+# the kernels with a loop on Numba's threads (numba.prange): the ensemble steps' loop over members
+PARALLEL_KERNELS = frozenset({"ensemble_sgd_step", "ensemble_grads_step"})
 
 # kernel name -> builder(T, *variant) returning the Python function to compile
 BUILDERS = {
@@ -71,9 +73,14 @@ def get_kernel(name: str, dtype, *variant):
         # file (whose entries processes compiling at once can overwrite) and one symbol name when loaded.
         scope = kernel.__qualname__.rpartition(".")[0]
         kernel.__qualname__ = f"{scope}.{'_'.join([name, key[1].name, *map(str, variant)])}".lstrip(".")
-        dispatcher = cache.enable(numba.njit(**JIT_OPTIONS)(kernel))
+        dispatcher = cache.enable(numba.njit(**jit_options(name))(kernel))
         _compiled[key] = dispatcher
     return dispatcher
+
+
+def jit_options(name: str) -> dict:
+    """The options ``get_kernel`` compiles kernel ``name`` with (but the disk cache)."""
+    return {**JIT_OPTIONS, "parallel": name in PARALLEL_KERNELS}
 
 
 def step_for_batch(name: str, dtype, activation: str, loss: str, batch: int):
