@@ -22,7 +22,7 @@ from deltaprop.benchmarks.bench import EFFORTS, clock_for, peak_timed
 from deltaprop.benchmarks.machine import describe_machine
 from deltaprop.benchmarks.peers import JaxPeer, TorchPeer
 from deltaprop.benchmarks.report import format_table
-from deltaprop.benchmarks.timing import BLAS_THREADS_PARK_S, HostClock, Timed, interleave
+from deltaprop.benchmarks.timing import HostClock, Timed, interleave
 from deltaprop.benchmarks.workload import ACTIVATION, LEARNING_RATE, LOSS, SEED, host_batch, step_flops
 
 SCHEMA = "deltaprop-bench-ensemble/1"
@@ -141,9 +141,7 @@ def measure(backend, cases, dtype="float32", quick=False, progress=None, peers=T
         for name in subjects[2:]:
             timeds[name] = PEER_MAKERS[name][1](case, dtype, machine["threads"])
         timeds["peak"] = peak_timed(backend, peak_n, dtype)
-        # the ensemble's members run on Numba's threads: each sample after the last one's BLAS threads park
-        timings = interleave(timeds, rounds=effort.rounds, min_rounds=effort.min_rounds, max_time_s=effort.max_time_s,
-                             park_s=BLAS_THREADS_PARK_S)
+        timings = interleave(timeds, rounds=effort.rounds, min_rounds=effort.min_rounds, max_time_s=effort.max_time_s)
         flops = members * step_flops(case.sizes, batch)
         peak_gflops = 2 * peak_n**3 / timings["peak"].median / 1e9
         for name in timeds:
@@ -157,8 +155,7 @@ def measure(backend, cases, dtype="float32", quick=False, progress=None, peers=T
     return {"schema": SCHEMA, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "workload": {"activation": ACTIVATION, "loss": LOSS, "optimizer": "sgd", "learning_rate": LEARNING_RATE,
                          "dtype": dtype, "backend": backend.name, "peak_n": peak_n},
-            "settings": {"quick": quick, "rounds": effort.rounds, "max_time_s": effort.max_time_s,
-                         "park_s": BLAS_THREADS_PARK_S},
+            "settings": {"quick": quick, "rounds": effort.rounds, "max_time_s": effort.max_time_s},
             "machine": machine, "not_run": [{"name": n, "reason": why} for n, why in not_run.items()],
             "steps": rows}
 

@@ -5,9 +5,6 @@ Each thing timed is a ``Timed``: a zero-argument callable and the clock that tim
 round to round, so that the machine's drift (clock boost, a neighbour's load) hits all of them alike.
 A sample is ``number`` timed calls, ``number`` chosen at warm-up so that one sample lasts at least
 ``min_sample_s``, after one untimed call that lets the previous thing's thread pools and caches settle.
-Where the things timed run threads of their own beside BLAS's, a pause of ``park_s`` before each sample
-lets the previous thing's idle threads stop spinning first (OpenBLAS's spin for about 0.1 s after a
-threaded call, on the cores the next thing's threads need).
 
 Clocks: on the host, ``time.perf_counter`` around the calls, then the device's synchronize. On a CUDA
 device, events recorded on the stream around the calls and synchronized (``cupy.cuda.Event``,
@@ -22,8 +19,6 @@ from dataclasses import dataclass, field
 
 
 SETTLE_BELOW_S = 0.1  # calls shorter than this get an untimed call before each sample
-# OpenBLAS's idle threads spin for 2**28 cycles (its THREAD_TIMEOUT) before they sleep: 0.1 s at 2.7 GHz
-BLAS_THREADS_PARK_S = 0.15
 
 
 class HostClock:
@@ -129,13 +124,12 @@ def calibrate(timed: Timed, min_sample_s: float, warmup_s: float, max_number: in
 
 
 def interleave(timeds: dict, rounds: int, min_rounds: int = 3, max_time_s: float = float("inf"),
-               min_sample_s: float = 0.01, warmup_s: float = 0.05, on_round=None, park_s: float = 0.0) -> dict:
+               min_sample_s: float = 0.01, warmup_s: float = 0.05, on_round=None) -> dict:
     """Times every ``Timed`` of ``timeds`` (key -> Timed) in interleaved rounds; returns key -> Timing.
 
     Stops after ``rounds`` rounds, or earlier once ``max_time_s`` has passed and ``min_rounds`` are done.
     A sample starts with one untimed call when a call is shorter than ``SETTLE_BELOW_S`` (longer calls
-    dwarf what the previous thing leaves behind), after a pause of ``park_s`` seconds where that is not 0.
-    ``on_round(done)`` is called after each round.
+    dwarf what the previous thing leaves behind). ``on_round(done)`` is called after each round.
     """
     calibrated = {key: calibrate(t, min_sample_s, warmup_s) for key, t in timeds.items()}
     samples = {key: [] for key in timeds}
@@ -145,9 +139,8 @@ def interleave(timeds: dict, rounds: int, min_rounds: int = 3, max_time_s: float
         shift = (done - 1) % len(keys)
         for key in keys[shift:] + keys[:shift]:
             timed, (number, per_call) = timeds[key], calibrated[key]
-            time.sleep(park_s)
-            if per_call < SETTLE_BELOW_S:  # settle, untimed: the previous thing's thread pools and caches
-                timed.clock(timed.fn, number if park_s else 1)  # after a pause: its own pools awake
+            if per_call < SETTLE_BELOW_S:
+                timed.clock(timed.fn, 1)  # settle, untimed: the previous thing's thread pools and caches
             samples[key].append(timed.clock(timed.fn, number) / number)
         if on_round is not None:
             on_round(done)

@@ -121,26 +121,18 @@ def test_kernels_load_from_the_cache_in_a_new_process(tmp_path):
     assert any(tmp_path.rglob("*.nbi"))
 
 
-def test_fused_steps_load_from_the_cache_in_a_new_process(tmp_path):
+@pytest.mark.parametrize("model", [
+    "net = MLP([4, 5, 3], backend='numba', seed=0); steps = (net._fused_step, net._fused_grads_step)",
+    # compiled with ``parallel``: their loop over the members is a prange
+    "net = MLPEnsemble(2, [4, 5, 3], backend='numba', seed=0); steps = (net._sgd_steps, net._gradient_steps)",
+], ids=["MLP", "MLPEnsemble"])
+def test_fused_steps_load_from_the_cache_in_a_new_process(tmp_path, model):
     """The fused steps reach intrinsics and the small-batch dispatchers through their closures; those
     pickled with a per-process uuid once, and every new process compiled the steps again (~9 s)."""
     code = (
-        "import numpy as np; from deltaprop import MLP;"
-        "net = MLP([4, 5, 3], backend='numba', seed=0); x = np.ones((2, 4), np.float32); y = np.array([0, 2]);"
-        "net.train_step(x, y); net.loss_and_grads(x, y);"
-        "print(*(sum(s[2].stats.cache_hits.values()) for s in (net._fused_step, net._fused_grads_step)))"
-    )
-    assert _run(code, tmp_path) == "0 0"
-    assert _run(code, tmp_path) == "1 1"
-
-
-def test_ensemble_steps_load_from_the_cache_in_a_new_process(tmp_path):
-    """The ensemble steps are compiled with ``parallel`` (their loop over members is a prange)."""
-    code = (
-        "import numpy as np; from deltaprop.model import MLPEnsemble;"
-        "e = MLPEnsemble(2, [4, 5, 3], backend='numba', seed=0); x = np.ones((2, 4), np.float32); y = np.array([0, 2]);"
-        "e.train_step(x, y); e.loss_and_grads(x, y);"
-        "print(*(sum(s[2].stats.cache_hits.values()) for s in (e._sgd_steps, e._gradient_steps)))"
+        f"import numpy as np; from deltaprop.model import MLP, MLPEnsemble; {model};"
+        "x = np.ones((2, 4), np.float32); y = np.array([0, 2]); net.train_step(x, y); net.loss_and_grads(x, y);"
+        "print(*(sum(s[2].stats.cache_hits.values()) for s in steps))"
     )
     assert _run(code, tmp_path) == "0 0"
     assert _run(code, tmp_path) == "1 1"
