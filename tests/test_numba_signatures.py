@@ -121,18 +121,18 @@ def test_kernels_load_from_the_cache_in_a_new_process(tmp_path):
     assert any(tmp_path.rglob("*.nbi"))
 
 
-@pytest.mark.parametrize("model", [
-    "net = MLP([4, 5, 3], backend='numba', seed=0); steps = (net._fused_step, net._fused_grads_step)",
+@pytest.mark.parametrize(("model", "steps"), [
+    ("MLP([4, 5, 3], backend='numba', seed=0)", "net._fused_step, net._fused_grads_step"),
     # compiled with ``parallel``: their loop over the members is a prange
-    "net = MLPEnsemble(2, [4, 5, 3], backend='numba', seed=0); steps = (net._sgd_steps, net._gradient_steps)",
+    ("MLPEnsemble(2, [4, 5, 3], backend='numba', seed=0)", "net._sgd_steps, net._gradient_steps"),
 ], ids=["MLP", "MLPEnsemble"])
-def test_fused_steps_load_from_the_cache_in_a_new_process(tmp_path, model):
+def test_fused_steps_load_from_the_cache_in_a_new_process(tmp_path, model, steps):
     """The fused steps reach intrinsics and the small-batch dispatchers through their closures; those
     pickled with a per-process uuid once, and every new process compiled the steps again (~9 s)."""
     code = (
-        f"import numpy as np; from deltaprop.model import MLP, MLPEnsemble; {model};"
+        f"import numpy as np; from deltaprop.model import MLP, MLPEnsemble; net = {model};"
         "x = np.ones((2, 4), np.float32); y = np.array([0, 2]); net.train_step(x, y); net.loss_and_grads(x, y);"
-        "print(*(sum(s[2].stats.cache_hits.values()) for s in steps))"
+        f"print(*(sum(s[2].stats.cache_hits.values()) for s in ({steps})))"
     )
     assert _run(code, tmp_path) == "0 0"
     assert _run(code, tmp_path) == "1 1"
