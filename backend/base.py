@@ -22,6 +22,7 @@ from deltaprop.arrays import Array, ArrayInput, DTypeLike, FusedSteps, WarmupPro
 from deltaprop.backend import checks
 from deltaprop.backend.checks import (
     check_adam,
+    check_adam_step,
     check_bias_grad,
     check_flat,
     check_gemm,
@@ -410,8 +411,7 @@ class Backend:
         grads, m, v (K, P), m and v in the accumulation dtype. Row k computes what the flat update does."""
         check_stacked_flat("stacked_adam_update", self.device, params, grads,
                            {"lr": lr, "weight_decay": weight_decay}, m=m, v=v)
-        if int(step) < 1:
-            raise ValueError(f"stacked_adam_update: step: expected the 1-based update count (>= 1), got {step}")
+        check_adam_step("stacked_adam_update", step)
         lr_column, wd_column = (self.xp.asarray(h, dtype=params.dtype)[:, None] for h in (lr, weight_decay))
         self._adam(params, grads, m, v, step, lr_column, beta1, beta2, eps, wd_column, bool(weight_decay.any()),
                    decoupled)

@@ -152,10 +152,14 @@ def check_flat(kernel, device, params, grads, **states):
 def check_adam(device, params, grads, m, v, step):
     """The buffers of ``adam_update`` (as ``check_flat``) and its 1-based ``step``; returns the dtype."""
     dtype = check_flat("adam_update", device, params=params, grads=grads, m=m, v=v)
-    if int(step) < 1:
-        raise ValueError(f"adam_update: step: expected the 1-based update count (>= 1), got {step}")
+    check_adam_step("adam_update", step)
     return dtype
 
+
+def check_adam_step(kernel, step):
+    """An Adam update's ``step``: the 1-based update count."""
+    if int(step) < 1:
+        raise ValueError(f"{kernel}: step: expected the 1-based update count (>= 1), got {step}")
 
 
 def check_stacked(kernel, device, b=None, **arrays):

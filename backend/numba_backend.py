@@ -86,6 +86,15 @@ def _warm_ensemble_steps(backend, dtype, activation, loss, batch):
         steps[batch](x, targets, params, work, layout.offsets, per_member, np.empty(2, dtype))
 
 
+def _warm_stacked_updates(backend, dtype):
+    """MLPEnsemble's optimizer updates (SGD, momentum, Adam) on a stack of two rows."""
+    params, per_member = np.ones((2, TINY), dtype), np.full(2, 0.1, dtype)
+    backend.stacked_sgd_update(params, params.copy(), per_member, per_member)
+    backend.stacked_sgd_update(params, params.copy(), per_member, per_member, np.zeros_like(params), per_member)
+    backend.stacked_adam_update(params, params.copy(), np.zeros_like(params), np.zeros_like(params), 1, per_member,
+                                per_member)
+
+
 def _warm_updates(backend, dtype):
     flat = np.ones(TINY, dtype)
     backend.sgd_update(flat.copy(), flat, 0.1)
@@ -154,6 +163,7 @@ def warmup_parts(backend, dtypes, activations, losses, batches, uses) -> dict:
                     for batch, variant in variants.items():
                         parts[f"ensemble steps {dtype} {activation} {loss} ({variant})"] = partial(
                             _warm_ensemble_steps, backend, dtype, activation, loss, batch)
+            parts[f"ensemble optimizer updates {dtype}"] = partial(_warm_stacked_updates, backend, dtype)
         if "fit" in uses or "kernels" in uses:
             parts[f"optimizer updates {dtype}"] = partial(_warm_updates, backend, dtype)
         for use in ("predict", "evaluate"):
@@ -281,6 +291,28 @@ class NumbaBackend(Backend):
         kernel = self._kernel("adam_update", params.dtype)
         kernel(params, grads, m, v, scalar(lr), scalar(beta1), scalar(beta2), scalar(eps), scalar(weight_decay),
                bool(decoupled), bias1, bias2, scalar(1 - float(beta1)), scalar(1 - float(beta2)))
+
+    def stacked_sgd_update(self, params, grads, lr, weight_decay, velocity=None, momentum=None, nesterov=False):
+        hyper = {"lr": lr, "weight_decay": weight_decay, **({} if velocity is None else {"momentum": momentum})}
+        states = {} if velocity is None else {"velocity": velocity}
+        dtype = checks.check_stacked_flat("stacked_sgd_update", self.device, params, grads, hyper, **states)
+        lr, weight_decay = np.asarray(lr, dtype), np.asarray(weight_decay, dtype)
+        if velocity is None:
+            self._kernel("stacked_sgd_update", dtype)(params, grads, lr, weight_decay)
+        else:
+            self._kernel("stacked_momentum_update", dtype)(params, grads, velocity, lr, np.asarray(momentum, dtype),
+                                                           bool(nesterov), weight_decay)
+
+    def stacked_adam_update(self, params, grads, m, v, step, lr, weight_decay, beta1=0.9, beta2=0.999, eps=1e-8,
+                            decoupled=False):
+        scalar = checks.check_stacked_flat("stacked_adam_update", self.device, params, grads,
+                                           {"lr": lr, "weight_decay": weight_decay}, m=m, v=v).type
+        checks.check_adam_step("stacked_adam_update", step)
+        bias1, bias2 = map(scalar, adam_bias_corrections(step, beta1, beta2))
+        self._kernel("stacked_adam_update", params.dtype)(
+            params, grads, m, v, np.asarray(lr, params.dtype), scalar(beta1), scalar(beta2), scalar(eps),
+            np.asarray(weight_decay, params.dtype), bool(decoupled), bias1, bias2, scalar(1 - float(beta1)),
+            scalar(1 - float(beta2)))
 
     def _loss(self, kernel, z, targets, delta_out, scale, z_name="z"):
         """The shared checks (the label range is checked inside the kernel), the kernel, the mean loss."""

@@ -233,18 +233,31 @@ def test_stacked_kernels_match_the_reference(backend, dtype, rng):
         np.testing.assert_allclose(host64(backend, delta[k]), delta_k, rtol=1e-4, atol=1e-7)
 
 
-def test_stacked_sgd_update_is_each_rows_flat_update(backend, dtype):
+@pytest.mark.parametrize("update", ["sgd", "momentum", "nesterov", "adam", "adamw"])
+def test_stacked_updates_are_each_rows_flat_update(backend, dtype, update):
     dtype = np.dtype(dtype).name
     params, grads = random_host((3, 7), dtype, 1), random_host((3, 7), dtype, 2)
-    velocity = backend.zeros((3, 7), dtype)
     lr, wd, mu = (np.array(v, dtype) for v in ([0.1, 0.2, 0.3], [0.0, 0.01, 0.1], [0.9, 0.5, 0.0]))
-    stacked = backend.asarray(params.copy())  # the numpy backend would update params itself
-    backend.stacked_sgd_update(stacked, backend.asarray(grads), lr, wd, velocity, mu, False)
+    adam, nesterov, decoupled = update.startswith("adam"), update == "nesterov", update == "adamw"
+    states = 2 if adam else int(update != "sgd")  # (m, v), (velocity,) or none
+    stacked, stacked_states = backend.asarray(params.copy()), [backend.zeros((3, 7), dtype) for _ in range(states)]
+    rows, row_states = params.copy(), [np.zeros((3, 7), dtype) for _ in range(states)]
     flat = get_backend("numpy")
-    for k in range(3):
-        row, v = params[k].copy(), np.zeros(7, dtype)
-        flat.momentum_update(row, grads[k], v, lr[k], momentum=mu[k], weight_decay=wd[k])
-        np.testing.assert_allclose(host64(backend, stacked[k]), row, rtol=1e-6)
+    for step in (1, 2):  # the second step reads the states the first one left
+        if adam:
+            backend.stacked_adam_update(stacked, backend.asarray(grads), *stacked_states, step, lr, wd, decoupled=decoupled)
+        else:
+            velocity = {"velocity": stacked_states[0], "momentum": mu} if states else {}
+            backend.stacked_sgd_update(stacked, backend.asarray(grads), lr, wd, nesterov=nesterov, **velocity)
+        for k in range(3):
+            state = [s[k] for s in row_states]
+            if adam:
+                flat.adam_update(rows[k], grads[k], *state, step, lr=lr[k], weight_decay=wd[k], decoupled=decoupled)
+            elif states:
+                flat.momentum_update(rows[k], grads[k], *state, lr[k], momentum=mu[k], nesterov=nesterov, weight_decay=wd[k])
+            else:
+                flat.sgd_update(rows[k], grads[k], lr[k], weight_decay=wd[k])
+    np.testing.assert_allclose(host64(backend, stacked), rows, rtol=1e-6)
 
 
 @pytest.mark.parametrize("shuffle", [True, False])

@@ -11,6 +11,9 @@ uses one core, so the members run on Numba's threads (``numba.prange``, compiled
 BLAS on one thread each; a member with larger GEMMs runs on every core through BLAS, so the members run
 one after the other (two layers of threads would oversubscribe the cores). Members are independent, so
 the order in which they run changes no result.
+
+The stacked optimizer updates run the flat update of ``optimizers.py`` on row k of the (K, P) buffers
+with member k's hyperparameters, the rows on Numba's threads: row k computes what the flat update does.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import numba
 import numpy as np
 from numba.extending import register_jitable
 
+from deltaprop.kernels.cpu import optimizers
 from deltaprop.kernels.cpu.blas_threads import SERIAL_BLAS_BELOW, restore_blas, serial_blas
 from deltaprop.kernels.cpu.step import build_grads_step, build_sgd_step, jitable_variant, largest_gemm
 
@@ -72,3 +76,39 @@ def build_ensemble_step(T, act, loss, small, grads):
         return -1 if first_bad == none_bad else first_bad % batch
 
     return ensemble_step
+
+
+def build_stacked_sgd(T):
+    sgd = register_jitable(optimizers.build_sgd(T))
+
+    def stacked_sgd(params, grads, lr, weight_decay):
+        """Row k: ``sgd`` with lr[k] and weight_decay[k]. params, grads: (K, P); lr, weight_decay: (K,)."""
+        for k in numba.prange(params.shape[0]):
+            sgd(params[k], grads[k], lr[k], weight_decay[k])
+
+    return stacked_sgd
+
+
+def build_stacked_momentum(T):
+    momentum = register_jitable(optimizers.build_momentum(T))
+
+    def stacked_momentum(params, grads, velocity, lr, mu, nesterov, weight_decay):
+        """Row k: ``momentum`` with lr[k], mu[k] and weight_decay[k]. params, grads, velocity: (K, P); lr, mu,
+        weight_decay: (K,)."""
+        for k in numba.prange(params.shape[0]):
+            momentum(params[k], grads[k], velocity[k], lr[k], mu[k], nesterov, weight_decay[k])
+
+    return stacked_momentum
+
+
+def build_stacked_adam(T):
+    adam = register_jitable(optimizers.build_adam(T))
+
+    def stacked_adam(params, grads, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, bias1, bias2, keep1, keep2):
+        """Row k: ``adam`` with lr[k] and weight_decay[k], the other scalars shared. params, grads, m, v:
+        (K, P); lr, weight_decay: (K,)."""
+        for k in numba.prange(params.shape[0]):
+            adam(params[k], grads[k], m[k], v[k], lr[k], beta1, beta2, eps, weight_decay[k], decoupled, bias1,
+                 bias2, keep1, keep2)
+
+    return stacked_adam
