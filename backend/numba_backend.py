@@ -86,8 +86,9 @@ def _warm_ensemble_steps(backend, dtype, activation, loss, batch):
         steps[batch](x, targets, params, work, layout.offsets, per_member, np.empty(2, dtype))
 
 
-def _warm_stacked_updates(backend, dtype):
-    """MLPEnsemble's optimizer updates (SGD, momentum, Adam) on a stack of two rows."""
+def _warm_stacked_kernels(backend, dtype):
+    """MLPEnsemble's stacked GEMMs and optimizer updates (SGD, momentum, Adam), on stacks of two."""
+    _warm_gemms(backend, dtype, shapes=((2, TINY, TINY),))
     params, per_member = np.ones((2, TINY), dtype), np.full(2, 0.1, dtype)
     backend.stacked_sgd_update(params, params.copy(), per_member, per_member)
     backend.stacked_sgd_update(params, params.copy(), per_member, per_member, np.zeros_like(params), per_member)
@@ -115,13 +116,13 @@ def _warm_forward(backend, dtype, activations, losses, evaluate):
         getattr(backend, loss)(x, _targets(loss, x), np.empty_like(x))
 
 
-def _warm_gemms(backend, dtype):
-    """2-D and 3-D GEMMs in each transposition."""
-    x, stack = np.ones((TINY, TINY), dtype), np.ones((2, TINY, TINY), dtype)
-    for trans_a in (False, True):
-        for trans_b in (False, True):
-            backend.gemm(x, x, np.empty_like(x), trans_a, trans_b)
-            backend.gemm(stack, stack, np.empty_like(stack), trans_a, trans_b)
+def _warm_gemms(backend, dtype, shapes=((TINY, TINY), (2, TINY, TINY))):
+    """GEMMs of each of ``shapes`` (2-D, and 3-D stacks) in each transposition."""
+    for shape in shapes:
+        x = np.ones(shape, dtype)
+        for trans_a in (False, True):
+            for trans_b in (False, True):
+                backend.gemm(x, x, np.empty_like(x), trans_a, trans_b)
 
 
 def _warm_elementwise(backend, dtype, activation):
@@ -163,7 +164,7 @@ def warmup_parts(backend, dtypes, activations, losses, batches, uses) -> dict:
                     for batch, variant in variants.items():
                         parts[f"ensemble steps {dtype} {activation} {loss} ({variant})"] = partial(
                             _warm_ensemble_steps, backend, dtype, activation, loss, batch)
-            parts[f"ensemble optimizer updates {dtype}"] = partial(_warm_stacked_updates, backend, dtype)
+            parts[f"ensemble GEMMs and optimizer updates {dtype}"] = partial(_warm_stacked_kernels, backend, dtype)
         if "fit" in uses or "kernels" in uses:
             parts[f"optimizer updates {dtype}"] = partial(_warm_updates, backend, dtype)
         for use in ("predict", "evaluate"):
@@ -242,7 +243,7 @@ class NumbaBackend(Backend):
             out, beta = np.empty(shape, dtype=a.dtype), 0.0
         result = out if out.flags.c_contiguous else np.ascontiguousarray(out)  # BLAS writes C order
         scalar = a.dtype.type
-        kernel = self._kernel("gemm", a.dtype, bool(trans_a), bool(trans_b))
+        kernel = self._kernel("gemm" if a.ndim == 2 else "stacked_gemm", a.dtype, bool(trans_a), bool(trans_b))
         kernel(_blas_operand(a), _blas_operand(b), result, scalar(alpha), scalar(beta))
         if result is not out:
             out[...] = result

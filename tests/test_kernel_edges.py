@@ -314,6 +314,7 @@ def test_act_backward_in_place_on_unaligned_buffers(name, dtype):
 
 GEMM_CASES = [  # (m, k, n, stack)
     (1, 1, 1, ()), (7, 5, 3, ()), (64, 200, 48, ()), (4, 16, 8, (3,)),
+    (256, 256, 128, (2,)),  # 2**23 multiply-adds a product: on numba the stack runs on BLAS's threads in turn
 ]
 
 

@@ -38,7 +38,7 @@ from deltaprop.kernels.cpu import elementwise, ensemble, gemm, losses, optimizer
 
 JIT_OPTIONS = {"nogil": True, "error_model": "numpy"}  # and disk caching, turned on by ``cache.enable``
 # the kernels with a loop on Numba's threads (numba.prange): the ensemble's loops over its members
-PARALLEL_KERNELS = frozenset({"ensemble_sgd_step", "ensemble_grads_step", "stacked_sgd_update",
+PARALLEL_KERNELS = frozenset({"ensemble_sgd_step", "ensemble_grads_step", "stacked_gemm", "stacked_sgd_update",
                               "stacked_momentum_update", "stacked_adam_update"})
 
 # kernel name -> builder(T, *variant) returning the Python function to compile
@@ -56,6 +56,7 @@ BUILDERS = {
     "grads_step": step.build_grads_step,  # variant: (activation name, loss kernel name, small)
     "ensemble_sgd_step": partial(ensemble.build_ensemble_step, grads=False),  # variant: as sgd_step's
     "ensemble_grads_step": partial(ensemble.build_ensemble_step, grads=True),  # variant: as grads_step's
+    "stacked_gemm": ensemble.build_stacked_gemm,  # variant: (trans_a, trans_b)
     "stacked_sgd_update": ensemble.build_stacked_sgd,
     "stacked_momentum_update": ensemble.build_stacked_momentum,
     "stacked_adam_update": ensemble.build_stacked_adam,

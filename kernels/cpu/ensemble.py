@@ -12,7 +12,9 @@ BLAS on one thread each; a member with larger GEMMs runs on every core through B
 one after the other (two layers of threads would oversubscribe the cores). Members are independent, so
 the order in which they run changes no result.
 
-The stacked optimizer updates run the flat update of ``optimizers.py`` on row k of the (K, P) buffers
+The stacked GEMM follows the same rule per product: on Numba's threads, BLAS on one thread each, where
+a product is too small for BLAS's threads, else one after the other. The stacked optimizer updates run
+the flat update of ``optimizers.py`` on row k of the (K, P) buffers
 with member k's hyperparameters, the rows on Numba's threads: row k computes what the flat update does.
 """
 
@@ -23,7 +25,8 @@ import numpy as np
 from numba.extending import register_jitable
 
 from deltaprop.kernels.cpu import optimizers
-from deltaprop.kernels.cpu.blas_threads import SERIAL_BLAS_BELOW, restore_blas, serial_blas
+from deltaprop.kernels.cpu.blas_threads import SERIAL_BLAS_BELOW, register_blas_threads, restore_blas, serial_blas
+from deltaprop.kernels.cpu.gemm import OPS, chosen_gemm_into
 from deltaprop.kernels.cpu.step import build_grads_step, build_sgd_step, jitable_variant, largest_gemm
 
 
@@ -76,6 +79,27 @@ def build_ensemble_step(T, act, loss, small, grads):
         return -1 if first_bad == none_bad else first_bad % batch
 
     return ensemble_step
+
+
+def build_stacked_gemm(T, trans_a, trans_b):
+    op_a, op_b = OPS[trans_a], OPS[trans_b]
+    gemm_into = chosen_gemm_into()  # a closure cell: the BLAS is part of the cache key
+    register_blas_threads()  # before the kernel compiles or loads from the cache
+
+    def stacked_gemm(a, b, out, alpha, beta):
+        """out[s] = alpha * op(a[s]) @ op(b[s]) + beta * out[s] for each matrix of the (S, ., .) stacks; out
+        is not read when beta is 0. The stacks are not empty (``checks.check_gemm``)."""
+        m, k = op_a(a[0]).shape
+        serial = serial_blas(m * k * out.shape[2])
+        if serial:
+            for s in numba.prange(a.shape[0]):
+                gemm_into(op_a(a[s]), op_b(b[s]), out[s], alpha, beta)
+        else:
+            for s in range(a.shape[0]):
+                gemm_into(op_a(a[s]), op_b(b[s]), out[s], alpha, beta)
+        restore_blas(serial)
+
+    return stacked_gemm
 
 
 def build_stacked_sgd(T):

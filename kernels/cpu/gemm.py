@@ -157,12 +157,8 @@ def build_gemm(T, trans_a, trans_b):
     gemm_into = chosen_gemm_into()  # and NumPy's symbols registered, before a load from the cache
 
     def gemm(a, b, out, alpha, beta):
-        """out = alpha * op(a) @ op(b) + beta * out: 2-D, or for each matrix of 3-D stacks (s, ., .);
+        """out = alpha * op(a) @ op(b) + beta * out (2-D; ``ensemble.build_stacked_gemm`` for stacks);
         out is not read when beta is 0."""
-        if a.ndim == 2:  # Numba prunes the branch that does not match the arguments' rank
-            gemm_into(op_a(a), op_b(b), out, alpha, beta)
-        else:
-            for s in range(a.shape[0]):
-                gemm_into(op_a(a[s]), op_b(b[s]), out[s], alpha, beta)
+        gemm_into(op_a(a), op_b(b), out, alpha, beta)
 
     return gemm
