@@ -1,5 +1,6 @@
-"""The steps of K stacked networks in one compiled call: member k's fused step (``step.py``) on row k of
-the (K, P) parameters and the (K, work_size) workspace.
+"""The compiled kernels of K stacked networks (an ensemble): the step of every member in one call (member
+k's fused step, ``step.py``, on row k of the (K, P) parameters and the (K, work_size) workspace), the
+stacked GEMM and the stacked optimizer updates.
 
 Each member runs exactly the single network's step, so a member of an ensemble computes what the network
 trained alone computes (the same BLAS calls on the same shapes, or the same small-batch loops), and the
@@ -14,8 +15,8 @@ the order in which they run changes no result.
 
 The stacked GEMM follows the same rule per product: on Numba's threads, BLAS on one thread each, where
 a product is too small for BLAS's threads, else one after the other. The stacked optimizer updates run
-the flat update of ``optimizers.py`` on row k of the (K, P) buffers
-with member k's hyperparameters, the rows on Numba's threads: row k computes what the flat update does.
+the flat update of ``optimizers.py`` on row k of the (K, P) buffers with member k's hyperparameters, the
+rows on Numba's threads: row k computes what the flat update does.
 """
 
 from __future__ import annotations
