@@ -720,7 +720,8 @@ def test_the_kernel_signatures_are_read_from_the_cpp_declarations(programs):
     params = programs("bfloat16").signature("softmax_rows<__nv_bfloat16, LabelTargets<__nv_bfloat16>, BlockTeam>")
     assert [str(p) for p in params] == [
         "const __nv_bfloat16* z", "const void* targets", "__nv_bfloat16* delta", "float* row_loss",
-        "long long rows", "long long cols", "float scale", "int cache"]
+        "long long members", "long long rows", "long long cols", "long long z_stride", "long long targets_stride",
+        "long long delta_stride", "float scale", "int cache"]
 
 
 @pytest.mark.parametrize("dtype", loader.CUDA_DTYPES)
