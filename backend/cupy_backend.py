@@ -477,8 +477,8 @@ class CupyBackend(Backend):
         outputs = self._outputs(kernel)
         # staged: labels are checked after the read, and a bad one must leave delta_out as it was
         delta = NULL if delta_out is None else outputs.buffer("delta_out", delta_out, staged=staged and kind == "labels")
-        means = self._launch_loss(kernel, kind, dtype, z, targets, delta, scale, stacked=False)
-        return means.reshape(()), targets, outputs
+        loss = self._launch_loss(kernel, kind, dtype, z, targets, delta, scale, stacked=False)[1]
+        return loss, targets, outputs
 
     def stacked_loss(self, kernel, z, targets, delta_out):
         """The loss kernels over the (K, B, C) stack in place (any member strides; shared targets at
@@ -493,22 +493,27 @@ class CupyBackend(Backend):
         targets = self._input(kernel, "targets", targets, stacked=True)
         outputs = self._outputs("stacked_loss")
         delta = outputs.buffer("delta_out", delta_out, stacked=True)
-        means = self._launch_loss(kernel, kind, dtype, z, targets, delta, 1.0 / z.shape[1], stacked=True)
+        means = self._launch_loss(kernel, kind, dtype, z, targets, delta, 1.0 / z.shape[1], stacked=True)[0]
         outputs.write_back()
         return means.astype(np.float64)
 
     def _launch_loss(self, kernel, kind, dtype, z, targets, delta, scale, stacked):
         """Launch loss ``kernel`` on z (B, C), or with ``stacked`` on a (K, B, C) stack (one loss per row),
-        then each member's mean of its rows; returns the (K,) means in the accumulation dtype (K = 1 for a
-        2-D call): the calling thread's buffer for this shape, reused by its next loss of that shape."""
+        then each member's mean of its rows; returns (the (K,) means in the accumulation dtype, a 0-d view of
+        member 0's: a 2-D call's loss, K = 1), the calling thread's buffers for this shape, reused by its
+        next loss of that shape."""
         members, rows, cols = z.shape if stacked else (1, *z.shape)
         accum = _accum_scalar(dtype)
-        row_loss, means = self._reused(("loss", members, rows, accum), lambda: (
-            self._cupy.empty(members * rows, dtype=accum), self._cupy.empty(members, dtype=accum)))
+
+        def buffers():
+            means = self._cupy.empty(members, dtype=accum)
+            return self._cupy.empty(members * rows, dtype=accum), means, means[:1].reshape(())
+
+        row_loss, means, first = self._reused(("loss", members, rows, accum), buffers)
         pointers, strides = self._members(stacked, z, targets, delta)
         args = (*pointers, row_loss, np.int64(members), np.int64(rows), np.int64(cols), *strides, accum(scale))
         self._launch_rows(kernel, launch.LOSS_VARIANTS[kernel] + (launch.TARGETS[kind],), dtype, members * rows, cols,
                           args, caches_row=kernel == "softmax_xent")
         self._launch("mean_of_rows", dtype, (), launch.mean_launch(members, self.max_blocks),
                      (row_loss, np.int64(members), np.int64(rows), means))
-        return means
+        return means, first

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from helpers import LOSS_REFERENCES, assert_close, labels_for, random_host
 
-from deltaprop.backend import get_backend, to_numpy
-from deltaprop.errors import BackendUnavailableError
+from deltaprop.backend import to_numpy
 from deltaprop.kernels import reference
 from deltaprop.kernels.cuda.host import standin
 from deltaprop.kernels.dtypes import DTYPES
@@ -22,14 +21,6 @@ pytestmark = pytest.mark.cuda_sim  # conftest sets DELTAPROP_CUDA_SIM=1 for each
 SIM_DTYPES = ("float32", "float64", "float16", "bfloat16")
 SIZES = (7, 33, 3)  # a hidden layer of a warp's row length plus one, three classes
 BATCH = 5
-
-
-@pytest.fixture
-def sim():
-    try:
-        return get_backend("cupy")
-    except BackendUnavailableError as error:  # no C++ compiler here
-        pytest.skip(str(error))
 
 
 def workspace(sim, members, dtype, sizes=SIZES, batch=BATCH):

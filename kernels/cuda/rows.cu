@@ -15,6 +15,18 @@ struct StackRow {
     __device__ long long at(long long stride, long long cols) const { return member * stride + row * cols; }
 };
 
+// f(valid, stacked, place) for each row `stacked` of the stack (at `place`) that this team owns; a lane past
+// the end works on the last row with `valid` false (common.cuh: every lane of a warp walks as many rows)
+template <typename Team, typename F>
+__device__ __forceinline__ void for_each_team_row(long long members, long long rows, F f) {
+    const long long stack_rows = members * rows;
+    for (long long base = Team::begin(); base < stack_rows; base += Team::step()) {
+        const bool valid = base + Team::offset() < stack_rows;
+        const long long stacked = valid ? base + Team::offset() : stack_rows - 1;
+        f(valid, stacked, StackRow(stacked, rows));
+    }
+}
+
 // delta = (softmax(z) - t) * scale and row_loss = sum_c t_c (logsumexp(z) - z_c), per row; either
 // output may be null. With NoTargets and scale 1, delta is softmax(z). Three passes over the row:
 // max, sum of exp(z - max), then the outputs; stable for any finite z. Each lane reads and writes its
@@ -26,11 +38,7 @@ __global__ void softmax_rows(const T* z, const void* targets, T* delta, acc_t<T>
     using A = acc_t<T>;
     constexpr int V = Team::template chunk<T>;
     A* cached = Team::template row_cache<A>(cache);
-    const long long stack_rows = members * rows;
-    for (long long base = Team::begin(); base < stack_rows; base += Team::step()) {
-        const bool valid = base + Team::offset() < stack_rows;
-        const long long stacked = valid ? base + Team::offset() : stack_rows - 1;
-        const StackRow place(stacked, rows);
+    for_each_team_row<Team>(members, rows, [&](bool valid, long long stacked, const StackRow& place) {
         const T* zr = z + place.at(z_stride, cols);
         // the chunk [c, c + n) of z's row after the first pass: from shared memory where it was kept
         const auto reread = [&](long long c, int n, A (&v)[V]) {
@@ -76,7 +84,7 @@ __global__ void softmax_rows(const T* z, const void* targets, T* delta, acc_t<T>
         });
         loss = Team::reduce(loss, Sum());
         if (valid && row_loss && Team::lane() == 0) row_loss[stacked] = t.valid(cols) ? loss : quiet_nan<A>();
-    }
+    });
 }
 
 // The losses whose terms are elementwise in (y, t): value(y, t) summed over the row, delta(y, t).
@@ -97,11 +105,7 @@ __global__ void elementwise_loss_rows(const T* y, const void* targets, T* delta,
                                       long long targets_stride, long long delta_stride, acc_t<T> scale) {
     using A = acc_t<T>;
     constexpr int V = Team::template chunk<T>;
-    const long long stack_rows = members * rows;
-    for (long long base = Team::begin(); base < stack_rows; base += Team::step()) {
-        const bool valid = base + Team::offset() < stack_rows;
-        const long long stacked = valid ? base + Team::offset() : stack_rows - 1;
-        const StackRow place(stacked, rows);
+    for_each_team_row<Team>(members, rows, [&](bool valid, long long stacked, const StackRow& place) {
         const T* yr = y + place.at(y_stride, cols);
         const Targets t(targets, place.member * targets_stride, place.row, cols);
         T* const delta_row = valid && delta ? delta + place.at(delta_stride, cols) : nullptr;
@@ -118,7 +122,7 @@ __global__ void elementwise_loss_rows(const T* y, const void* targets, T* delta,
         });
         loss = Team::reduce(loss, Sum());
         if (valid && Team::lane() == 0) row_loss[stacked] = t.valid(cols) ? loss : quiet_nan<A>();
-    }
+    });
 }
 
 // out[k] = mean of member k's row losses, row_loss[k * rows .. (k + 1) * rows): a block per member (blocks
