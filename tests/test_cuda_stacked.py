@@ -2,7 +2,8 @@
 stacked_bias_grad) on the host stand-in (DELTAPROP_CUDA_SIM=1): on the strided (K, B, n) views of an
 ensemble's workspace and parameters, in place, member k's results are the 2-D kernel's on its matrices
 bit for bit and the reference's within the dtype's tolerance; shared targets are read at member stride
-0; nothing outside the views is written and nothing is copied; a bad label writes nothing.
+0; nothing outside the views is written and nothing is copied; a bad label writes nothing. With
+DELTAPROP_CUDA_SIM=0 the same cases run on the device (benchmarks/device_check.sh), all but the copy count.
 """
 
 import numpy as np
@@ -154,6 +155,8 @@ def test_a_label_outside_the_classes_writes_nothing(sim, shared):
 def test_the_stacked_kernels_on_workspace_views_copy_nothing(sim, monkeypatch):
     """After a first call at a shape (which makes the scratch buffers), a call allocates and copies no
     array: each view is read and written where it lies, shared labels too."""
+    if not standin.simulated():  # DELTAPROP_CUDA_SIM=0: the suite on the device, which keeps no such log
+        pytest.skip("counts the stand-in's allocations and copies")
     members = 3
     ensemble = MLPEnsemble(members, SIZES, backend=sim, seed=1)
     layout, work = workspace(sim, members, "float32")
