@@ -19,6 +19,12 @@ GEMM reads transposed and strided device views in place, through cuBLAS's flags 
   are known good (one B x C device copy per call), so a refused call leaves it unchanged, as on the
   CPU; ``device_loss``, which reads nothing, writes in place. Non-finite logits give a NaN loss, as in the reference;
   ``check_inputs=True`` checks them before the launch instead (a sync) and raises NonFiniteInputError.
+- The ensemble's kernels (``stacked_bias_act``, ``stacked_act_backward``, ``stacked_loss``,
+  ``stacked_bias_grad``) are the same CUDA kernels over a (K, B, n) stack: each takes a member count and
+  a member stride per array (a 2-D call is a stack of one), so the workspace's strided views and shared
+  (stride-0) targets are read and written in place, and member k's results are the 2-D kernel's on its
+  matrices, bit for bit. ``stacked_loss`` checks labels before its launch (a sync) instead of staging
+  delta_out. The optimizer updates over (K, P) stay the base class's CuPy expressions.
 - The launch geometry and template arguments of each kernel live beside the kernels
   (``kernels/cuda/launch.py``), the cuBLAS call's arithmetic in ``kernels/cuda/cublas.py``, the copies
   of outputs that are not C-contiguous device arrays in ``backend/cupy_outputs.py``.
@@ -43,7 +49,7 @@ import numpy as np
 
 from deltaprop.backend.base import Backend, adam_bias_corrections, check_loss_kernel
 from deltaprop.backend import checks
-from deltaprop.backend.cupy_outputs import Outputs, on_device
+from deltaprop.backend.cupy_outputs import Outputs, member_stride, on_device
 from deltaprop.errors import NonFiniteInputError
 from deltaprop.kernels.activations import get_activation
 from deltaprop.kernels.cuda import launch
@@ -224,9 +230,22 @@ class CupyBackend(Backend):
     def _device(self, kernel, name, x):
         return on_device(self._cupy, kernel, name, x)
 
-    def _input(self, kernel, name, x):
-        """An input as a C-contiguous device array (copied only if it is not one)."""
-        return self._cupy.ascontiguousarray(self._device(kernel, name, x))
+    def _input(self, kernel, name, x, stacked=False):
+        """An input as a C-contiguous device array, or with ``stacked`` a stack (K, ...) whose members are
+        each C-contiguous at any member stride (copied only if it is not one)."""
+        x = self._device(kernel, name, x)
+        return x if stacked and member_stride(x) is not None else self._cupy.ascontiguousarray(x)
+
+    @staticmethod
+    def _members(stacked, *arrays):
+        """(the kernel's pointer arguments, their member strides as np.int64) for ``arrays``: of a 2-D call,
+        each as it is with stride 0; of a stack, each at its ``member_stride``, passed by its device address
+        where it is not C-contiguous (CuPy passes an array as its address either way; the stand-in checks
+        the dtype of a C-contiguous one)."""
+        if not stacked:
+            return arrays, (np.int64(0),) * len(arrays)
+        pointers = tuple(x if x.flags.c_contiguous else np.uint64(x.data.ptr) for x in arrays)
+        return pointers, tuple(np.int64(member_stride(x)) for x in arrays)
 
     def _reused(self, key, make):
         """The calling thread's buffers for ``key``, made by ``make()`` on first use, then reused: a
@@ -302,26 +321,46 @@ class CupyBackend(Backend):
 
     def bias_act(self, acc, b, act, z_out=None, a_out=None):
         dtype = checks.check_rows("bias_act", self.device, b, acc=acc, z_out=z_out, a_out=a_out)
+        return self._bias_act("bias_act", dtype, acc, b, act, z_out, a_out, stacked=False)
+
+    def stacked_bias_act(self, acc, b, act, z_out=None, a_out=None):
+        dtype = checks.check_stacked("stacked_bias_act", self.device, b, acc=acc, z_out=z_out, a_out=a_out)
+        return self._bias_act("stacked_bias_act", dtype, acc, b, act, z_out, a_out, stacked=True)
+
+    def _bias_act(self, kernel, dtype, acc, b, act, z_out, a_out, stacked):
+        """bias_act on acc (B, n) and b (n,), or with ``stacked`` on a (K, B, n) stack and b (K, n)."""
         get_activation(act)
-        acc, b = self._input("bias_act", "acc", acc), self._input("bias_act", "b", b)
-        outputs = self._outputs("bias_act")
-        z_out, z = outputs.output("z_out", z_out, acc.shape, dtype)
-        a_out, a = outputs.output("a_out", a_out, acc.shape, dtype)
-        rows, cols = acc.shape
+        acc, b = self._input(kernel, "acc", acc, stacked), self._input(kernel, "b", b, stacked)
+        outputs = self._outputs(kernel)
+        z_out, z = outputs.output("z_out", z_out, acc.shape, dtype, stacked)
+        a_out, a = outputs.output("a_out", a_out, acc.shape, dtype, stacked)
+        members, rows, cols = acc.shape if stacked else (1, *acc.shape)
+        pointers, strides = self._members(stacked, acc, b, z, a)
         self._launch("bias_act", dtype, (launch.activation_functor(act),),
-                     launch.bias_act_launch(rows, cols, self.max_blocks),
-                     (acc, b, z, a, np.int64(rows), np.int64(cols)))
+                     launch.bias_act_launch(members, rows, cols, self.max_blocks),
+                     (*pointers, np.int64(members), np.int64(rows), np.int64(cols), *strides))
         outputs.write_back()
         return z_out, a_out
 
     def act_backward(self, g, z, act, out=None):
         dtype = checks.check_rows("act_backward", self.device, g=g, z=z, out=out)
+        return self._act_backward("act_backward", dtype, g, z, act, out, stacked=False)
+
+    def stacked_act_backward(self, g, z, act, out=None):
+        dtype = checks.check_stacked("stacked_act_backward", self.device, g=g, z=z, out=out)
+        return self._act_backward("stacked_act_backward", dtype, g, z, act, out, stacked=True)
+
+    def _act_backward(self, kernel, dtype, g, z, act, out, stacked):
+        """act_backward on (B, n) matrices, or with ``stacked`` on (K, B, n) stacks."""
         get_activation(act)
-        g, z = self._input("act_backward", "g", g), self._input("act_backward", "z", z)
-        outputs = self._outputs("act_backward")
-        out, result = outputs.output("out", out, g.shape, dtype)
-        self._launch("act_backward", dtype, (launch.activation_functor(act),), self._flat_launch(g.size, dtype),
-                     (g, z, result, np.int64(g.size)))
+        g, z = self._input(kernel, "g", g, stacked), self._input(kernel, "z", z, stacked)
+        outputs = self._outputs(kernel)
+        out, result = outputs.output("out", out, g.shape, dtype, stacked)
+        members = g.shape[0] if stacked else 1
+        pointers, strides = self._members(stacked, g, z, result)
+        self._launch("act_backward", dtype, (launch.activation_functor(act),),
+                     launch.act_backward_launch(members, g.size // members, dtype.itemsize, self.max_blocks),
+                     (*pointers, np.int64(members), np.int64(g.size // members), *strides))
         outputs.write_back()
         return out
 
@@ -331,26 +370,40 @@ class CupyBackend(Backend):
         outputs = self._outputs("softmax")
         out, result = outputs.output("out", out, z.shape, dtype)
         rows, cols = z.shape
-        args = (z, NULL, result, NULL, np.int64(rows), np.int64(cols), _accum_scalar(dtype)(1))
+        pointers, strides = self._members(False, z, NULL, result)
+        args = (*pointers, NULL, np.int64(1), np.int64(rows), np.int64(cols), *strides, _accum_scalar(dtype)(1))
         self._launch_rows("softmax", (launch.NO_TARGETS,), dtype, rows, cols, args, caches_row=True)
         outputs.write_back()
         return out
 
     def bias_grad(self, delta, out=None):
         dtype = checks.check_bias_grad(self.device, delta, out)
-        delta = self._input("bias_grad", "delta", delta)
-        rows, cols = delta.shape
-        outputs = self._outputs("bias_grad")
-        out, result = outputs.output("out", out, (cols,), dtype)
-        geometry = launch.column_sums_launch(rows, cols, self.max_blocks)
+        return self._bias_grad("bias_grad", dtype, delta, out, stacked=False)
+
+    def stacked_bias_grad(self, delta, out=None):
+        dtype = checks.check_stacked("stacked_bias_grad", self.device, delta=delta)
+        checks.check_shape("stacked_bias_grad", "out", out, (delta.shape[0], delta.shape[2]))
+        checks.check_dtypes("stacked_bias_grad", self.device, delta=delta, out=out)
+        return self._bias_grad("stacked_bias_grad", dtype, delta, out, stacked=True)
+
+    def _bias_grad(self, kernel, dtype, delta, out, stacked):
+        """Column sums of delta (B, n) into (n,), or with ``stacked`` of each member of (K, B, n) into (K, n)."""
+        delta = self._input(kernel, "delta", delta, stacked)
+        members, rows, cols = delta.shape if stacked else (1, *delta.shape)
+        outputs = self._outputs(kernel)
+        out, result = outputs.output("out", out, delta.shape[::2] if stacked else (cols,), dtype, stacked)
+        geometry = launch.column_sums_launch(members, rows, cols, self.max_blocks)
         accum = _accum_scalar(dtype)
         partial = NULL if geometry.second is None else self._reused(
-            ("column sums", geometry.chunks, cols, accum), lambda: self._cupy.empty((geometry.chunks, cols), accum))
+            ("column sums", members, geometry.chunks, cols, accum),
+            lambda: self._cupy.empty((members, geometry.chunks, cols), accum))
+        (delta, result), (delta_stride, out_stride) = self._members(stacked, delta, result)
         self._launch("bias_grad", dtype, (), geometry.first,
-                     (delta, result, partial, np.int64(rows), np.int64(cols), np.int64(geometry.chunk_rows)))
+                     (delta, result, partial, np.int64(members), np.int64(rows), np.int64(cols),
+                      np.int64(geometry.chunk_rows), delta_stride, out_stride))
         if geometry.second is not None:
             self._launch("column_sums_of_partials", dtype, (), geometry.second,
-                         (partial, result, np.int64(geometry.chunks), np.int64(cols)))
+                         (partial, result, np.int64(members), np.int64(geometry.chunks), np.int64(cols), out_stride))
         outputs.write_back()
         return out
 
@@ -416,7 +469,7 @@ class CupyBackend(Backend):
         kind, scale = checks.check_loss(kernel, self.device, z, targets, delta_out, scale, z_name)
         if self.check_inputs and not bool(self._cupy.get_array_module(z).isfinite(z).all()):
             raise NonFiniteInputError(f"{kernel}: {z_name}: expected finite values, got NaN or infinity")
-        dtype, accum = z.dtype, _accum_scalar(z.dtype)
+        dtype = z.dtype
         z = self._input(kernel, z_name, z)
         if kind == "labels":
             targets = self._device(kernel, "labels", targets).astype(np.int64, copy=False)
@@ -424,11 +477,43 @@ class CupyBackend(Backend):
         outputs = self._outputs(kernel)
         # staged: labels are checked after the read, and a bad one must leave delta_out as it was
         delta = NULL if delta_out is None else outputs.buffer("delta_out", delta_out, staged=staged and kind == "labels")
-        rows, cols = z.shape
-        row_loss, loss = self._reused(("loss", rows, accum),
-                                      lambda: (self._cupy.empty(rows, dtype=accum), self._cupy.empty((), dtype=accum)))
-        args = (z, targets, delta, row_loss, np.int64(rows), np.int64(cols), accum(scale))
-        self._launch_rows(kernel, launch.LOSS_VARIANTS[kernel] + (launch.TARGETS[kind],), dtype, rows, cols, args,
-                          caches_row=kernel == "softmax_xent")
-        self._launch("mean_of_rows", dtype, (), launch.MEAN_LAUNCH, (row_loss, np.int64(rows), loss))
+        loss = self._launch_loss(kernel, kind, dtype, z, targets, delta, scale, stacked=False)[1]
         return loss, targets, outputs
+
+    def stacked_loss(self, kernel, z, targets, delta_out):
+        """The loss kernels over the (K, B, C) stack in place (any member strides; shared targets at
+        stride 0). Labels are checked before the launch (a sync), so a bad one leaves delta_out as it was
+        without a staged copy."""
+        dtype = checks.check_stacked(check_loss_kernel("stacked_loss", kernel), self.device, z=z, delta_out=delta_out)
+        kind = checks.check_stacked_targets(kernel, z, targets)
+        z = self._input(kernel, "z", z, stacked=True)
+        if kind == "labels":
+            targets = self._device(kernel, "labels", targets).astype(np.int64, copy=False)
+            checks.check_label_range(kernel, targets, z.shape[2], self._cupy)
+        targets = self._input(kernel, "targets", targets, stacked=True)
+        outputs = self._outputs("stacked_loss")
+        delta = outputs.buffer("delta_out", delta_out, stacked=True)
+        means = self._launch_loss(kernel, kind, dtype, z, targets, delta, 1.0 / z.shape[1], stacked=True)[0]
+        outputs.write_back()
+        return means.astype(np.float64)
+
+    def _launch_loss(self, kernel, kind, dtype, z, targets, delta, scale, stacked):
+        """Launch loss ``kernel`` on z (B, C), or with ``stacked`` on a (K, B, C) stack (one loss per row),
+        then each member's mean of its rows; returns (the (K,) means in the accumulation dtype, a 0-d view of
+        member 0's: a 2-D call's loss, K = 1), the calling thread's buffers for this shape, reused by its
+        next loss of that shape."""
+        members, rows, cols = z.shape if stacked else (1, *z.shape)
+        accum = _accum_scalar(dtype)
+
+        def buffers():
+            means = self._cupy.empty(members, dtype=accum)
+            return self._cupy.empty(members * rows, dtype=accum), means, means[:1].reshape(())
+
+        row_loss, means, first = self._reused(("loss", members, rows, accum), buffers)
+        pointers, strides = self._members(stacked, z, targets, delta)
+        args = (*pointers, row_loss, np.int64(members), np.int64(rows), np.int64(cols), *strides, accum(scale))
+        self._launch_rows(kernel, launch.LOSS_VARIANTS[kernel] + (launch.TARGETS[kind],), dtype, members * rows, cols,
+                          args, caches_row=kernel == "softmax_xent")
+        self._launch("mean_of_rows", dtype, (), launch.mean_launch(members, self.max_blocks),
+                     (row_loss, np.int64(members), np.int64(rows), means))
+        return means, first

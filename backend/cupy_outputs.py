@@ -2,12 +2,32 @@
 in place (a NumPy array, a strided or transposed CuPy view) written through a contiguous device copy.
 
 Those copies are for convenience and tests; the training step passes C-contiguous device arrays only,
-which go through untouched.
+which go through untouched. A kernel over a stack of members (an ensemble's (K, B, n) workspace views)
+reads and writes in place any stack whose members are each C-contiguous, at any member stride.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+
+
+def member_stride(x) -> int | None:
+    """The elements from one member of a stack ``x`` (K, ...) to the next, where each member is
+    C-contiguous (a kernel reads member k k * stride elements after x's first), else None."""
+    expected = x.itemsize
+    for size, stride in zip(reversed(x.shape[1:]), reversed(x.strides[1:])):
+        if size != 1 and stride != expected:
+            return None
+        expected *= size
+    return None if x.strides[0] % x.itemsize else x.strides[0] // x.itemsize
+
+
+def _writable_stack(x) -> bool:
+    """Whether a kernel over a stack writes ``x`` in place: members C-contiguous and apart (no overlap)."""
+    stride = member_stride(x)
+    return stride is not None and (x.shape[0] == 1 or abs(stride) >= math.prod(x.shape[1:]))
 
 
 def on_device(cp, kernel, name, x):
@@ -30,12 +50,14 @@ class Outputs:
         self._cp, self._kernel = cp, kernel
         self._copies: list[tuple] = []  # (the caller's array, the contiguous device copy the kernel writes)
 
-    def buffer(self, name, array, read=False, staged=False):
+    def buffer(self, name, array, read=False, staged=False, stacked=False):
         """The device array the kernel writes for ``array``; ``read``: the kernel also reads its values;
         ``staged``: through a copy even where in place would do, so that nothing reaches ``array`` before
-        ``write_back`` (a call that may still refuse after its launch)."""
+        ``write_back`` (a call that may still refuse after its launch); ``stacked``: ``array`` is a stack
+        (K, ...) for a kernel that takes a member stride, written in place where ``_writable_stack``."""
         cp = self._cp
-        if not staged and isinstance(array, cp.ndarray) and array.flags.c_contiguous:
+        in_place = _writable_stack if stacked else lambda x: x.flags.c_contiguous
+        if not staged and isinstance(array, cp.ndarray) and in_place(array):
             return array
         if read:
             copy = cp.array(on_device(cp, self._kernel, name, array), order="C")
@@ -44,11 +66,12 @@ class Outputs:
         self._copies.append((array, copy))
         return copy
 
-    def output(self, name, out, shape, dtype):
-        """(what the call returns, what the kernel writes) for an ``out=`` argument, allocated where None."""
+    def output(self, name, out, shape, dtype, stacked=False):
+        """(what the call returns, what the kernel writes) for an ``out=`` argument, allocated where None;
+        ``stacked`` as for ``buffer``."""
         if out is None:
             out = self._cp.empty(shape, dtype=dtype)
-        return out, self.buffer(name, out)
+        return out, self.buffer(name, out, stacked=stacked)
 
     def write_back(self):
         """Copies each written copy into the array it stands for."""

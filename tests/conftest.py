@@ -19,6 +19,7 @@ import pytest
 from helpers import CPU_BACKENDS, GPU_BACKENDS, SIM_BACKEND, SIM_VARIABLE
 
 from deltaprop.backend import backend_status, get_backend
+from deltaprop.errors import BackendUnavailableError
 
 
 def gpu_usable() -> bool:
@@ -46,6 +47,15 @@ def _cuda_stand_in(request, monkeypatch):
 @pytest.fixture
 def backend(backend_name):
     return get_backend(backend_name)
+
+
+@pytest.fixture
+def sim():
+    """The cupy backend of a cuda_sim test: on the host stand-in; skipped without a C++ compiler."""
+    try:
+        return get_backend("cupy")
+    except BackendUnavailableError as error:
+        pytest.skip(str(error))
 
 
 @pytest.fixture(params=["float32", "float64"])

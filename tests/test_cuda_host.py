@@ -106,6 +106,11 @@ def rows_launch(rows, cols, dtype, caches_row, grid_limit=GRID_LIMIT):
     return geometry, int(cache)
 
 
+def one_member(arrays):
+    """A 2-D call's stack arguments, as CupyBackend passes them: (one member,), a stride of 0 per array."""
+    return (np.int64(1),), (np.int64(0),) * arrays
+
+
 def launched(program, expression, geometry, args):
     """Run ``expression`` with ``geometry`` (a launch.Launch), as CupyBackend._launch."""
     program.launch(expression, geometry.grid, geometry.block, args, shared_mem=geometry.shared_mem)
@@ -127,12 +132,13 @@ def test_bias_act(programs, dtype, kernel, variant, expression, rng):
     forced = launch.Launch((1, 1), (32, 8))  # one block of 32 x 8: both grid-stride loops turn
     for index, (rows, cols) in enumerate(MATRIX_SHAPES):
         acc, b = sample(rng, (rows, cols), dtype), sample(rng, (cols,), dtype)
-        for geometry in [launch.bias_act_launch(rows, cols, GRID_LIMIT)] + ([forced] if cols == 33 else []):
+        for geometry in [launch.bias_act_launch(1, rows, cols, GRID_LIMIT)] + ([forced] if cols == 33 else []):
             misaligned = index % 2 == 1
             z = device(np.full((rows, cols), np.nan, storage(dtype)), misaligned)
             a = device(np.full((rows, cols), np.nan, storage(dtype)))
+            members, strides = one_member(4)
             launched(program, expression, geometry, (device(acc, misaligned), device(b, misaligned), z, a,
-                                                     np.int64(rows), np.int64(cols)))
+                                                     *members, np.int64(rows), np.int64(cols), *strides))
             z_expected, _ = reference.bias_act(acc, b, act)
             _, a_of_stored_z = reference.bias_act(z, np.zeros(cols), act)  # act of the stored z, as the kernel
             check(z, z_expected, tolerance, f"z of {rows}x{cols}, {geometry}")
@@ -156,7 +162,8 @@ def test_act_backward(programs, dtype, kernel, variant, expression, rng):
     for n, misaligned, geometry in flat_cases(dtype):
         g, z = sample(rng, n, dtype), sample(rng, n, dtype)
         out = device(np.full(n, np.nan, storage(dtype)), misaligned)
-        launched(program, expression, geometry, (device(g), device(z, misaligned), out, np.int64(n)))
+        members, strides = one_member(3)
+        launched(program, expression, geometry, (device(g), device(z, misaligned), out, *members, np.int64(n), *strides))
         check(out, reference.act_backward(g, z, act), STORED_TOLERANCE[dtype], f"n={n}, {geometry}")
 
 
@@ -231,10 +238,12 @@ def column_sums(program, dtype, delta, geometry, misaligned=False):
     first, second = (loader.KERNELS[k].name_expression(DTYPES[dtype].ctype, ()) for k in ("bias_grad", "column_sums_of_partials"))
     out = device(np.full(cols, np.nan, storage(dtype)), misaligned=misaligned)
     partial = None if geometry.second is None else device(np.full((geometry.chunks, cols), np.nan, accum(dtype)))
-    launched(program, first, geometry.first,
-             (device(delta, misaligned), out, partial, np.int64(rows), np.int64(cols), np.int64(geometry.chunk_rows)))
+    members, (delta_stride, out_stride) = one_member(2)
+    launched(program, first, geometry.first, (device(delta, misaligned), out, partial, *members, np.int64(rows),
+                                              np.int64(cols), np.int64(geometry.chunk_rows), delta_stride, out_stride))
     if geometry.second is not None:
-        launched(program, second, geometry.second, (partial, out, np.int64(geometry.chunks), np.int64(cols)))
+        launched(program, second, geometry.second,
+                 (partial, out, *members, np.int64(geometry.chunks), np.int64(cols), out_stride))
     return out
 
 
@@ -245,10 +254,10 @@ def test_column_sums(programs, dtype, kernel, variant, expression, rng):
     cases = [((1, 1), GRID_LIMIT), ((3, 31), GRID_LIMIT), ((33, 32), GRID_LIMIT), ((5, 33), GRID_LIMIT),
              ((2, 100), GRID_LIMIT), ((37, 70), 1),  # one block for three tiles of 32 columns
              ((5000, 10), GRID_LIMIT), ((5000, 10), h200), ((1000, 70), h200), ((3, 1025), h200)]
-    geometries = [((rows, cols), launch.column_sums_launch(rows, cols, limit)) for (rows, cols), limit in cases]
+    geometries = [((rows, cols), launch.column_sums_launch(1, rows, cols, limit)) for (rows, cols), limit in cases]
     # rows split by hand: 3 chunks of one row; chunks over a grid-stride of two blocks for three tiles
-    geometries += [((3, 1025), launch.column_chunks_launch(1025, 1, 3, 33)),
-                   ((300, 70), launch.column_chunks_launch(70, 7, 43, 2))]
+    geometries += [((3, 1025), launch.column_chunks_launch(1, 1025, 1, 3, 33)),
+                   ((300, 70), launch.column_chunks_launch(1, 70, 7, 43, 2))]
     assert sum(geometry.chunks > 1 for _, geometry in geometries) >= 5
     for (rows, cols), geometry in geometries:
         delta = sample(rng, (rows, cols), dtype)
@@ -264,7 +273,7 @@ def test_mean_of_rows(programs, dtype, kernel, variant, expression, rng):
     for rows in (1, 3, 1025, 2049):
         row_loss = rng.random(rows).astype(accum(dtype))
         out = device(np.full(1, np.nan, accum(dtype)))
-        launched(program, expression, launch.MEAN_LAUNCH, (device(row_loss), np.int64(rows), out))
+        launched(program, expression, launch.mean_launch(1, GRID_LIMIT), (device(row_loss), np.int64(1), np.int64(rows), out))
         check(out[0], row_loss.astype(np.float64).mean(), tol(accum(dtype)), f"{rows} rows")
 
 
@@ -309,16 +318,18 @@ def test_row_kernels(programs, dtype, kernel, variant, expression, rng):
         delta = device(np.full((rows, cols), np.nan, storage(dtype)), misaligned)
         where = f"{rows}x{cols}, {geometry}, cache {cache}"
         tail = (np.int32(cache),) if caches_row else ()
+        members, strides = one_member(3)
         if kernel == "softmax":
-            launched(program, expression, geometry, (device(z, misaligned), NULL, delta, NULL, np.int64(rows),
-                                                     np.int64(cols), accum(dtype).type(1), *tail))
+            launched(program, expression, geometry, (device(z, misaligned), NULL, delta, NULL, *members, np.int64(rows),
+                                                     np.int64(cols), *strides, accum(dtype).type(1), *tail))
             check(delta, reference.softmax(z), STORED_TOLERANCE[dtype], where)
             continue
         t = row_targets(rng, kernel, targets, rows, cols, dtype)
         row_loss = device(np.full(rows, np.nan, accum(dtype)))
         scale = accum(dtype).type(1.0 / rows)
         launched(program, expression, geometry, (device(z, misaligned), device(t, misaligned and t.ndim == 2), delta,
-                                                 row_loss, np.int64(rows), np.int64(cols), scale, *tail))
+                                                 row_loss, *members, np.int64(rows), np.int64(cols), *strides, scale,
+                                                 *tail))
         loss = LOSS_REFERENCE[kernel]
         check(delta, loss(z, t, scale=float(scale))[1], STORED_TOLERANCE[dtype], f"delta of {where}")
         expected_rows = [loss(z[r:r + 1], t[r:r + 1])[0] for r in range(rows)]
@@ -331,10 +342,67 @@ def test_a_label_outside_the_classes_makes_its_row_loss_nan(programs, team, rng)
     z, labels = sample(rng, (3, cols), "float32"), np.array([0, cols, -1], np.int64)
     row_loss = np.zeros(3, np.float32)
     geometry, cache = rows_launch(3, cols, "float32", True)
+    members, strides = one_member(3)
     launched(programs("float32"), f"softmax_rows<float, LabelTargets<float>, {team}>", geometry,
-             (z, labels, NULL, row_loss, np.int64(3), np.int64(cols), np.float32(1), np.int32(cache)))
+             (z, labels, NULL, row_loss, *members, np.int64(3), np.int64(cols), *strides, np.float32(1), np.int32(cache)))
     assert np.isfinite(row_loss[0]) and np.isnan(row_loss[1:]).all()
     check(row_loss[:1], [reference.softmax_xent(z[:1], labels[:1])[0]], tol("float32"), "the good row")
+
+
+def test_stacked_launches_walk_every_member_beyond_the_grid(programs, rng):
+    """Five members at padded member strides (one input shared at stride 0) on a grid of two z slices (two
+    blocks for mean_of_rows): every member's result is the reference's, and no padding is written."""
+    program, members, rows, cols, pad = programs("float32"), 5, 3, 33, 7
+    stride = rows * cols + pad
+
+    def stack(values=None):
+        """A buffer of the members at ``stride``, NaN in the padding (and everywhere, without values)."""
+        buffer = np.full((members, stride), np.nan, np.float32)
+        if values is not None:
+            buffer[:, :rows * cols] = values.reshape(members, -1)
+        return device(buffer.reshape(-1))
+
+    def members_of(buffer):
+        matrices = np.asarray(buffer).reshape(members, stride)
+        assert np.isnan(matrices[:, rows * cols:]).all(), "a write into the padding"
+        return matrices[:, :rows * cols].reshape(members, rows, cols)
+
+    acc, shared = sample(rng, (members, rows, cols), "float32"), sample(rng, (rows, cols), "float32")
+    b = sample(rng, cols, "float32")
+    z, a = stack(), stack()
+    as_stack = (np.int64(members), np.int64(rows), np.int64(cols))
+    launched(program, "bias_act<float, act_tanh>", launch.Launch((1, 1, 2), (32, 8)),
+             (stack(acc), device(b), z, a, *as_stack, np.int64(stride), np.int64(0), np.int64(stride), np.int64(stride)))
+    z_expected, a_expected = reference.bias_act(acc, b, "tanh")
+    check(members_of(z), z_expected, tol("float32"), "bias_act z")
+    check(members_of(a), a_expected, tol("float32"), "bias_act a")
+
+    out = stack()
+    launched(program, "act_backward<float, act_relu>", launch.Launch((1, 1, 2), (32,)),
+             (stack(acc), device(shared), out, np.int64(members), np.int64(rows * cols), np.int64(stride), np.int64(0),
+              np.int64(stride)))
+    check(members_of(out), reference.act_backward(acc, shared, "relu"), tol("float32"), "act_backward")
+
+    sums, block = device(np.full((members, cols + pad), np.nan, np.float32).reshape(-1)), (32, 32)
+    partial = device(np.full((members, rows, cols), np.nan, np.float32))
+    launched(program, "column_sums<float>", launch.Launch((1, rows, 2), block),
+             (stack(acc), sums, partial, *as_stack, np.int64(1), np.int64(stride), np.int64(cols + pad)))
+    launched(program, "column_sums_of_partials<float>", launch.Launch((1, 1, 2), block),
+             (partial, sums, np.int64(members), np.int64(rows), np.int64(cols), np.int64(cols + pad)))
+    sums = np.asarray(sums).reshape(members, cols + pad)
+    assert np.isnan(sums[:, cols:]).all()
+    check(sums[:, :cols], acc.astype(np.float64).sum(axis=1), tol("float32"), "column sums")
+
+    delta, row_loss, means = stack(), device(np.full(members * rows, np.nan, np.float32)), device(np.full(members, np.nan, np.float32))
+    geometry, _ = rows_launch(members * rows, cols, "float32", caches_row=False, grid_limit=1)
+    launched(program, "elementwise_loss_rows<float, SquaredError, MatrixTargets<float>, GroupTeam<32>>", geometry,
+             (stack(acc), device(shared), delta, row_loss, *as_stack, np.int64(stride), np.int64(0), np.int64(stride),
+              np.float32(1 / rows)))
+    launched(program, "mean_of_rows<float>", launch.Launch((2,), (128,)), (row_loss, *as_stack[:2], means))
+    for k in range(members):
+        loss, delta_k = reference.mse(acc[k], shared, scale=1 / rows)
+        check(means[k:k + 1], [loss], tol("float32"), f"the mean loss of member {k}")
+        check(members_of(delta)[k], delta_k, tol("float32"), f"the delta of member {k}")
 
 
 # ---- the harness itself: each fault is caught ------------------------------------------------------------
@@ -491,7 +559,8 @@ def test_a_missing_syncthreads_in_the_block_reduction_is_caught_by_thread_saniti
         for intact in (True, False):
             program = host.build([t.reduction_unit(intact)], sanitizer="thread")
             out = np.zeros(1, np.float32)
-            program.launch("mean_of_rows<float>", (1,), (128,), (np.ones(300, np.float32), np.int64(300), out))
+            program.launch("mean_of_rows<float>", (1,), (128,), (np.ones(300, np.float32), np.int64(1), np.int64(300),
+                                                                out))
             assert out[0] == 1.0, out
             print("reduction clean", flush=True)
         """)
@@ -520,17 +589,19 @@ def test_the_kernels_that_share_memory_have_no_data_race_under_thread_sanitizer(
         z, labels = rng.standard_normal((3, 1025)).astype(np.float32), np.array([0, 7, 1024])
         delta, row_loss = np.empty_like(z), np.empty(3, np.float32)
         geometry, cache = t.rows_launch(3, 1025, "float32", True, grid_limit=2)  # two blocks, the row cached
-        t.launched(program, t.THREAD_SANITIZER_CASES[0], geometry, (z, labels, delta, row_loss, np.int64(3),
-                   np.int64(1025), np.float32(1 / 3), np.int32(cache)))
+        members, strides = t.one_member(3)
+        t.launched(program, t.THREAD_SANITIZER_CASES[0], geometry, (z, labels, delta, row_loss, *members, np.int64(3),
+                   np.int64(1025), *strides, np.float32(1 / 3), np.int32(cache)))
         z = rng.standard_normal((9, 33)).astype(np.float32)
         geometry, cache = t.rows_launch(9, 33, "float32", True, grid_limit=1)
-        t.launched(program, t.THREAD_SANITIZER_CASES[1], geometry, (z, None, np.empty_like(z), None, np.int64(9),
-                   np.int64(33), np.float32(1), np.int32(cache)))
+        t.launched(program, t.THREAD_SANITIZER_CASES[1], geometry, (z, None, np.empty_like(z), None, *members,
+                   np.int64(9), np.int64(33), *strides, np.float32(1), np.int32(cache)))
         d = rng.standard_normal((37, 70)).astype(np.float32)
-        t.launched(program, t.THREAD_SANITIZER_CASES[2], launch.column_sums_launch(37, 70, 1).first,
-                   (d, np.empty(70, np.float32), None, np.int64(37), np.int64(70), np.int64(37)))
-        t.launched(program, t.THREAD_SANITIZER_CASES[3], launch.MEAN_LAUNCH,
-                   (np.ones(3000, np.float32), np.int64(3000), np.empty(1, np.float32)))
+        t.launched(program, t.THREAD_SANITIZER_CASES[2], launch.column_sums_launch(1, 37, 70, 1).first,
+                   (d, np.empty(70, np.float32), None, *members, np.int64(37), np.int64(70), np.int64(37),
+                    *strides[:2]))
+        t.launched(program, t.THREAD_SANITIZER_CASES[3], launch.mean_launch(1, 1),
+                   (np.ones(3000, np.float32), *members, np.int64(3000), np.empty(1, np.float32)))
         print("no race", flush=True)
         """)
     assert status == 0 and "no race" in out and "ThreadSanitizer" not in err, err[-3000:]
@@ -649,7 +720,8 @@ def test_the_kernel_signatures_are_read_from_the_cpp_declarations(programs):
     params = programs("bfloat16").signature("softmax_rows<__nv_bfloat16, LabelTargets<__nv_bfloat16>, BlockTeam>")
     assert [str(p) for p in params] == [
         "const __nv_bfloat16* z", "const void* targets", "__nv_bfloat16* delta", "float* row_loss",
-        "long long rows", "long long cols", "float scale", "int cache"]
+        "long long members", "long long rows", "long long cols", "long long z_stride", "long long targets_stride",
+        "long long delta_stride", "float scale", "int cache"]
 
 
 @pytest.mark.parametrize("dtype", loader.CUDA_DTYPES)

@@ -11,20 +11,11 @@ import pytest
 from helpers import LOSS_REFERENCES, SIM_VARIABLE, assert_close, labels_for, random_host
 
 from deltaprop.backend import backend_status, get_backend, to_numpy
-from deltaprop.errors import BackendUnavailableError
 from deltaprop.kernels import reference
 from deltaprop.kernels.cuda.cublas import cublas_gemm
 from deltaprop.kernels.cuda.host import cublas_emulation, standin
 
 pytestmark = pytest.mark.cuda_sim  # conftest sets DELTAPROP_CUDA_SIM=1 for each test
-
-
-@pytest.fixture
-def sim():
-    try:
-        return get_backend("cupy")
-    except BackendUnavailableError as error:  # no C++ compiler here
-        pytest.skip(str(error))
 
 
 def test_the_variable_switches_cupy_onto_the_stand_in_and_auto_never_picks_it(sim, monkeypatch):

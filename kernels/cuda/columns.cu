@@ -6,6 +6,10 @@
 // `chunk_rows` (launch.py: a grid of (column tiles, row chunks)): block (x, y) writes the sums of chunk y
 // to partial[y * cols + c] in the compute type, and column_sums_of_partials adds each column's chunk
 // sums in chunk order, the same way. With one chunk (gridDim.y == 1) column_sums writes out itself.
+//
+// Over a stack (common.cuh): delta (rows, cols) and out (cols,) per member at their member strides,
+// partial (chunks, cols) per member, contiguous. A member's rows are chunked as a 2-D call's (launch.py),
+// so member k's sums are bias_grad's of its matrix, bit for bit.
 
 // out[c] for the columns of this block's tiles, summed over rows [begin, end) of `matrix`
 template <typename In, typename Out>
@@ -32,19 +36,26 @@ __device__ __forceinline__ void sum_column_tiles(const In* matrix, Out* out, lon
 
 // The first pass: the sums of row chunk blockIdx.y, into out (one chunk) or partial (several)
 template <typename T>
-__global__ void column_sums(const T* delta, T* out, acc_t<T>* partial, long long rows, long long cols,
-                            long long chunk_rows) {
+__global__ void column_sums(const T* delta, T* out, acc_t<T>* partial, long long members, long long rows,
+                            long long cols, long long chunk_rows, long long delta_stride, long long out_stride) {
     const long long begin = static_cast<long long>(blockIdx.y) * chunk_rows;
     const long long end = begin + chunk_rows < rows ? begin + chunk_rows : rows;
-    if (gridDim.y == 1) {
-        sum_column_tiles(delta, out, 0, rows, cols);
-    } else {
-        sum_column_tiles(delta, partial + static_cast<long long>(blockIdx.y) * cols, begin, end, cols);
-    }
+    for_each_member(members, [&](long long k) {
+        const T* const delta_k = delta + k * delta_stride;
+        if (gridDim.y == 1) {
+            sum_column_tiles(delta_k, out + k * out_stride, 0, rows, cols);
+        } else {
+            const long long chunk = k * gridDim.y + blockIdx.y;
+            sum_column_tiles(delta_k, partial + chunk * cols, begin, end, cols);
+        }
+    });
 }
 
-// The second pass: out[c] = sum over the chunks of partial[chunk, c], in chunk order
+// The second pass: out[c] = sum over the chunks of partial[chunk, c], in chunk order, per member
 template <typename T>
-__global__ void column_sums_of_partials(const acc_t<T>* partial, T* out, long long chunks, long long cols) {
-    sum_column_tiles(partial, out, 0, chunks, cols);
+__global__ void column_sums_of_partials(const acc_t<T>* partial, T* out, long long members, long long chunks,
+                                        long long cols, long long out_stride) {
+    for_each_member(members, [&](long long k) {
+        sum_column_tiles(partial + k * chunks * cols, out + k * out_stride, 0, chunks, cols);
+    });
 }

@@ -40,6 +40,17 @@ __device__ __forceinline__ long long grid_threads() {
     return static_cast<long long>(gridDim.x) * blockDim.x;
 }
 
+// ---- stacks: K members, member k of an array at k * (that array's member stride) elements --------------
+//
+// A kernel over a stack takes a member count and one member stride per array (0: every member reads the
+// same data; a 2-D call is a stack of one). blockIdx.z walks the members, gridDim.z apart (gridDim.z is
+// at most 65535), unless the kernel folds the members into its rows.
+
+// f(k) for this block's members k of [0, members)
+template <typename F> __device__ __forceinline__ void for_each_member(long long members, F f) {
+    for (long long k = blockIdx.z; k < members; k += gridDim.z) f(k);
+}
+
 // ---- chunks: V consecutive elements, moved as one 16-byte vector where the address allows ------------
 //
 // A vectorised kernel splits a range (a row, a flat buffer) into chunks of V elements counted from the
@@ -164,26 +175,28 @@ struct BlockTeam {
     }
 };
 
-// ---- targets of the loss kernels: one row's targets t_c, built for a row index ------------------------
+// ---- targets of the loss kernels: one row's targets t_c, built for a row of a member ---------------------
 //
-// load(c, n, v): v[0, n) = t_c .. t_{c+n-1}, a chunk of the row's targets in the compute type.
+// Built from (targets, member_at, row, cols): member_at is where the member's targets start (its index
+// times the targets' member stride). load(c, n, v): v[0, n) = t_c .. t_{c+n-1}, a chunk of the row's
+// targets in the compute type.
 
-// int64 class labels (B,): t_c = (c == label). A label outside [0, C) makes the row's loss NaN.
+// int64 class labels (B,) per member: t_c = (c == label). A label outside [0, C) makes the row's loss NaN.
 template <typename T> struct LabelTargets {
     long long label;
-    __device__ LabelTargets(const void* targets, long long row, long long) :
-        label(static_cast<const long long*>(targets)[row]) {}
+    __device__ LabelTargets(const void* targets, long long member_at, long long row, long long) :
+        label(static_cast<const long long*>(targets)[member_at + row]) {}
     __device__ bool valid(long long cols) const { return 0 <= label && label < cols; }
     template <int V> __device__ void load(long long c, int n, acc_t<T> (&v)[V]) const {
         for_each_element<V>(n, [&](int j) { v[j] = c + j == label ? acc_t<T>(1) : acc_t<T>(0); });
     }
 };
 
-// a (B, C) target matrix in the storage type
+// a (B, C) target matrix per member in the storage type
 template <typename T> struct MatrixTargets {
     const T* row_targets;
-    __device__ MatrixTargets(const void* targets, long long row, long long cols) :
-        row_targets(static_cast<const T*>(targets) + row * cols) {}
+    __device__ MatrixTargets(const void* targets, long long member_at, long long row, long long cols) :
+        row_targets(static_cast<const T*>(targets) + member_at + row * cols) {}
     __device__ bool valid(long long) const { return true; }
     template <int V> __device__ void load(long long c, int n, acc_t<T> (&v)[V]) const {
         load_chunk(row_targets + c, n, v);
@@ -192,7 +205,7 @@ template <typename T> struct MatrixTargets {
 
 // no targets: the row softmax itself (t = 0, scale 1)
 template <typename T> struct NoTargets {
-    __device__ NoTargets(const void*, long long, long long) {}
+    __device__ NoTargets(const void*, long long, long long, long long) {}
     __device__ bool valid(long long) const { return true; }
     template <int V> __device__ void load(long long, int n, acc_t<T> (&v)[V]) const {
         for_each_element<V>(n, [&](int j) { v[j] = acc_t<T>(0); });

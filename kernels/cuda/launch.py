@@ -11,6 +11,9 @@ The rules, which the .cu sources rely on:
   beyond; a block-per-row softmax keeps its row in shared memory up to ``ROW_CACHE_BYTES``.
 - bias_act runs 2-D blocks, x across columns; column_sums a 32 x 32 block per 32 columns, and a grid
   over (column tiles, row chunks) with a second pass where the tiles alone would not fill the device.
+- Over a stack of K members (a 2-D call is K = 1), bias_act, act_backward and column_sums take the members
+  on gridDim.z (at most ``MAX_GRID_Z``, grid-stride beyond); the row-wise kernels take the members' rows
+  as one range of K * B rows, and mean_of_rows a block per member.
 
 Pure arithmetic on sizes: importing it imports no CuPy.
 """
@@ -24,6 +27,7 @@ from deltaprop.kernels.activations import ACTIVATIONS
 THREADS = 256  # threads per block of the 1-D and row-wise launches
 BLOCKS_PER_SM = 16  # grid-stride loops: at most this many blocks per multiprocessor
 MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y
+MAX_GRID_Z = 65535  # CUDA's limit on gridDim.z
 ROW_CACHE_BYTES = 40 * 1024  # a block-per-row softmax keeps its row in shared memory up to this size
 MEAN_THREADS = 1024  # the one block that reduces the per-row losses
 VECTOR_BYTES = 16  # a thread of a flat kernel takes chunks of 16 bytes
@@ -75,13 +79,28 @@ def flat_launch(n: int, itemsize: int, grid_limit: int) -> Launch:
     return Launch((min(blocks(blocks(n, VECTOR_BYTES // itemsize), THREADS), grid_limit),), (THREADS,))
 
 
-def bias_act_launch(rows: int, cols: int, grid_limit: int) -> Launch:
-    """bias_act's 2-D launch: x over columns (a power of two up to THREADS), y over rows."""
+def member_grid(members: int, grid_limit: int) -> tuple[int, int]:
+    """(gridDim.z for a stack of ``members``, the grid limit left to each z slice of the grid)."""
+    grid_z = min(members, MAX_GRID_Z)
+    return grid_z, max(grid_limit // grid_z, 1)
+
+
+def act_backward_launch(members: int, n: int, itemsize: int, grid_limit: int) -> Launch:
+    """act_backward over ``members`` of ``n`` elements each: each member as a flat kernel (x), the
+    members on z; at most about ``grid_limit`` blocks in all."""
+    grid_z, limit = member_grid(members, grid_limit)
+    return Launch(flat_launch(n, itemsize, limit).grid + (1, grid_z), (THREADS,))
+
+
+def bias_act_launch(members: int, rows: int, cols: int, grid_limit: int) -> Launch:
+    """bias_act's launch: x over columns (a power of two up to THREADS), y over rows, z over members; at
+    most about ``grid_limit`` blocks in all."""
+    grid_z, limit = member_grid(members, grid_limit)
     block_x = min(THREADS, 1 << (cols - 1).bit_length())
     block_y = THREADS // block_x
-    grid_x = min(blocks(cols, block_x), grid_limit)
-    grid_y = min(blocks(rows, block_y), max(grid_limit // grid_x, 1), MAX_GRID_Y)
-    return Launch((grid_x, grid_y), (block_x, block_y))
+    grid_x = min(blocks(cols, block_x), limit)
+    grid_y = min(blocks(rows, block_y), max(limit // grid_x, 1), MAX_GRID_Y)
+    return Launch((grid_x, grid_y, grid_z), (block_x, block_y))
 
 
 def row_team(cols: int) -> tuple[str, int]:
@@ -107,8 +126,8 @@ def rows_launch(rows: int, cols: int, accum_itemsize: int, grid_limit: int, cach
 
 @dataclass(frozen=True)
 class ColumnSumsLaunch:
-    """column_sums (bias_grad) over (column tiles, row chunks of ``chunk_rows``); with several chunks,
-    ``second`` adds each column's ``chunks`` chunk sums (column_sums_of_partials), else it is None."""
+    """column_sums (bias_grad) over (column tiles, row chunks of ``chunk_rows``, members); with several
+    chunks, ``second`` adds each column's ``chunks`` chunk sums (column_sums_of_partials), else it is None."""
 
     first: Launch
     chunk_rows: int
@@ -116,22 +135,26 @@ class ColumnSumsLaunch:
     second: Launch | None
 
 
-def column_sums_launch(rows: int, cols: int, grid_limit: int) -> ColumnSumsLaunch:
+def column_sums_launch(members: int, rows: int, cols: int, grid_limit: int) -> ColumnSumsLaunch:
     """A block per COLUMN_TILE columns; where those tiles would not fill the device (COLUMN_BLOCKS_PER_SM
-    per multiprocessor), the rows are split into chunks of at least COLUMN_CHUNK_ROWS to fill it."""
+    per multiprocessor), the rows are split into chunks of at least COLUMN_CHUNK_ROWS to fill it. Each of
+    ``members`` gets the chunks one member would (so its sums are added as a 2-D call adds them)."""
     tiles = min(blocks(cols, COLUMN_TILE), grid_limit)
     device_blocks = max(grid_limit * COLUMN_BLOCKS_PER_SM // BLOCKS_PER_SM, 1)
     chunks = max(min(device_blocks // tiles, rows // COLUMN_CHUNK_ROWS, MAX_GRID_Y), 1)
     chunk_rows = blocks(rows, chunks)
     chunks = blocks(rows, chunk_rows)
-    return column_chunks_launch(cols, chunk_rows, chunks, tiles)
+    return column_chunks_launch(members, cols, chunk_rows, chunks, tiles)
 
 
-def column_chunks_launch(cols: int, chunk_rows: int, chunks: int, tiles: int) -> ColumnSumsLaunch:
-    """column_sums over ``tiles`` blocks of columns (grid-stride beyond) and ``chunks`` row chunks."""
-    block = (COLUMN_TILE, COLUMN_TILE)
-    second = Launch((tiles,), block) if chunks > 1 else None
-    return ColumnSumsLaunch(Launch((tiles, chunks), block), chunk_rows, chunks, second)
+def column_chunks_launch(members: int, cols: int, chunk_rows: int, chunks: int, tiles: int) -> ColumnSumsLaunch:
+    """column_sums over ``tiles`` blocks of columns (grid-stride beyond), ``chunks`` row chunks and the
+    members on z."""
+    block, grid_z = (COLUMN_TILE, COLUMN_TILE), min(members, MAX_GRID_Z)
+    second = Launch((tiles, 1, grid_z), block) if chunks > 1 else None
+    return ColumnSumsLaunch(Launch((tiles, chunks, grid_z), block), chunk_rows, chunks, second)
 
 
-MEAN_LAUNCH = Launch((1,), (MEAN_THREADS,))  # mean_of_rows: one block reduces every row's loss
+def mean_launch(members: int, grid_limit: int) -> Launch:
+    """mean_of_rows: a block per member (grid-stride beyond ``grid_limit``) reduces its rows' losses."""
+    return Launch((min(members, grid_limit),), (MEAN_THREADS,))

@@ -4,7 +4,9 @@ for a named architecture without one.
 ``KERNELS`` is the one table: for each kernel of the Backend contract that a CUDA kernel implements
 (gemm is cuBLAS), the source file and C++ function template, and its instantiations beyond the dtype.
 Every kernel is instantiated for every CUDA dtype of the dtype table. Name expressions, modules, the
-compile check and the backend's lookups all derive from this table.
+compile check and the backend's lookups all derive from this table. The contract's kernels over a stack
+of members (``STACKED_KERNELS``) are the same instantiations: each kernel takes a member count and member
+strides, and a 2-D call is a stack of one.
 
 A module is one source file for one dtype. Its source text is complete (common.cuh, the activation
 functors generated from the activation table, then the file), because CuPy's kernel cache is keyed by
@@ -70,6 +72,14 @@ KERNELS: dict[str, CudaKernel] = {
 }
 # Contract kernels served by a library rather than by a kernel of this table.
 LIBRARY_KERNELS = {"gemm": "cuBLAS (gemmStridedBatchedEx)"}
+# Contract kernels over a stack of members (an ensemble's), served by the kernels of this table that serve
+# the 2-D call: those take a member count and member strides, and a 2-D call is a stack of one.
+STACKED_KERNELS = {
+    "stacked_bias_act": ("bias_act",),
+    "stacked_act_backward": ("act_backward",),
+    "stacked_loss": (*LOSS_VARIANTS, "mean_of_rows"),
+    "stacked_bias_grad": ("bias_grad", "column_sums_of_partials"),
+}
 CUDA_DTYPES = dtypes_for("cuda")
 
 

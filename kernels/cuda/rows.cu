@@ -2,21 +2,44 @@
 // says who owns a row; Targets (LabelTargets, MatrixTargets, NoTargets) what a row's targets are.
 // Each loss writes one loss per row into row_loss (compute type); mean_of_rows then reduces them in a
 // second, deterministic step: no atomics anywhere.
+//
+// Over a stack (common.cuh), the members' rows are one range: row R of the stack is row R % rows of
+// member R / rows, which starts at member * (the array's member stride) + row * cols of each array;
+// row_loss is contiguous, members * rows values. A 2-D call is a stack of one.
+
+// Row `stacked` of a stack of members of `rows` rows each: its member and its row in that member
+struct StackRow {
+    long long member, row;
+    __device__ StackRow(long long stacked, long long rows) : member(stacked / rows), row(stacked - member * rows) {}
+    // where the row starts in an array of rows of `cols` elements at member stride `stride`
+    __device__ long long at(long long stride, long long cols) const { return member * stride + row * cols; }
+};
+
+// f(valid, stacked, place) for each row `stacked` of the stack (at `place`) that this team owns; a lane past
+// the end works on the last row with `valid` false (common.cuh: every lane of a warp walks as many rows)
+template <typename Team, typename F>
+__device__ __forceinline__ void for_each_team_row(long long members, long long rows, F f) {
+    const long long stack_rows = members * rows;
+    for (long long base = Team::begin(); base < stack_rows; base += Team::step()) {
+        const bool valid = base + Team::offset() < stack_rows;
+        const long long stacked = valid ? base + Team::offset() : stack_rows - 1;
+        f(valid, stacked, StackRow(stacked, rows));
+    }
+}
 
 // delta = (softmax(z) - t) * scale and row_loss = sum_c t_c (logsumexp(z) - z_c), per row; either
 // output may be null. With NoTargets and scale 1, delta is softmax(z). Three passes over the row:
 // max, sum of exp(z - max), then the outputs; stable for any finite z. Each lane reads and writes its
 // chunks of the row (common.cuh), as 16-byte vectors where they are aligned.
 template <typename T, typename Targets, typename Team>
-__global__ void softmax_rows(const T* z, const void* targets, T* delta, acc_t<T>* row_loss,
-                             long long rows, long long cols, acc_t<T> scale, int cache) {
+__global__ void softmax_rows(const T* z, const void* targets, T* delta, acc_t<T>* row_loss, long long members,
+                             long long rows, long long cols, long long z_stride, long long targets_stride,
+                             long long delta_stride, acc_t<T> scale, int cache) {
     using A = acc_t<T>;
     constexpr int V = Team::template chunk<T>;
     A* cached = Team::template row_cache<A>(cache);
-    for (long long base = Team::begin(); base < rows; base += Team::step()) {
-        const bool valid = base + Team::offset() < rows;
-        const long long row = valid ? base + Team::offset() : rows - 1;
-        const T* zr = z + row * cols;
+    for_each_team_row<Team>(members, rows, [&](bool valid, long long stacked, const StackRow& place) {
+        const T* zr = z + place.at(z_stride, cols);
         // the chunk [c, c + n) of z's row after the first pass: from shared memory where it was kept
         const auto reread = [&](long long c, int n, A (&v)[V]) {
             if (cached) {
@@ -43,10 +66,10 @@ __global__ void softmax_rows(const T* z, const void* targets, T* delta, acc_t<T>
         });
         sum = Team::reduce(sum, Sum());
 
-        const Targets t(targets, row, cols);
+        const Targets t(targets, place.member * targets_stride, place.row, cols);
         const A log_sum = log(sum);
         const A inv_sum = A(1) / sum;
-        T* const delta_row = valid && delta ? delta + row * cols : nullptr;
+        T* const delta_row = valid && delta ? delta + place.at(delta_stride, cols) : nullptr;
         A loss = 0;
         for_each_chunk<V>(cols, Team::lane(), Team::size(), [&](long long c, int n) {
             A v[V], tc[V], out[V];
@@ -60,8 +83,8 @@ __global__ void softmax_rows(const T* z, const void* targets, T* delta, acc_t<T>
             if (delta_row) store_chunk(delta_row + c, n, out);
         });
         loss = Team::reduce(loss, Sum());
-        if (valid && row_loss && Team::lane() == 0) row_loss[row] = t.valid(cols) ? loss : quiet_nan<A>();
-    }
+        if (valid && row_loss && Team::lane() == 0) row_loss[stacked] = t.valid(cols) ? loss : quiet_nan<A>();
+    });
 }
 
 // The losses whose terms are elementwise in (y, t): value(y, t) summed over the row, delta(y, t).
@@ -78,15 +101,14 @@ struct SquaredError {  // 1/2 (y - t)^2
 // null. One pass over the row, by chunks as softmax_rows.
 template <typename T, typename Loss, typename Targets, typename Team>
 __global__ void elementwise_loss_rows(const T* y, const void* targets, T* delta, acc_t<T>* row_loss,
-                                      long long rows, long long cols, acc_t<T> scale) {
+                                      long long members, long long rows, long long cols, long long y_stride,
+                                      long long targets_stride, long long delta_stride, acc_t<T> scale) {
     using A = acc_t<T>;
     constexpr int V = Team::template chunk<T>;
-    for (long long base = Team::begin(); base < rows; base += Team::step()) {
-        const bool valid = base + Team::offset() < rows;
-        const long long row = valid ? base + Team::offset() : rows - 1;
-        const T* yr = y + row * cols;
-        const Targets t(targets, row, cols);
-        T* const delta_row = valid && delta ? delta + row * cols : nullptr;
+    for_each_team_row<Team>(members, rows, [&](bool valid, long long stacked, const StackRow& place) {
+        const T* yr = y + place.at(y_stride, cols);
+        const Targets t(targets, place.member * targets_stride, place.row, cols);
+        T* const delta_row = valid && delta ? delta + place.at(delta_stride, cols) : nullptr;
         A loss = 0;
         for_each_chunk<V>(cols, Team::lane(), Team::size(), [&](long long c, int n) {
             A yc[V], tc[V], out[V];
@@ -99,16 +121,21 @@ __global__ void elementwise_loss_rows(const T* y, const void* targets, T* delta,
             if (delta_row) store_chunk(delta_row + c, n, out);
         });
         loss = Team::reduce(loss, Sum());
-        if (valid && Team::lane() == 0) row_loss[row] = t.valid(cols) ? loss : quiet_nan<A>();
-    }
+        if (valid && Team::lane() == 0) row_loss[stacked] = t.valid(cols) ? loss : quiet_nan<A>();
+    });
 }
 
-// out[0] = mean of row_loss[0 .. rows): one block, each thread summing a fixed stride, then a fixed tree.
+// out[k] = mean of member k's row losses, row_loss[k * rows .. (k + 1) * rows): a block per member (blocks
+// gridDim.x apart), each thread summing a fixed stride, then a fixed tree: member k's mean is a 2-D call's
+// on its rows, bit for bit.
 template <typename T>
-__global__ void mean_of_rows(const acc_t<T>* row_loss, long long rows, acc_t<T>* out) {
+__global__ void mean_of_rows(const acc_t<T>* row_loss, long long members, long long rows, acc_t<T>* out) {
     using A = acc_t<T>;
-    A sum = 0;
-    for (long long i = threadIdx.x; i < rows; i += blockDim.x) sum += row_loss[i];
-    sum = BlockTeam::reduce(sum, Sum());
-    if (threadIdx.x == 0) out[0] = sum / static_cast<A>(rows);
+    for (long long k = blockIdx.x; k < members; k += gridDim.x) {
+        const acc_t<T>* const member_loss = row_loss + k * rows;
+        A sum = 0;
+        for (long long i = threadIdx.x; i < rows; i += blockDim.x) sum += member_loss[i];
+        sum = BlockTeam::reduce(sum, Sum());  // begins with a barrier: the last member's reads are done
+        if (threadIdx.x == 0) out[k] = sum / static_cast<A>(rows);
+    }
 }
