@@ -22,16 +22,16 @@ from deltaprop.arrays import Array, ArrayInput, DTypeLike, FusedSteps, WarmupPro
 from deltaprop.backend import checks
 from deltaprop.backend.checks import (
     check_adam,
-    check_adam_step,
     check_bias_grad,
     check_flat,
     check_gemm,
     check_label_range,
     check_loss,
     check_rows,
-    check_shape,
     check_stacked,
-    check_stacked_flat,
+    check_stacked_adam,
+    check_stacked_bias_grad,
+    check_stacked_sgd,
     check_stacked_targets,
     check_warmup,
 )
@@ -378,8 +378,7 @@ class Backend:
 
     def stacked_bias_grad(self, delta: Array, out: Array | None = None) -> Array:
         """``bias_grad`` of every member: out[k, j] = sum_i delta[k, i, j]. delta: (K, B, n); out: (K, n)."""
-        check_stacked("stacked_bias_grad", self.device, delta=delta)
-        check_shape("stacked_bias_grad", "out", out, (delta.shape[0], delta.shape[2]))
+        check_stacked_bias_grad(self.device, delta, out)
         return self.xp.sum(delta, axis=1, out=out)
 
     def stacked_sgd_update(self, params: Array, grads: Array, lr: Array, weight_decay: Array,
@@ -389,9 +388,7 @@ class Backend:
         hyperparameters: params, grads, velocity (K, P); lr, weight_decay, momentum (K,) arrays of the
         dtype (host NumPy arrays). Member k computes exactly what the flat update computes on row k."""
         xp = self.xp
-        hyper = {"lr": lr, "weight_decay": weight_decay, **({} if velocity is None else {"momentum": momentum})}
-        states = {} if velocity is None else {"velocity": velocity}
-        check_stacked_flat("stacked_sgd_update", self.device, params, grads, hyper, **states)
+        check_stacked_sgd(self.device, params, grads, lr, weight_decay, velocity, momentum)
         lr, wd = (xp.asarray(h, dtype=params.dtype)[:, None] for h in (lr, weight_decay))
         if velocity is None:
             if weight_decay.any():
@@ -409,9 +406,7 @@ class Backend:
                             decoupled: bool = False) -> None:
         """``adam_update`` of every member with its own lr and weight_decay ((K,) host arrays): params,
         grads, m, v (K, P), m and v in the accumulation dtype. Row k computes what the flat update does."""
-        check_stacked_flat("stacked_adam_update", self.device, params, grads,
-                           {"lr": lr, "weight_decay": weight_decay}, m=m, v=v)
-        check_adam_step("stacked_adam_update", step)
+        check_stacked_adam(self.device, params, grads, m, v, step, lr, weight_decay)
         lr_column, wd_column = (self.xp.asarray(h, dtype=params.dtype)[:, None] for h in (lr, weight_decay))
         self._adam(params, grads, m, v, step, lr_column, beta1, beta2, eps, wd_column, bool(weight_decay.any()),
                    decoupled)

@@ -201,6 +201,31 @@ def check_stacked_flat(kernel, device, params, grads, hyper, **states):
     return dtype
 
 
+def check_stacked_sgd(device, params, grads, lr, weight_decay, velocity, momentum):
+    """The arguments of ``stacked_sgd_update`` (velocity and momentum for the momentum update, both None
+    for plain SGD), as ``check_stacked_flat``; returns the dtype."""
+    hyper = {"lr": lr, "weight_decay": weight_decay, **({} if velocity is None else {"momentum": momentum})}
+    states = {} if velocity is None else {"velocity": velocity}
+    return check_stacked_flat("stacked_sgd_update", device, params, grads, hyper, **states)
+
+
+def check_stacked_adam(device, params, grads, m, v, step, lr, weight_decay):
+    """The arguments of ``stacked_adam_update``, as ``check_stacked_flat`` and ``check_adam_step``; returns
+    the dtype."""
+    dtype = check_stacked_flat("stacked_adam_update", device, params, grads, {"lr": lr, "weight_decay": weight_decay},
+                               m=m, v=v)
+    check_adam_step("stacked_adam_update", step)
+    return dtype
+
+
+def check_stacked_bias_grad(device, delta, out):
+    """delta a (K, B, n) stack, out None or (K, n) of its dtype; returns the dtype."""
+    dtype = check_stacked("stacked_bias_grad", device, delta=delta)
+    check_shape("stacked_bias_grad", "out", out, (delta.shape[0], delta.shape[2]))
+    check_dtypes("stacked_bias_grad", device, delta=delta, out=out)
+    return dtype
+
+
 def _names(argument, given, known=None):
     """``given`` as a list of names (of ``known`` where given), else a ValueError naming ``argument``."""
     if isinstance(given, str) or not all(isinstance(v, str) or argument == "dtypes" for v in given) or (

@@ -381,9 +381,7 @@ class CupyBackend(Backend):
         return self._bias_grad("bias_grad", dtype, delta, out, stacked=False)
 
     def stacked_bias_grad(self, delta, out=None):
-        dtype = checks.check_stacked("stacked_bias_grad", self.device, delta=delta)
-        checks.check_shape("stacked_bias_grad", "out", out, (delta.shape[0], delta.shape[2]))
-        checks.check_dtypes("stacked_bias_grad", self.device, delta=delta, out=out)
+        dtype = checks.check_stacked_bias_grad(self.device, delta, out)
         return self._bias_grad("stacked_bias_grad", dtype, delta, out, stacked=True)
 
     def _bias_grad(self, kernel, dtype, delta, out, stacked):

@@ -294,9 +294,7 @@ class NumbaBackend(Backend):
                bool(decoupled), bias1, bias2, scalar(1 - float(beta1)), scalar(1 - float(beta2)))
 
     def stacked_sgd_update(self, params, grads, lr, weight_decay, velocity=None, momentum=None, nesterov=False):
-        hyper = {"lr": lr, "weight_decay": weight_decay, **({} if velocity is None else {"momentum": momentum})}
-        states = {} if velocity is None else {"velocity": velocity}
-        dtype = checks.check_stacked_flat("stacked_sgd_update", self.device, params, grads, hyper, **states)
+        dtype = checks.check_stacked_sgd(self.device, params, grads, lr, weight_decay, velocity, momentum)
         lr, weight_decay = np.asarray(lr, dtype), np.asarray(weight_decay, dtype)
         if velocity is None:
             self._kernel("stacked_sgd_update", dtype)(params, grads, lr, weight_decay)
@@ -306,9 +304,7 @@ class NumbaBackend(Backend):
 
     def stacked_adam_update(self, params, grads, m, v, step, lr, weight_decay, beta1=0.9, beta2=0.999, eps=1e-8,
                             decoupled=False):
-        scalar = checks.check_stacked_flat("stacked_adam_update", self.device, params, grads,
-                                           {"lr": lr, "weight_decay": weight_decay}, m=m, v=v).type
-        checks.check_adam_step("stacked_adam_update", step)
+        scalar = checks.check_stacked_adam(self.device, params, grads, m, v, step, lr, weight_decay).type
         bias1, bias2 = map(scalar, adam_bias_corrections(step, beta1, beta2))
         self._kernel("stacked_adam_update", params.dtype)(
             params, grads, m, v, np.asarray(lr, params.dtype), scalar(beta1), scalar(beta2), scalar(eps),

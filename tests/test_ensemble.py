@@ -233,6 +233,14 @@ def test_stacked_kernels_match_the_reference(backend, dtype, rng):
         np.testing.assert_allclose(host64(backend, delta[k]), delta_k, rtol=1e-4, atol=1e-7)
 
 
+def test_stacked_bias_grad_refuses_an_out_of_another_dtype_or_shape(backend):
+    delta = backend.zeros((3, 5, 4), "float32")
+    with pytest.raises(TypeError, match=r"stacked_bias_grad: out: expected dtype float32 \(the dtype of delta\), got float64"):
+        backend.stacked_bias_grad(delta, out=backend.zeros((3, 4), "float64"))
+    with pytest.raises(ValueError, match=r"stacked_bias_grad: out: expected shape \(3, 4\)"):
+        backend.stacked_bias_grad(delta, out=backend.zeros((3, 5), "float32"))
+
+
 @pytest.mark.parametrize("update", ["sgd", "momentum", "nesterov", "adam", "adamw"])
 def test_stacked_updates_are_each_rows_flat_update(backend, dtype, update):
     dtype = np.dtype(dtype).name
